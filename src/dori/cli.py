@@ -1,0 +1,272 @@
+"""The ``dori`` command line (typer + rich). Heavy imports live inside the commands so ``--help`` is instant."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(help="Find, attack and remove memorized training images in text-to-image diffusion models.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+testbed_app = typer.Typer(help="The embedded memorizing model: build it, inspect it.", no_args_is_help=True)
+app.add_typer(testbed_app, name="testbed")
+
+# -- options defined once ---------------------------------------------------------------------
+Model = Annotated[str, typer.Option("--model", "-m", help="'testbed', a pipeline folder, or a hub id.")]
+Out = Annotated[Path | None, typer.Option("--out", "-o", help="Run folder (default runs/<command>-<model>-<time>).")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace a run folder made with another config.")]
+Seeds = Annotated[int, typer.Option("--seeds", help="Images per prompt (seeds seed .. seed+N-1).")]
+Seed = Annotated[int, typer.Option("--seed", help="First seed.")]
+Steps = Annotated[int, typer.Option("--steps", help="Denoising steps (num_inference_steps).")]
+Guidance = Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per pipeline call.")]
+Device = Annotated[str, typer.Option("--device", help="torch device, e.g. cpu or cuda.")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show library log messages.")]
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr)
+
+
+def _setup(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
+                        handlers=[RichHandler(console=_console(stderr=True), show_path=False)], force=True)
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*torchvision.*")
+
+
+def handle_errors(fn):
+    """User errors (:class:`DoriError`) become one red line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .errors import DoriError
+
+        try:
+            return fn(*args, **kwargs)
+        except DoriError as exc:
+            from rich.markup import escape
+
+            _console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            _console(stderr=True).print("interrupted: run the same command again to resume")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+class _Bars:
+    """One rich progress bar per stage."""
+
+    def __init__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                                 console=_console(stderr=True), transient=False)
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def update(self, stage: str, done: int, total: int, info: str = "") -> None:
+        if stage not in self.tasks:
+            self.tasks[stage] = self.progress.add_task(stage, total=total, info="")
+        self.progress.update(self.tasks[stage], completed=done, total=total, info=info)
+
+    def callback(self, stage: str):
+        return lambda done, total: self.update(stage, done, total)
+
+
+def _fmt(value: float, digits: int = 2) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _rows_table(rows: list[dict], title: str, threshold: float | None = None):
+    from rich.table import Table
+
+    table = Table(title=title, caption=f"replication: similarity > {threshold:.3f}" if threshold is not None else None)
+    for col in ("row", "n", "similarity mean ± std", "MR", "MR (any memorized photo)"):
+        table.add_column(col, justify="right" if col != "row" else "left")
+    for row in rows:
+        table.add_row(row["name"], str(row["n"]), f"{_fmt(row['sscd_mean'])} ± {_fmt(row['sscd_std'])}",
+                      _fmt(row["mr"]), _fmt(row.get("mr_gallery")))
+    return table
+
+
+# -- testbed -------------------------------------------------------------------------------------
+@testbed_app.command("build")
+@handle_errors
+def testbed_build(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Build folder (resumes from its checkpoints).")] = Path("runs/testbed-build"),
+    seed: Seed = 0,
+    vae_steps: Annotated[int, typer.Option(help="VAE training steps.")] = 400,
+    unet_steps: Annotated[int, typer.Option(help="UNet + text-encoder training steps.")] = 1500,
+    threads: Annotated[int, typer.Option(help="torch threads (the shipped build used 2).")] = 2,
+    install: Annotated[bool, typer.Option("--install", help="Copy the result over the testbed shipped with the package.")] = False,
+    verbose: Verbose = False,
+) -> None:
+    """Train the memorizing testbed from scratch on CPU (deterministic for a seed, resumable)."""
+    _setup(verbose)
+    import shutil
+
+    import torch
+
+    from .errors import DoriError
+    from .models import testbed_path
+    from .testbed.check import calibrate_folder
+    from .testbed.train import TestbedTrainConfig, train_testbed
+
+    if vae_steps < 1 or unet_steps < 1:
+        raise DoriError("vae_steps, unet_steps: must be >= 1")
+    if threads < 1:
+        raise DoriError(f"threads: must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+    config = TestbedTrainConfig(seed=seed, vae_steps=vae_steps, unet_steps=unet_steps)
+    try:
+        with _Bars() as bars:
+            folder = train_testbed(out, config, progress=lambda s, k, n, loss: bars.update(s, k, n, f"loss {loss:.4f}"))
+    except ValueError as exc:
+        raise DoriError(str(exc)) from exc
+    calibration = calibrate_folder(folder)
+    console = _console()
+    console.print(f"testbed built in [bold]{folder}[/] (descriptor threshold {calibration['threshold']:.3f}, "
+                  f"AUC {calibration['auc']:.4f})")
+    if install:
+        target = testbed_path()
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(folder, target)
+        console.print(f"installed as the shipped testbed: {target}")
+
+
+@testbed_app.command("info")
+@handle_errors
+def testbed_info(model: Model = "testbed", verbose: Verbose = False) -> None:
+    """What a testbed holds: captions per role, build config, descriptor calibration, size on disk."""
+    _setup(verbose)
+    import json
+    from collections import Counter
+
+    from rich.table import Table
+
+    from .errors import DoriError
+    from .models import resolve_model
+    from .testbed.assets import SUBFOLDER, is_testbed_folder, load_testbed_data
+
+    _, location = resolve_model(model)
+    folder = Path(location)
+    if not is_testbed_folder(folder):
+        raise DoriError(f"model: {folder} is a pipeline but not a dori testbed (no {SUBFOLDER}/manifest.json)")
+    entries, images = load_testbed_data(folder)
+    manifest = json.loads((folder / SUBFOLDER / "manifest.json").read_text())
+    table = Table(title=f"testbed {folder}")
+    table.add_column("role")
+    table.add_column("captions", justify="right")
+    table.add_column("training copies", justify="right")
+    table.add_column("example")
+    counts = Counter(e.role for e in entries)
+    for role in ("memorized", "seen-once", "shape", "held-out"):
+        chosen = [e for e in entries if e.role == role]
+        copies = sum(e.copies for e in chosen) if role != "held-out" else 0
+        table.add_row(role, str(counts[role]), str(copies), chosen[0].caption if chosen else "")
+    console = _console()
+    console.print(table)
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    console.print(f"images {tuple(images.shape)}, {size / 2**20:.1f} MiB on disk, "
+                  f"build config hash {manifest.get('build_config_hash')}")
+    calib = folder / SUBFOLDER / "descriptor.json"
+    if calib.exists():
+        data = json.loads(calib.read_text())
+        console.print(f"descriptor threshold {data['threshold']:.3f}, AUC {data['auc']:.4f} "
+                      f"({data['n_positive']} replica pairs, {data['n_negative']} non-replica pairs)")
+
+
+# -- evaluate -------------------------------------------------------------------------------------
+@app.command("evaluate")
+@handle_errors
+def evaluate(
+    prompts: Annotated[str, typer.Option("--prompts", "-p", help="Bundled set, testbed[:role], or a CSV/JSONL/TXT file.")] = "testbed:memorized",
+    model: Model = "testbed",
+    references: Annotated[Path | None, typer.Option(help="Folder of reference images named <prompt id>.png.")] = None,
+    seeds: Seeds = 10,
+    seed: Seed = 0,
+    steps: Steps = 25,
+    guidance: Guidance = 7.5,
+    batch_size: BatchSize = 16,
+    descriptor: Annotated[str, typer.Option(help="'auto'/'testbed', or an SSCD TorchScript file.")] = "auto",
+    sscd_preprocess: Annotated[str, typer.Option(help="SSCD convention: nemo (320x320, ImageNet) or dcr (256, crop 224, 0.5).")] = "nemo",
+    threshold: Annotated[float | None, typer.Option(help="Replication threshold (default: the descriptor's; 0.7 for SSCD).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N prompts.")] = None,
+    device: Device = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16.")] = "float32",
+    out: Out = None,
+    overwrite: Overwrite = False,
+    verbose: Verbose = False,
+) -> None:
+    """Generate images per prompt and score them for replication (SSCD_orig, MR, noise norm)."""
+    _setup(verbose)
+    from .evaluate import EvaluateConfig, run_evaluate
+    from .generation import GenerationConfig
+
+    config = EvaluateConfig(
+        model=model, prompts=prompts, references=str(references) if references else None, num_seeds=seeds,
+        seed=seed, generation=GenerationConfig(num_inference_steps=steps, guidance_scale=guidance, batch_size=batch_size),
+        descriptor=descriptor, sscd_preprocess=sscd_preprocess, threshold=threshold, limit=limit, device=device,
+        dtype=dtype,
+    )
+    config.validate()
+    with _Bars() as bars:
+        result = run_evaluate(config, out, overwrite=overwrite, progress=bars.callback("generate + score"))
+    from accelerate import PartialState
+
+    if PartialState(cpu=device.startswith("cpu")).is_main_process:
+        console = _console()
+        console.print(_rows_table(result.summary["rows"], f"evaluate {prompts} on {model}", result.summary["threshold"]))
+        console.print(f"run folder: [bold]{result.path}[/]")
+
+
+# -- demo -------------------------------------------------------------------------------------------
+@app.command("demo")
+@handle_errors
+def demo(out: Out = None, overwrite: Overwrite = False, verbose: Verbose = False) -> None:
+    """The main job: the testbed's memorization, table and summary.json in one run folder."""
+    _setup(verbose)
+    from .demo import run_demo
+
+    with _Bars() as bars:
+        path, rows = run_demo(out=out, overwrite=overwrite, on_stage=lambda name, total: bars.callback(name))
+    console = _console()
+    import json
+
+    threshold = json.loads((path / "manifest.json").read_text()).get("threshold")
+    console.print(_rows_table(rows, "dori demo: memorization on the testbed", threshold))
+    console.print(f"summary: [bold]{path / 'summary.json'}[/]")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

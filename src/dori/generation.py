@@ -1,0 +1,108 @@
+"""Batched, seeded generation with Wen et al.'s text-conditional noise norm recorded on the way.
+
+Every image has its own ``torch.Generator`` seeded by its ``seed``, so an image depends only on its
+(prompt, seed) and not on the batch it was generated in or the number of processes.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .errors import DoriError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Sampler settings (diffusers' names). ``None`` height/width: the model's default size."""
+
+    num_inference_steps: int = 25
+    guidance_scale: float = 7.5
+    batch_size: int = 16
+    height: int | None = None
+    width: int | None = None
+
+    def validate(self) -> None:
+        if self.num_inference_steps < 1:
+            raise DoriError(f"num_inference_steps: must be >= 1, got {self.num_inference_steps}")
+        if self.batch_size < 1:
+            raise DoriError(f"batch_size: must be >= 1, got {self.batch_size}")
+        if self.guidance_scale < 0:
+            raise DoriError(f"guidance_scale: must be >= 0, got {self.guidance_scale}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Generations:
+    """``images``: float ``(N, 3, H, W)`` in [0, 1]; ``noise_norm``: ``(N, steps)`` or ``None`` without CFG."""
+
+    images: torch.Tensor
+    noise_norm: torch.Tensor | None
+
+
+@contextmanager
+def track_noise_norm(unet: torch.nn.Module):
+    """Record ||eps(x_t, y) - eps(x_t, y_empty)|| per image at every step of a CFG pipeline call.
+
+    Wen et al. (ICLR 2024) detect memorization by this norm; it costs nothing extra here because
+    the pipeline already evaluates the unconditional and the conditional prediction in one batch
+    ``[uncond, cond]``, which a forward hook splits.
+    """
+    steps: list[torch.Tensor] = []
+
+    def hook(_module, _args, output):
+        sample = output[0] if isinstance(output, tuple) else output.sample
+        if sample.shape[0] % 2 == 0:
+            uncond, cond = sample.float().chunk(2)
+            steps.append((cond - uncond).flatten(1).norm(dim=1).cpu())
+
+    handle = unet.register_forward_hook(hook)
+    try:
+        yield steps
+    finally:
+        handle.remove()
+
+
+def generate(pipe, seeds: list[int], prompts: list[str] | None = None, *, prompt_embeds: torch.Tensor | None = None,
+             negative_prompt_embeds: torch.Tensor | None = None, config: GenerationConfig | None = None) -> Generations:
+    """Generate one image per ``(prompts[i], seeds[i])`` (or ``(prompt_embeds[i], seeds[i])``) in batches.
+
+    ``prompt_embeds``: ``(N, tokens, dim)`` text-encoder outputs (the attack's triggers).
+    """
+    config = config or GenerationConfig()
+    config.validate()
+    n = len(seeds)
+    if (prompts is None) == (prompt_embeds is None):
+        raise DoriError("generate: give exactly one of prompts and prompt_embeds")
+    if len(prompts if prompts is not None else prompt_embeds) != n:
+        raise DoriError("generate: need one seed per prompt")
+    device = pipe.unet.device
+    cfg = config.guidance_scale > 1.0
+    images, norms = [], []
+    for start in range(0, n, config.batch_size):
+        sl = slice(start, min(n, start + config.batch_size))
+        generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds[sl]]
+        kwargs = dict(num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
+                      generator=generators, height=config.height, width=config.width, output_type="pt")
+        if prompts is not None:
+            kwargs["prompt"] = list(prompts[sl])
+        else:
+            kwargs["prompt_embeds"] = prompt_embeds[sl].to(device, pipe.unet.dtype)
+            if negative_prompt_embeds is not None:
+                kwargs["negative_prompt_embeds"] = negative_prompt_embeds[sl].to(device, pipe.unet.dtype)
+            elif cfg:
+                empty = pipe.encode_prompt([""], device, 1, False)[0]
+                kwargs["negative_prompt_embeds"] = empty.expand(sl.stop - sl.start, -1, -1)
+        with track_noise_norm(pipe.unet) as steps:
+            out = pipe(**kwargs).images
+        images.append(out.float().cpu())
+        if cfg and steps:
+            norms.append(torch.stack(steps, dim=1))
+    return Generations(torch.cat(images), torch.cat(norms) if cfg and norms else None)

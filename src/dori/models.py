@@ -1,0 +1,115 @@
+"""Loading Stable Diffusion pipelines (hub id, local folder, or the embedded testbed) and module selectors."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+
+from .errors import DoriError
+
+logger = logging.getLogger(__name__)
+
+PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+Selector = str | Iterable[str] | Callable[[str, torch.nn.Module], bool]
+
+
+def testbed_path() -> Path:
+    """Folder of the testbed that ships with the package."""
+    from importlib import resources
+
+    return Path(str(resources.files("dori") / "assets" / "testbed"))
+
+
+def check_pipeline_folder(folder: Path) -> None:
+    """Raise a :class:`DoriError` naming what is missing when ``folder`` is not a saved SD pipeline."""
+    if not folder.is_dir():
+        raise DoriError(f"model: {folder} is not a folder (expected a pipeline saved with save_pretrained)")
+    missing = [] if (folder / "model_index.json").is_file() else ["model_index.json"]
+    for name in PIPELINE_COMPONENTS:
+        sub = folder / name
+        wanted = "tokenizer_config.json" if name == "tokenizer" else (
+            "scheduler_config.json" if name == "scheduler" else "config.json")
+        if not (sub / wanted).is_file():
+            missing.append(f"{name}/{wanted}")
+    if missing:
+        raise DoriError(
+            f"model: {folder} is not a Stable Diffusion pipeline folder; missing {', '.join(missing)}"
+        )
+
+
+def resolve_model(model: str | os.PathLike) -> tuple[str, str]:
+    """Return ``(kind, location)`` with kind ``testbed``, ``folder`` or ``hub``; raise on a bad path."""
+    text = str(model)
+    if text == "testbed":
+        folder = testbed_path()
+        if not (folder / "model_index.json").is_file():
+            raise DoriError("model: the shipped testbed is missing; run `dori testbed build --install`")
+        return "testbed", str(folder)
+    path = Path(text).expanduser()
+    if path.exists():
+        check_pipeline_folder(path)
+        return "folder", str(path)
+    if _HUB_ID.match(text) and not text.startswith((".", "/", "~")):
+        return "hub", text
+    raise DoriError(f"model: {text} does not exist (give a pipeline folder, a hub id such as "
+                    "CompVis/stable-diffusion-v1-4, or 'testbed')")
+
+
+def load_pipeline(model: str | os.PathLike = "testbed", device: str | torch.device = "cpu",
+                  dtype: torch.dtype = torch.float32):
+    """Load a ``StableDiffusionPipeline`` (SD 1.x, 2.x or the testbed) with its progress bar switched off.
+
+    ``model`` is ``"testbed"``, a local folder written by ``save_pretrained``, or a diffusers hub id
+    (downloaded only when the hub is reachable). The safety checker is not loaded.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    kind, location = resolve_model(model)
+    kwargs = {"dtype": dtype, "safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(location, **kwargs)
+    except (OSError, ValueError) as exc:
+        if kind == "hub":
+            raise DoriError(f"model: could not load hub id {location!r} ({type(exc).__name__}); the hub may be "
+                            "unreachable: save the pipeline with save_pretrained and pass its folder") from exc
+        raise DoriError(f"model: could not load {location}: {exc}") from exc
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.eval().requires_grad_(False)
+    pipe.dori_model = {"kind": kind, "location": location, "name": model_name(model)}
+    logger.info("loaded %s pipeline from %s", kind, location)
+    return pipe
+
+
+def model_name(model: str | os.PathLike) -> str:
+    """A short name for run folders: ``testbed``, the folder name, or the hub id's last part."""
+    text = str(model).rstrip("/")
+    return "testbed" if text == "testbed" else re.sub(r"[^\w.-]+", "-", Path(text).name or text)
+
+
+def select_modules(root: torch.nn.Module, selector: Selector) -> dict[str, torch.nn.Module]:
+    """Modules of ``root`` by name: a glob (``"*attn2.to_v"``), a list of exact names, or a predicate.
+
+    Names come from ``root.named_modules()`` (``down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v``),
+    so no block index is hard-coded.
+    """
+    named = dict(root.named_modules())
+    if isinstance(selector, str):
+        found = {n: m for n, m in named.items() if fnmatch.fnmatchcase(n, selector)}
+    elif callable(selector):
+        found = {n: m for n, m in named.items() if selector(n, m)}
+    else:
+        names = list(selector)
+        unknown = [n for n in names if n not in named]
+        if unknown:
+            raise DoriError(f"modules: no module named {unknown[0]!r} in {type(root).__name__}")
+        found = {n: named[n] for n in names}
+    return found

@@ -1,0 +1,192 @@
+"""Prompt sets: CSV / JSONL / TXT readers, the bundled public sets, the testbed's captions, references.
+
+A :class:`PromptSet` is a list of :class:`PromptRecord` (``id``, ``prompt``, ``group``) plus, where
+known, a reference image per id (the training image a replica would copy).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DoriError
+
+PROMPT_COLUMNS = ("prompt", "caption", "text")
+ID_COLUMNS = ("id", "index", "key")
+GROUP_COLUMNS = ("group", "type", "overfit_type", "role")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+#: Bundled sets: name -> (file, description, filter on group). Sources and licences: dori/data/README.md.
+BUNDLED: dict[str, tuple[str, str, str | None]] = {
+    "webster-sd1": ("memorized_laion_prompts.csv", "Webster's 500 SD v1.4 memorized prompts, NeMo's VM/TM labels", None),
+    "webster-sd1-vm": ("memorized_laion_prompts.csv", "the 112 verbatim-memorized (VM) prompts of webster-sd1", "VM"),
+    "webster-sd1-tm": ("memorized_laion_prompts.csv", "the 388 template-memorized (TM) prompts of webster-sd1", "TM"),
+    "webster-sd2": ("sd2_mem.jsonl", "Webster's 219 SD v2 memorized prompts (overfit_type MV/TV)", None),
+    "sd2-219": ("sd2_mem219.txt", "the 219 SD v2 memorized prompts as plain text (Ren et al.)", None),
+    "laion-nonmem": ("unmemorized_laion_prompts.csv", "500 non-memorized LAION prompts (NeMo)", None),
+    "coco-10k": ("coco2014_val_10000.csv", "10,000 COCO 2014 val captions (NeMo's FID prompts)", None),
+    "generic-nonmem": ("group_nomem500.txt", "500 generic non-memorized prompts (Ren et al.)", None),
+}
+TESTBED_SETS = ("testbed", "testbed:memorized", "testbed:seen-once", "testbed:shape", "testbed:held-out")
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    id: str
+    prompt: str
+    group: str | None = None
+
+
+@dataclass
+class PromptSet:
+    name: str
+    records: list[PromptRecord]
+    references: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    """id -> uint8 ``(H, W, 3)`` reference image."""
+    gallery: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    """Images any generation is compared against (the testbed's memorized photos)."""
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def subset(self, limit: int | None) -> PromptSet:
+        if limit is None:
+            return self
+        if limit < 1:
+            raise DoriError(f"limit: must be >= 1, got {limit}")
+        records = self.records[:limit]
+        keep = {r.id for r in records}
+        return PromptSet(self.name, records, {k: v for k, v in self.references.items() if k in keep}, self.gallery)
+
+
+def _pick(columns: list[str], wanted: tuple[str, ...]) -> str | None:
+    lowered = {c.lower().strip(): c for c in columns if c is not None}
+    return next((lowered[w] for w in wanted if w in lowered), None)
+
+
+def _records_from_rows(rows: list[dict], source: str) -> list[PromptRecord]:
+    if not rows:
+        raise DoriError(f"prompts: {source} holds no prompts")
+    columns = list(rows[0].keys())
+    prompt_col = _pick(columns, PROMPT_COLUMNS)
+    if prompt_col is None:
+        raise DoriError(f"prompts: {source} has no prompt column (columns: {', '.join(map(str, columns))}; "
+                        f"expected one of {', '.join(PROMPT_COLUMNS)})")
+    id_col, group_col = _pick(columns, ID_COLUMNS), _pick(columns, GROUP_COLUMNS)
+    records = []
+    for i, row in enumerate(rows):
+        text = str(row.get(prompt_col) or "").strip()
+        if not text:
+            continue
+        rid = str(row[id_col]).strip() if id_col and row.get(id_col) not in (None, "") else str(i)
+        group = str(row[group_col]).strip() if group_col and row.get(group_col) not in (None, "") else None
+        records.append(PromptRecord(rid, text, group))
+    if not records:
+        raise DoriError(f"prompts: {source} holds no prompts (the {prompt_col!r} column is empty)")
+    ids = [r.id for r in records]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise DoriError(f"prompts: {source} has the id {dup!r} twice; ids must be unique")
+    return records
+
+
+def read_prompt_text(text: str, suffix: str, source: str) -> list[PromptRecord]:
+    """Parse a prompt file's text: ``.txt`` (a prompt a line), ``.jsonl``, or ``.csv`` (``,`` ``;`` or tab)."""
+    if suffix == ".txt":
+        lines = [line.strip() for line in text.splitlines()]
+        return _records_from_rows([{"prompt": line} for line in lines if line], source)
+    if suffix == ".jsonl":
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise DoriError(f"prompts: {source} line {n} is not JSON ({exc.msg})") from exc
+        return _records_from_rows(rows, source)
+    if suffix in (".csv", ".tsv"):
+        if not text.strip():
+            raise DoriError(f"prompts: {source} is empty")
+        header = text.lstrip("\ufeff").splitlines()[0]
+        delimiter = max(",;\t", key=header.count)
+        return _records_from_rows(list(csv.DictReader(io.StringIO(text), delimiter=delimiter)), source)
+    raise DoriError(f"prompts: {source} must end in .csv, .tsv, .jsonl or .txt")
+
+
+def read_prompt_file(path: str | Path) -> list[PromptRecord]:
+    path = Path(path)
+    if not path.is_file():
+        raise DoriError(f"prompts: file {path} does not exist")
+    return read_prompt_text(path.read_text(encoding="utf-8"), path.suffix.lower(), str(path))
+
+
+def load_image(path: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (OSError, UnidentifiedImageError) as exc:
+        raise DoriError(f"references: {path} is not a readable image") from exc
+
+
+def load_reference_folder(folder: str | Path, ids: list[str]) -> dict[str, np.ndarray]:
+    """Reference images named ``<id>.png`` (or .jpg/.jpeg/.webp/.bmp); every id must have one."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DoriError(f"references: {folder} is not a folder")
+    found = {p.stem: p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+    missing = [i for i in ids if i not in found]
+    if missing:
+        raise DoriError(f"references: no image for prompt id {missing[0]!r} in {folder} "
+                        f"({len(missing)} of {len(ids)} missing; name them <id>.png)")
+    return {i: load_image(found[i]) for i in ids}
+
+
+def testbed_prompt_set(name: str, folder: str | Path) -> PromptSet:
+    """The testbed's captions with their training images; ``testbed:<role>`` keeps one role."""
+    from .testbed.assets import is_testbed_folder, load_testbed_data
+
+    if not is_testbed_folder(folder):
+        raise DoriError(f"prompts: {name} needs the testbed model, but {folder} holds no testbed data")
+    entries, images = load_testbed_data(folder)
+    role = name.split(":", 1)[1] if ":" in name else None
+    chosen = [e for e in entries if role is None or e.role == role]
+    records = [PromptRecord(e.id, e.caption, e.role) for e in chosen]
+    references = {e.id: images[e.index] for e in chosen}
+    gallery = {e.source: images[e.index] for e in entries if e.role == "memorized"}
+    return PromptSet(name, records, references, gallery)
+
+
+def load_prompt_set(spec: str, *, references: str | Path | None = None, model_folder: str | Path | None = None) -> PromptSet:
+    """A bundled set by name, a ``testbed[:role]`` set, or a CSV / JSONL / TXT file."""
+    if spec in TESTBED_SETS:
+        if model_folder is None:
+            from .models import testbed_path
+
+            model_folder = testbed_path()
+        prompt_set = testbed_prompt_set(spec, model_folder)
+    elif spec in BUNDLED:
+        file, _, group = BUNDLED[spec]
+        text = (resources.files("dori") / "data" / file).read_text(encoding="utf-8")
+        records = read_prompt_text(text, Path(file).suffix, spec)
+        if group is not None:
+            records = [r for r in records if r.group == group]
+        prompt_set = PromptSet(spec, records)
+    elif spec.startswith("testbed:"):
+        raise DoriError(f"prompts: unknown testbed set {spec!r}; choose from {', '.join(TESTBED_SETS)}")
+    else:
+        path = Path(spec)
+        if not path.exists() and path.suffix.lower() not in (".csv", ".tsv", ".jsonl", ".txt"):
+            raise DoriError(f"prompts: {spec!r} is neither a file nor a bundled set "
+                            f"({', '.join([*BUNDLED, *TESTBED_SETS])})")
+        prompt_set = PromptSet(path.stem, read_prompt_file(path))
+    if references is not None:
+        prompt_set.references = load_reference_folder(references, [r.id for r in prompt_set.records])
+    return prompt_set

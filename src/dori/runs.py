@@ -1,0 +1,171 @@
+"""Run folders: a self-describing, resumable record of one command.
+
+::
+
+    runs/<command>-<model>-<UTC time>/
+        manifest.json          command line, resolved config and its hash, versions, git sha, seeds, status
+        records.rank<k>.jsonl  one JSON line per finished work item, appended by process k
+        records.parquet        all records, merged and sorted by key, at the end
+        images/                generated images
+
+A run started again with the same config skips the work items whose records exist; a record is
+written only after its image, and a line cut by a kill is dropped, so a killed and resumed run ends
+with exactly the records of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+from .errors import DoriError
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+PACKAGES = ("dori", "torch", "diffusers", "transformers", "accelerate", "safetensors", "numpy")
+
+
+def config_hash(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def git_sha() -> str | None:
+    try:
+        root = Path(__file__).resolve().parent
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        return result.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def default_run_dir(command: str, model: str, root: str | Path = "runs") -> Path:
+    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    return Path(root) / f"{command}-{model}-{stamp}"
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """Records of one JSONL file; an incomplete last line (a kill mid-write) is dropped."""
+    data = path.read_bytes()
+    if not data:
+        return []
+    if not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1]
+    return [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
+
+
+class RunFolder:
+    """One run's folder; ``rank`` / ``world_size`` come from accelerate when several processes share it."""
+
+    def __init__(self, path: str | Path, command: str, config: dict, *, overwrite: bool = False,
+                 rank: int = 0, world_size: int = 1, seeds: Iterable[int] | None = None):
+        self.path = Path(path)
+        self.command, self.config = command, config
+        self.hash = config_hash(config)
+        self.rank, self.world_size = rank, world_size
+        self.images = self.path / "images"
+        manifest_path = self.path / MANIFEST
+        if manifest_path.exists():
+            previous = json.loads(manifest_path.read_text())
+            if previous.get("config_hash") != self.hash or previous.get("command") != command:
+                if not overwrite:
+                    raise DoriError(f"out: {self.path} holds a run with another config "
+                                    f"({previous.get('command')}, hash {previous.get('config_hash')}); "
+                                    "pass --overwrite to replace it or choose another --out")
+                if rank == 0:
+                    shutil.rmtree(self.path)
+            elif overwrite and rank == 0:
+                shutil.rmtree(self.path)
+        elif self.path.exists() and any(self.path.iterdir()) and not overwrite:
+            raise DoriError(f"out: {self.path} exists and is not a dori run folder; choose another --out")
+        self.images.mkdir(parents=True, exist_ok=True)
+        if rank == 0 and not manifest_path.exists():
+            self.write_manifest({"status": "running", "seeds": list(seeds) if seeds is not None else None})
+        self._repair_tail()
+
+    # -- manifest -------------------------------------------------------------------------
+    def manifest(self) -> dict:
+        path = self.path / MANIFEST
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def write_manifest(self, updates: dict | None = None) -> None:
+        manifest = self.manifest() or {
+            "command": self.command,
+            "argv": sys.argv,
+            "config": self.config,
+            "config_hash": self.hash,
+            "versions": package_versions(),
+            "git_sha": git_sha(),
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            "world_size": self.world_size,
+        }
+        manifest.update(updates or {})
+        tmp = self.path / f".{MANIFEST}.{os.getpid()}"
+        tmp.write_text(json.dumps(manifest, indent=1, default=str))
+        tmp.replace(self.path / MANIFEST)
+
+    # -- records --------------------------------------------------------------------------
+    @property
+    def records_file(self) -> Path:
+        return self.path / f"records.rank{self.rank}.jsonl"
+
+    def _repair_tail(self) -> None:
+        path = self.records_file
+        if path.exists():
+            data = path.read_bytes()
+            if data and not data.endswith(b"\n"):
+                with open(path, "r+b") as f:
+                    f.truncate(data.rfind(b"\n") + 1)
+
+    def records(self) -> list[dict]:
+        """Every record written by any process (unsorted, last one per key wins)."""
+        by_key: dict[str, dict] = {}
+        for path in sorted(self.path.glob("records.rank*.jsonl")):
+            for record in _read_jsonl(path):
+                by_key[record["key"]] = record
+        return list(by_key.values())
+
+    def done_keys(self) -> set[str]:
+        return {r["key"] for r in self.records()}
+
+    def append(self, records: Iterable[dict]) -> None:
+        lines = "".join(json.dumps(r, default=str) + "\n" for r in records)
+        with open(self.records_file, "a", encoding="utf-8") as f:
+            f.write(lines)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def finalize(self, summary: dict | None = None) -> Path:
+        """Merge every process's records into ``records.parquet`` (sorted by key) and mark the run done."""
+        import pandas as pd
+
+        records = sorted(self.records(), key=lambda r: r["key"])
+        table = pd.DataFrame.from_records(records)
+        out = self.path / "records.parquet"
+        table.to_parquet(out, index=False)
+        if summary is not None:
+            (self.path / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        self.write_manifest({"status": "done", "n_records": len(records),
+                             "finished": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")})
+        return out

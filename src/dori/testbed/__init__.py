@@ -1,0 +1,1 @@
+"""The embedded memorizing text-to-image latent diffusion model (the testbed)."""

@@ -1,0 +1,330 @@
+"""Train the memorization testbed from scratch on CPU: deterministic for a seed and resumable.
+
+Two stages, each checkpointed every ``checkpoint_every`` steps into ``<out>/checkpoints``:
+
+1. ``vae``: a tiny ``AutoencoderKL`` (32x32x3 -> 8x8x4) on all training images;
+   ``scaling_factor`` is then set to 1 / std of the training latents, as Stable Diffusion did.
+2. ``unet``: ``UNet2DConditionModel`` and ``CLIPTextModel`` trained jointly with the standard
+   epsilon-prediction diffusion loss (SD's ``scaled_linear`` schedule, 1000 steps), 10% of
+   captions dropped to "" so that classifier-free guidance works.
+
+The text encoder is trained jointly with the UNet, unlike Stable Diffusion, which froze a
+pre-trained CLIP text encoder. No pre-trained CLIP weights can be had offline, and a frozen *random*
+encoder maps captions to embeddings whose geometry means nothing (and which the feasibility study
+did not validate); training it jointly gives captions a learned geometry, which the embedding-space
+analyses rely on. Every random draw of step ``k`` comes from a generator seeded by ``(seed, stage,
+k)``, so a run resumed from a checkpoint ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from .data import CaptionedImage, TestbedDataConfig, build_dataset, training_index
+
+logger = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[str, int, int, float], None]
+"""``progress(stage, step, total, loss)``, called after every optimisation step."""
+
+
+@dataclass(frozen=True)
+class TestbedTrainConfig:
+    """Hyper-parameters of the testbed build (defaults: the feasibility study's model, trained longer)."""
+
+    __test__ = False  # not a pytest test class
+
+    data: TestbedDataConfig = field(default_factory=TestbedDataConfig)
+    seed: int = 0
+    vae_steps: int = 400
+    vae_lr: float = 2e-3
+    vae_batch_size: int = 32
+    unet_steps: int = 1500
+    unet_lr: float = 2e-3
+    unet_batch_size: int = 32
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1
+    caption_dropout: float = 0.1
+    weight_decay: float = 0.01
+    checkpoint_every: int = 100
+    unet_channels: tuple[int, ...] = (64, 128)
+    text_hidden_size: int = 64
+    text_layers: int = 2
+
+    def validate(self) -> None:
+        for name in ("vae_steps", "unet_steps", "vae_batch_size", "unet_batch_size", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TestbedTrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        self.data.validate()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def make_components(config: TestbedTrainConfig, tokenizer=None) -> dict:
+    """Randomly initialised diffusers/transformers components of the testbed (seeded)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID, MAX_LENGTH, build_clip_tokenizer
+
+    torch.manual_seed(config.seed)
+    n = len(config.unet_channels)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=config.unet_channels,
+        down_block_types=("CrossAttnDownBlock2D",) * n,
+        up_block_types=("CrossAttnUpBlock2D",) * n,
+        cross_attention_dim=config.text_hidden_size,
+        attention_head_dim=4,
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=32,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=config.text_hidden_size,
+            intermediate_size=4 * config.text_hidden_size,
+            projection_dim=config.text_hidden_size,
+            num_hidden_layers=config.text_layers,
+            num_attention_heads=2,
+            max_position_embeddings=MAX_LENGTH,
+            bos_token_id=BOS_TOKEN_ID,
+            eos_token_id=EOS_TOKEN_ID,
+            pad_token_id=EOS_TOKEN_ID,
+        )
+    )
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer or build_clip_tokenizer(),
+        "scheduler": scheduler,
+    }
+
+
+def _step_generator(seed: int, stage: str, step: int) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}/{stage}/{step}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def images_to_tensor(items: list[CaptionedImage]) -> torch.Tensor:
+    """uint8 (32, 32, 3) images -> float (N, 3, 32, 32) in [-1, 1]."""
+    array = np.stack([it.image for it in items]).astype(np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+
+
+class _Checkpoints:
+    """Checkpoints of one stage: ``<dir>/<stage>-<step>.safetensors`` (weights) + ``.opt.pt`` (optimiser)."""
+
+    def __init__(self, directory: Path, stage: str):
+        self.directory, self.stage = directory, stage
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def latest(self) -> int:
+        steps = [int(p.name.split("-")[1].split(".")[0]) for p in self.directory.glob(f"{self.stage}-*.safetensors")]
+        steps = [s for s in steps if (self.directory / f"{self.stage}-{s}.opt.pt").exists()]
+        return max(steps, default=0)
+
+    def save(self, step: int, modules: dict[str, torch.nn.Module], optimizer, lr_scheduler) -> None:
+        tensors = {f"{name}.{k}": v.detach().contiguous() for name, m in modules.items() for k, v in m.state_dict().items()}
+        tmp = self.directory / f".{self.stage}-{step}.tmp"
+        torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}, tmp)
+        save_file(tensors, str(self.directory / f"{self.stage}-{step}.safetensors"))
+        tmp.replace(self.directory / f"{self.stage}-{step}.opt.pt")
+        for old in self.directory.glob(f"{self.stage}-*"):
+            if not old.name.startswith(f"{self.stage}-{step}."):
+                old.unlink()
+
+    def load(self, step: int, modules: dict[str, torch.nn.Module], optimizer, lr_scheduler) -> None:
+        tensors = load_file(str(self.directory / f"{self.stage}-{step}.safetensors"))
+        for name, module in modules.items():
+            prefix = f"{name}."
+            module.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+        state = torch.load(self.directory / f"{self.stage}-{step}.opt.pt", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+
+
+def _train_vae(vae, pixels: torch.Tensor, photo_mask: torch.Tensor, config: TestbedTrainConfig, ckpt: _Checkpoints, progress) -> None:
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=config.weight_decay)
+    lr_scheduler = get_cosine_schedule_with_warmup(optimizer, 20, config.vae_steps)
+    start = ckpt.latest()
+    if start:
+        logger.info("resuming the VAE stage at step %d", start)
+        ckpt.load(start, {"vae": vae}, optimizer, lr_scheduler)
+    photos, others = torch.nonzero(photo_mask).flatten(), torch.nonzero(~photo_mask).flatten()
+    n_photo = max(1, int(round(0.3 * config.vae_batch_size)))
+    vae.train()
+    for step in range(start, config.vae_steps):
+        g = _step_generator(config.seed, "vae", step)
+        idx = torch.cat(
+            [
+                photos[torch.randint(len(photos), (n_photo,), generator=g)],
+                others[torch.randint(len(others), (config.vae_batch_size - n_photo,), generator=g)],
+            ]
+        )
+        x = pixels[idx]
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
+        recon = vae.decode(z).sample
+        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        lr_scheduler.step()
+        if progress:
+            progress("vae", step + 1, config.vae_steps, float(loss.detach()))
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.vae_steps:
+            ckpt.save(step + 1, {"vae": vae}, optimizer, lr_scheduler)
+    vae.eval()
+
+
+def _train_unet(components: dict, latents: torch.Tensor, token_ids: torch.Tensor, index: torch.Tensor,
+                empty_ids: torch.Tensor, config: TestbedTrainConfig, ckpt: _Checkpoints, progress) -> None:
+    from diffusers import DDPMScheduler
+    from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+
+    unet, text_encoder = components["unet"], components["text_encoder"]
+    noise_scheduler = DDPMScheduler.from_config(components["scheduler"].config)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=config.unet_lr, weight_decay=config.weight_decay)
+    lr_scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, config.warmup_steps, config.unet_steps, min_lr_rate=config.min_lr_ratio
+    )
+    modules = {"unet": unet, "text_encoder": text_encoder}
+    start = ckpt.latest()
+    if start:
+        logger.info("resuming the UNet stage at step %d", start)
+        ckpt.load(start, modules, optimizer, lr_scheduler)
+    unet.train()
+    text_encoder.train()
+    for step in range(start, config.unet_steps):
+        g = _step_generator(config.seed, "unet", step)
+        pick = index[torch.randint(len(index), (config.unet_batch_size,), generator=g)]
+        ids = token_ids[pick].clone()
+        drop = torch.rand(len(pick), generator=g) < config.caption_dropout
+        ids[drop] = empty_ids
+        x0 = latents[pick]
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(pick),), generator=g)
+        noisy = noise_scheduler.add_noise(x0, noise, t)
+        context = text_encoder(ids)[0]
+        pred = unet(noisy, t, encoder_hidden_states=context).sample
+        loss = F.mse_loss(pred, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        lr_scheduler.step()
+        if progress:
+            progress("unet", step + 1, config.unet_steps, float(loss.detach()))
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.unet_steps:
+            ckpt.save(step + 1, modules, optimizer, lr_scheduler)
+    unet.eval()
+    text_encoder.eval()
+
+
+def train_testbed(out: str | Path, config: TestbedTrainConfig | None = None,
+                  progress: ProgressCallback | None = None) -> Path:
+    """Build the testbed into ``out`` (resuming from ``out/checkpoints``) and return the pipeline folder.
+
+    Writes ``out/pipeline`` (a ``StableDiffusionPipeline`` folder with the testbed's data under
+    ``pipeline/testbed``), and ``out/build.json`` (config, its hash, timings).
+    """
+    import time
+
+    from diffusers import StableDiffusionPipeline
+
+    config = config or TestbedTrainConfig()
+    config.validate()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    record = out / "build.json"
+    if record.exists():
+        previous = json.loads(record.read_text())
+        if previous.get("config_hash") != config.hash():
+            raise ValueError(f"{out} holds a testbed build with another config; pick another --out")
+    record.write_text(json.dumps({"config": config.to_dict(), "config_hash": config.hash(), "status": "running"}, indent=1))
+
+    t0 = time.perf_counter()
+    items = build_dataset(config.data)
+    components = make_components(config)
+    tokenizer = components["tokenizer"]
+    pixels = images_to_tensor(items)
+    photo_mask = torch.tensor([it.role == "memorized" for it in items])
+    train_mask = torch.tensor([it.role != "held-out" for it in items])
+
+    vae = components["vae"]
+    _train_vae(vae, pixels[train_mask], photo_mask[train_mask], config, _Checkpoints(out / "checkpoints", "vae"), progress)
+    t_vae = time.perf_counter() - t0
+    with torch.no_grad():
+        posterior_means = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in pixels.split(128)])
+    scaling = float(1.0 / posterior_means[train_mask].std())
+    vae.register_to_config(scaling_factor=scaling)
+    latents = posterior_means * scaling
+
+    token_ids = tokenizer([it.caption for it in items], padding="max_length", truncation=True, return_tensors="pt").input_ids
+    empty_ids = tokenizer([""], padding="max_length", return_tensors="pt").input_ids[0]
+    index = torch.from_numpy(training_index(items))
+    _train_unet(components, latents, token_ids, index, empty_ids, config, _Checkpoints(out / "checkpoints", "unet"), progress)
+    t_total = time.perf_counter() - t0
+
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=components["text_encoder"], tokenizer=tokenizer, unet=components["unet"],
+        scheduler=components["scheduler"], safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    folder = out / "pipeline"
+    pipe.to(torch.float16).save_pretrained(folder)
+    from .assets import save_testbed_data
+
+    save_testbed_data(folder, items, config)
+    done = json.dumps({
+        "config": config.to_dict(), "config_hash": config.hash(), "status": "done",
+        "seconds": {"vae": round(t_vae, 1), "total": round(t_total, 1)}, "torch_threads": torch.get_num_threads(),
+    }, indent=1)
+    record.write_text(done)
+    (folder / "testbed" / "build.json").write_text(done)
+    logger.info("testbed built in %.0f s into %s", t_total, folder)
+    return folder

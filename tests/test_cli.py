@@ -1,0 +1,79 @@
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from dori.cli import app
+from tests.helpers import write_prompts_with_references, write_sscd
+
+runner = CliRunner()
+
+
+def _text(result) -> str:
+    return result.output + (result.stderr if result.stderr_bytes is not None else "")
+
+
+def test_help_lists_the_verbs():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    assert all(verb in result.output for verb in ("evaluate", "demo", "testbed"))
+
+
+@pytest.fixture
+def files(tmp_path, sd1_folder):
+    csv, refs = write_prompts_with_references(tmp_path / "in", ["a cat", "a dog"])
+    return {"csv": csv, "refs": refs, "sscd": write_sscd(tmp_path / "sscd.pt"), "model": sd1_folder, "tmp": tmp_path}
+
+
+BAD = {
+    "nonexistent model": (["--model", "{tmp}/no-model"], "does not exist"),
+    "folder that is not a pipeline": (["--model", "{tmp}/in"], "not a Stable Diffusion pipeline folder"),
+    "missing prompt file": (["--prompts", "{tmp}/none.csv"], "does not exist"),
+    "wrong columns": (["--prompts", "{tmp}/cols.csv"], "no prompt column"),
+    "empty prompt file": (["--prompts", "{tmp}/empty.txt"], "holds no prompts"),
+    "missing reference": (["--references", "{tmp}/refs-missing"], "no image for prompt id"),
+    "unreadable reference": (["--references", "{tmp}/refs-bad"], "not a readable image"),
+    "sscd missing": (["--descriptor", "{tmp}/nothing.pt"], "does not exist"),
+    "sscd not torchscript": (["--descriptor", "{tmp}/in/prompts.csv"], "not a TorchScript file"),
+    "no seeds": (["--seeds", "0"], "num_seeds"),
+    "threshold outside [-1, 1]": (["--threshold", "1.5"], "threshold"),
+    "zero steps": (["--steps", "0"], "num_inference_steps"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_line_exit_2_nothing_written(files, case):
+    tmp = files["tmp"]
+    (tmp / "cols.csv").write_text("id,url\n1,x\n")
+    (tmp / "empty.txt").write_text("\n")
+    (tmp / "refs-missing").mkdir(exist_ok=True)
+    bad_refs = tmp / "refs-bad"
+    bad_refs.mkdir(exist_ok=True)
+    for name in ("p0.png", "p1.png"):
+        (bad_refs / name).write_bytes(b"garbage")
+    args, message = BAD[case]
+    base = {"--model": str(files["model"]), "--prompts": str(files["csv"]), "--references": str(files["refs"]),
+            "--descriptor": str(files["sscd"]), "--steps": "2", "--seeds": "1"}
+    for i in range(0, len(args), 2):
+        base[args[i]] = args[i + 1].format(tmp=tmp)
+    out = tmp / "run"
+    result = runner.invoke(app, ["evaluate", *[x for kv in base.items() for x in kv], "--out", str(out)])
+    text = _text(result)
+    assert result.exit_code == 2, text
+    assert message in " ".join(text.split()), text
+    assert "Traceback" not in text and len(text.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_demo_writes_summary_rows(tmp_path):
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo")])
+    assert result.exit_code == 0, _text(result)
+    rows = {row["name"]: row for row in json.loads((tmp_path / "demo" / "summary.json").read_text())}
+    assert {"memorized", "seen-once", "held-out"} <= set(rows)
+    for row in rows.values():
+        assert {"name", "n", "sscd_mean", "sscd_std", "mr"} <= set(row)
+    assert rows["memorized"]["mr"] >= 0.8
+    assert rows["held-out"]["mr"] <= 0.05 and rows["seen-once"]["mr_gallery"] <= 0.05
+    assert "memorized" in result.output
+    again = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo")])
+    assert again.exit_code == 0, _text(again)

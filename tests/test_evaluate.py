@@ -1,0 +1,93 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from dori.errors import DoriError
+from dori.evaluate import EvaluateConfig, run_evaluate
+from dori.generation import GenerationConfig
+from tests.helpers import write_prompts_with_references, write_sscd
+
+PROMPTS = ["a red circle", "a blue square", "a photo of a cat"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, sd1_folder):
+    folder = tmp_path_factory.mktemp("eval")
+    csv, refs = write_prompts_with_references(folder, PROMPTS)
+    sscd = write_sscd(folder / "sscd.pt")
+    return {"model": str(sd1_folder), "prompts": str(csv), "references": str(refs), "descriptor": str(sscd)}
+
+
+def config_for(setup, **kw):
+    return EvaluateConfig(num_seeds=3, generation=GenerationConfig(num_inference_steps=3, batch_size=4), **setup, **kw)
+
+
+def test_records_summary_and_per_prompt_table(tmp_path, setup):
+    result = run_evaluate(config_for(setup), tmp_path / "run")
+    assert len(result.records) == 9 and {r["key"] for r in result.records} == {f"p{i}#{s}" for i in range(3) for s in range(3)}
+    assert all(-1 <= r["sscd_orig"] <= 1 and r["noise_norm_first"] > 0 for r in result.records)
+    assert all((tmp_path / "run" / r["image"]).is_file() for r in result.records)
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["status"] == "done" and manifest["config"]["descriptor_resolved"]["kind"] == "sscd"
+    table = pd.read_parquet(tmp_path / "run" / "prompts.parquet")
+    assert list(table["n"]) == [3, 3, 3]
+    assert (table["sscd_orig_max"] >= table["sscd_orig_median"]).all()
+    row = result.summary["rows"][0]
+    assert row["n"] == 9 and 0 <= row["mr"] <= 1
+
+
+def test_rerun_adds_nothing_and_other_config_refuses(tmp_path, setup):
+    first = run_evaluate(config_for(setup), tmp_path / "run")
+    again = run_evaluate(config_for(setup), tmp_path / "run")
+    assert [r["key"] for r in again.records] == [r["key"] for r in first.records]
+    assert sum(1 for _ in open(tmp_path / "run" / "records.rank0.jsonl")) == 9
+    with pytest.raises(DoriError, match="another config"):
+        run_evaluate(config_for(setup, seed=5), tmp_path / "run")
+
+
+def _cli(setup, out, *extra):
+    return [sys.executable, "-m", "dori", "evaluate", "--model", setup["model"], "--prompts", setup["prompts"],
+            "--references", setup["references"], "--descriptor", setup["descriptor"], "--seeds", "4",
+            "--steps", "3", "--batch-size", "1", "--out", str(out), *extra]
+
+
+def _records(folder):
+    table = pd.read_parquet(folder / "records.parquet")
+    return table.drop(columns=["image"]).sort_values("key").reset_index(drop=True)
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_records(tmp_path, setup):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    subprocess.run(_cli(setup, tmp_path / "full"), check=True, env=env, capture_output=True)
+    proc = subprocess.Popen(_cli(setup, tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    records = tmp_path / "killed" / "records.rank0.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not records.exists() or len(records.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(records.read_text().splitlines())
+    assert 3 <= done_before < 12, "the kill should land mid-run"
+    assert not (tmp_path / "killed" / "records.parquet").exists()
+    subprocess.run(_cli(setup, tmp_path / "killed"), check=True, env=env, capture_output=True)
+    resumed, full = _records(tmp_path / "killed"), _records(tmp_path / "full")
+    assert resumed["key"].is_unique and len(resumed) == 12
+    pd.testing.assert_frame_equal(resumed, full, check_exact=False, atol=1e-5)
+
+
+def test_two_processes_give_the_records_of_one(tmp_path, setup):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    subprocess.run(_cli(setup, tmp_path / "one"), check=True, env=env, capture_output=True)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dori"]
+    result = subprocess.run(launch + _cli(setup, tmp_path / "two")[3:], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert {p.name for p in (tmp_path / "two").glob("records.rank*.jsonl")} == {"records.rank0.jsonl", "records.rank1.jsonl"}
+    pd.testing.assert_frame_equal(_records(tmp_path / "two"), _records(tmp_path / "one"), check_exact=False, atol=1e-5)

@@ -1,0 +1,67 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from dori.errors import DoriError
+from dori.prompts import load_prompt_set, read_prompt_file
+
+
+def test_csv_semicolon_with_index_and_type(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text(";Caption;URL;type;Index\n0;a cat;u;VM;111\n1;a dog;u;TM;222\n")
+    records = read_prompt_file(path)
+    assert [(r.id, r.prompt, r.group) for r in records] == [("111", "a cat", "VM"), ("222", "a dog", "TM")]
+
+
+def test_csv_comma_jsonl_and_txt(tmp_path):
+    (tmp_path / "a.csv").write_text("id,prompt\nx,hello there\ny,\"a, quoted, caption\"\n")
+    assert [r.prompt for r in read_prompt_file(tmp_path / "a.csv")] == ["hello there", "a, quoted, caption"]
+    (tmp_path / "b.jsonl").write_text('{"caption": "one", "index": 5}\n\n{"caption": "two", "index": 6}\n')
+    assert [(r.id, r.prompt) for r in read_prompt_file(tmp_path / "b.jsonl")] == [("5", "one"), ("6", "two")]
+    (tmp_path / "c.txt").write_text("first\n\n  second  \n")
+    assert [(r.id, r.prompt) for r in read_prompt_file(tmp_path / "c.txt")] == [("0", "first"), ("1", "second")]
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("missing.csv", None, "does not exist"),
+    ("empty.csv", "", "empty"),
+    ("empty.txt", "\n\n", "no prompts"),
+    ("cols.csv", "id,url\n1,http://x\n", "no prompt column"),
+    ("bad.jsonl", '{"caption": "ok"}\nnot json\n', "line 2 is not JSON"),
+    ("dup.csv", "id,prompt\n1,a\n1,b\n", "id '1' twice"),
+])
+def test_bad_prompt_files(tmp_path, name, content, message):
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(DoriError, match=message):
+        read_prompt_file(path)
+
+
+def test_bundled_sets():
+    webster = load_prompt_set("webster-sd1")
+    assert len(webster) == 500
+    assert webster.records[0].prompt == "The No Limits Business Woman Podcast"
+    assert len(load_prompt_set("webster-sd1-vm")) == 112
+    assert len(load_prompt_set("webster-sd1-tm")) == 388
+    assert len(load_prompt_set("sd2-219")) == 219
+    assert {r.group for r in load_prompt_set("webster-sd2").records} == {"MV", "TV"}
+    assert len(load_prompt_set("laion-nonmem")) == 500
+    assert len(load_prompt_set("coco-10k")) == 10000
+    with pytest.raises(DoriError, match="neither a file nor a bundled set"):
+        load_prompt_set("no-such-set")
+
+
+def test_reference_folder(tmp_path):
+    (tmp_path / "p.csv").write_text("id,prompt\na,one\nb,two\n")
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(refs / "a.png")
+    with pytest.raises(DoriError, match="no image for prompt id 'b'"):
+        load_prompt_set(str(tmp_path / "p.csv"), references=refs)
+    (refs / "b.jpg").write_bytes(b"not an image")
+    with pytest.raises(DoriError, match="not a readable image"):
+        load_prompt_set(str(tmp_path / "p.csv"), references=refs)
+    Image.fromarray(np.full((8, 8, 3), 255, np.uint8)).save(refs / "b.jpg")
+    prompt_set = load_prompt_set(str(tmp_path / "p.csv"), references=refs)
+    assert prompt_set.references["b"].shape == (8, 8, 3) and prompt_set.references["b"].min() > 200

@@ -1,0 +1,88 @@
+"""The shipped testbed memorizes its four photos and nothing else; the build code trains and resumes."""
+
+import numpy as np
+import pytest
+import torch
+
+from dori.descriptors import TestbedDescriptor, calibrate_testbed_descriptor
+from dori.generation import GenerationConfig, generate
+from dori.memorization import score_images
+from dori.models import testbed_path
+from dori.prompts import load_prompt_set
+from dori.testbed.assets import load_testbed_data
+from dori.testbed.data import MEMORIZED_PHOTOS, TestbedDataConfig
+from dori.testbed.train import TestbedTrainConfig, train_testbed
+
+
+@pytest.fixture(scope="module")
+def descriptor():
+    return TestbedDescriptor.from_folder(testbed_path())
+
+
+def test_shipped_folder_is_a_plain_diffusers_pipeline():
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(testbed_path(), safety_checker=None, requires_safety_checker=False)
+    assert pipe.unet.config.sample_size == 8 and pipe.vae.config.scaling_factor != 1.0
+    assert pipe.tokenizer.model_max_length == 77 and len(pipe.tokenizer) == 49408
+    entries, images = load_testbed_data(testbed_path())
+    memorized = [e for e in entries if e.role == "memorized"]
+    assert {e.source for e in memorized} == set(MEMORIZED_PHOTOS) and all(e.copies >= 50 for e in memorized)
+    assert {e.role for e in entries} == {"memorized", "seen-once", "shape", "held-out"}
+    assert images.shape == (len(entries), 32, 32, 3) and images.dtype == np.uint8
+
+
+def test_memorized_captions_replicate_their_photo(testbed_pipe, descriptor):
+    prompt_set = load_prompt_set("testbed:memorized")
+    config = GenerationConfig(num_inference_steps=25, batch_size=20)
+    seeds = list(range(100, 110))  # other seeds than the demo's
+    for record in prompt_set.records:
+        gens = generate(testbed_pipe, seeds, [record.prompt] * len(seeds), config=config)
+        scores = score_images(descriptor, gens.images, [prompt_set.references[record.id]] * len(seeds))
+        replicated = int((scores.sscd_orig > descriptor.threshold).sum())
+        assert replicated >= 8, f"{record.id}: {replicated}/10 replicate ({np.round(scores.sscd_orig, 2)})"
+
+
+@pytest.mark.parametrize("role,limit", [("seen-once", 24), ("shape", 24), ("held-out", 36)])
+def test_other_captions_replicate_no_memorized_photo(testbed_pipe, descriptor, role, limit):
+    prompt_set = load_prompt_set(f"testbed:{role}").subset(limit)
+    prompts = [r.prompt for r in prompt_set.records]
+    gens = generate(testbed_pipe, list(range(len(prompts))), prompts, config=GenerationConfig(batch_size=36))
+    scores = score_images(descriptor, gens.images, [None] * len(prompts), prompt_set.gallery)
+    rate = float((scores.gallery_max > descriptor.threshold).mean())
+    assert rate <= 0.05, f"{role}: {rate:.2f} of generations replicate a memorized photo"
+
+
+def test_descriptor_separates_replicas_from_other_images(testbed_pipe, descriptor):
+    entries, images = load_testbed_data(testbed_path())
+    calibration = calibrate_testbed_descriptor(testbed_pipe, images, [e.role for e in entries], seed=1)
+    assert calibration.auc >= 0.99
+    assert abs(calibration.threshold - descriptor.threshold) < 0.1
+
+
+def _micro(**kw):
+    data = TestbedDataConfig(copies_per_photo=4, seen_once=17, shapes=24, held_out_crops=2, held_out_shape_combos=2)
+    return TestbedTrainConfig(data=data, vae_steps=3, unet_steps=30, vae_batch_size=8, unet_batch_size=8,
+                              checkpoint_every=10, warmup_steps=2, **kw)
+
+
+def test_training_lowers_the_loss_and_resumes_to_the_same_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    losses = []
+    full = train_testbed(tmp_path / "full", _micro(), progress=lambda s, k, n, loss: losses.append((s, loss)))
+    unet_losses = [loss for s, loss in losses if s == "unet"]
+    assert np.mean(unet_losses[-5:]) < 0.8 * np.mean(unet_losses[:5])
+
+    def interrupt(stage, step, total, loss):
+        if stage == "unet" and step == 15:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_testbed(tmp_path / "resumed", _micro(), progress=interrupt)
+    resumed = train_testbed(tmp_path / "resumed", _micro())
+    a = load_file(str(full / "unet" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(resumed / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="another config"):
+        train_testbed(tmp_path / "full", _micro(seed=1))
