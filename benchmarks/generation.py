@@ -57,7 +57,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     plain = []
-    for prompt, seed in zip(prompts, seeds):
+    for prompt, seed in zip(prompts, seeds, strict=True):
         out = pipe(prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
                    generator=torch.Generator().manual_seed(seed), output_type="pt").images
         plain.append(out.float().cpu())

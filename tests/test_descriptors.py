@@ -2,8 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from dori.descriptors import (SSCDDescriptor, TestbedDescriptor, make_descriptor, preprocess_sscd, roc_auc,
-                              similarity)
+from dori.descriptors import SSCDDescriptor, TestbedDescriptor, make_descriptor, preprocess_sscd, roc_auc, similarity
 from dori.errors import DoriError
 
 

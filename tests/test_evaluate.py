@@ -91,3 +91,13 @@ def test_two_processes_give_the_records_of_one(tmp_path, setup):
     assert result.returncode == 0, result.stderr[-2000:]
     assert {p.name for p in (tmp_path / "two").glob("records.rank*.jsonl")} == {"records.rank0.jsonl", "records.rank1.jsonl"}
     pd.testing.assert_frame_equal(_records(tmp_path / "two"), _records(tmp_path / "one"), check_exact=False, atol=1e-5)
+
+
+def test_sscd_gen_against_a_baseline_run(tmp_path, setup):
+    run_evaluate(config_for(setup), tmp_path / "base")
+    same = run_evaluate(config_for(setup, baseline=str(tmp_path / "base")), tmp_path / "same")
+    assert all(r["sscd_gen"] > 0.99 for r in same.records)
+    assert "sscd_gen_median" in pd.read_parquet(tmp_path / "same" / "prompts.parquet")
+    with pytest.raises(DoriError, match="has no image for"):
+        run_evaluate(config_for(setup, baseline=str(tmp_path / "base"), seed=50), tmp_path / "other")
+    assert not (tmp_path / "other").exists()

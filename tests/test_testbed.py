@@ -7,7 +7,7 @@ import torch
 from dori.descriptors import TestbedDescriptor, calibrate_testbed_descriptor
 from dori.generation import GenerationConfig, generate
 from dori.memorization import score_images
-from dori.models import testbed_path
+from dori.models import testbed_path as shipped_testbed
 from dori.prompts import load_prompt_set
 from dori.testbed.assets import load_testbed_data
 from dori.testbed.data import MEMORIZED_PHOTOS, TestbedDataConfig
@@ -16,16 +16,16 @@ from dori.testbed.train import TestbedTrainConfig, train_testbed
 
 @pytest.fixture(scope="module")
 def descriptor():
-    return TestbedDescriptor.from_folder(testbed_path())
+    return TestbedDescriptor.from_folder(shipped_testbed())
 
 
 def test_shipped_folder_is_a_plain_diffusers_pipeline():
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(testbed_path(), safety_checker=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(shipped_testbed(), safety_checker=None, requires_safety_checker=False)
     assert pipe.unet.config.sample_size == 8 and pipe.vae.config.scaling_factor != 1.0
     assert pipe.tokenizer.model_max_length == 77 and len(pipe.tokenizer) == 49408
-    entries, images = load_testbed_data(testbed_path())
+    entries, images = load_testbed_data(shipped_testbed())
     memorized = [e for e in entries if e.role == "memorized"]
     assert {e.source for e in memorized} == set(MEMORIZED_PHOTOS) and all(e.copies >= 50 for e in memorized)
     assert {e.role for e in entries} == {"memorized", "seen-once", "shape", "held-out"}
@@ -54,7 +54,7 @@ def test_other_captions_replicate_no_memorized_photo(testbed_pipe, descriptor, r
 
 
 def test_descriptor_separates_replicas_from_other_images(testbed_pipe, descriptor):
-    entries, images = load_testbed_data(testbed_path())
+    entries, images = load_testbed_data(shipped_testbed())
     calibration = calibrate_testbed_descriptor(testbed_pipe, images, [e.role for e in entries], seed=1)
     assert calibration.auc >= 0.99
     assert abs(calibration.threshold - descriptor.threshold) < 0.1

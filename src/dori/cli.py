@@ -75,7 +75,14 @@ class _Bars:
     """One rich progress bar per stage."""
 
     def __init__(self):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
@@ -218,6 +225,7 @@ def evaluate(
     sscd_preprocess: Annotated[str, typer.Option(help="SSCD convention: nemo (320x320, ImageNet) or dcr (256, crop 224, 0.5).")] = "nemo",
     threshold: Annotated[float | None, typer.Option(help="Replication threshold (default: the descriptor's; 0.7 for SSCD).")] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N prompts.")] = None,
+    baseline: Annotated[Path | None, typer.Option(help="A finished evaluate run of the same prompts/seeds: adds SSCD_gen.")] = None,
     device: Device = "cpu",
     dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16.")] = "float32",
     out: Out = None,
@@ -233,7 +241,7 @@ def evaluate(
         model=model, prompts=prompts, references=str(references) if references else None, num_seeds=seeds,
         seed=seed, generation=GenerationConfig(num_inference_steps=steps, guidance_scale=guidance, batch_size=batch_size),
         descriptor=descriptor, sscd_preprocess=sscd_preprocess, threshold=threshold, limit=limit, device=device,
-        dtype=dtype,
+        dtype=dtype, baseline=str(baseline) if baseline else None,
     )
     config.validate()
     with _Bars() as bars:

@@ -19,7 +19,7 @@ import torch
 
 from .errors import DoriError
 from .generation import GenerationConfig, generate
-from .memorization import per_prompt_table, score_images, summary_row
+from .memorization import per_prompt_table, score_images, sscd_gen, summary_row
 from .prompts import PromptSet, load_prompt_set
 from .runs import RunFolder, default_run_dir
 
@@ -48,6 +48,8 @@ class EvaluateConfig:
     device: str = "cpu"
     dtype: str = "float32"
     save_images: bool = True
+    baseline: str | None = None
+    """A finished evaluate run of the same prompts and seeds: SSCD_gen compares each image with its image there."""
 
     def validate(self) -> None:
         if self.num_seeds < 1:
@@ -59,6 +61,8 @@ class EvaluateConfig:
         if self.limit is not None and self.limit < 1:
             raise DoriError(f"limit: must be >= 1, got {self.limit}")
         self.generation.validate()
+        if self.baseline is not None and not (Path(self.baseline) / "records.parquet").is_file():
+            raise DoriError(f"baseline: {self.baseline} is not a finished evaluate run (no records.parquet)")
 
     def seeds(self) -> list[int]:
         return [self.seed + k for k in range(self.num_seeds)]
@@ -95,6 +99,13 @@ def save_png(image: torch.Tensor, path: Path) -> None:
     tmp.replace(path)
 
 
+def _baseline_images(folder: str | Path) -> dict[str, Path]:
+    import pandas as pd
+
+    table = pd.read_parquet(Path(folder) / "records.parquet", columns=["key", "image"])
+    return {k: Path(folder) / img for k, img in zip(table["key"], table["image"], strict=True) if img}
+
+
 def run_evaluate(config: EvaluateConfig, out: str | Path | None = None, *, overwrite: bool = False,
                  pipe=None, progress: Progress | None = None, descriptor=None,
                  command: str = "evaluate") -> EvaluationResult:
@@ -117,6 +128,12 @@ def run_evaluate(config: EvaluateConfig, out: str | Path | None = None, *, overw
         descriptor.threshold = config.threshold
     threshold = descriptor.threshold
 
+    baseline = _baseline_images(config.baseline) if config.baseline else None
+    items = [(r, s) for r in prompt_set.records for s in config.seeds()]
+    if baseline is not None:
+        missing = [f"{r.id}#{s}" for r, s in items if f"{r.id}#{s}" not in baseline]
+        if missing:
+            raise DoriError(f"baseline: {config.baseline} has no image for {missing[0]} ({len(missing)} missing)")
     resolved = {**config.to_dict(), "descriptor_resolved": descriptor.describe()}
     out = Path(out) if out is not None else default_run_dir(command, model_name(config.model))
     if world > 1 and rank != 0:
@@ -125,7 +142,6 @@ def run_evaluate(config: EvaluateConfig, out: str | Path | None = None, *, overw
     if world > 1 and rank == 0:
         state.wait_for_everyone()
 
-    items = [(r, s) for r in prompt_set.records for s in config.seeds()]
     mine = items[rank::world]
     done = run.done_keys()
     todo = [(r, s) for r, s in mine if f"{r.id}#{s}" not in done]
@@ -140,6 +156,13 @@ def run_evaluate(config: EvaluateConfig, out: str | Path | None = None, *, overw
         gens = generate(pipe, [s for _, s in chunk], [r.prompt for r, _ in chunk], config=config.generation)
         scores = score_images(descriptor, gens.images, [prompt_set.references.get(r.id) for r, _ in chunk],
                               prompt_set.gallery)
+        gen_scores = None
+        if baseline is not None:
+            from .descriptors import to_tensor
+            from .prompts import load_image
+
+            base = torch.cat([to_tensor(load_image(baseline[f"{r.id}#{s}"])) for r, s in chunk])
+            gen_scores = sscd_gen(descriptor, gens.images, base)
         records = []
         for i, (r, s) in enumerate(chunk):
             path = image_path(run, r.id, s)
@@ -155,6 +178,8 @@ def run_evaluate(config: EvaluateConfig, out: str | Path | None = None, *, overw
                 "noise_norm_mean": float(norm.mean()) if norm is not None else None,
                 "image": str(path.relative_to(run.path)) if config.save_images else None,
             })
+            if gen_scores is not None:
+                records[-1]["sscd_gen"] = float(gen_scores[i])
         run.append(records)
         finished += len(chunk)
         if progress:

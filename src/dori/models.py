@@ -70,8 +70,12 @@ def load_pipeline(model: str | os.PathLike = "testbed", device: str | torch.devi
     (downloaded only when the hub is reachable). The safety checker is not loaded.
     """
     from diffusers import StableDiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
     kind, location = resolve_model(model)
+    diffusers_logging.disable_progress_bar()  # the library never prints; the CLI owns the progress bars
+    transformers_logging.disable_progress_bar()
     kwargs = {"dtype": dtype, "safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     try:
         pipe = StableDiffusionPipeline.from_pretrained(location, **kwargs)
