@@ -86,3 +86,22 @@ def test_training_lowers_the_loss_and_resumes_to_the_same_weights(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="another config"):
         train_testbed(tmp_path / "full", _micro(seed=1))
+
+
+def test_shape_colour_detector_on_drawn_shapes():
+    from dori.descriptors import to_tensor
+    from dori.testbed.data import COLOURS, _rng, draw_shape, shape_caption
+    from dori.testbed.utility import caption_colours, detect_colours, shape_caption_accuracy
+
+    colours = list(COLOURS)
+    images, captions = [], []
+    for k in range(24):
+        c, b = colours[k % 8], colours[(k + 3) % 8]
+        images.append(draw_shape(("circle", "square", "triangle")[k % 3], c, b, _rng(0, "t", k)))
+        captions.append(shape_caption(("circle", "square", "triangle")[k % 3], c, b))
+    tensor = to_tensor(np.stack(images))
+    assert shape_caption_accuracy(tensor, captions) == 1.0
+    swapped = [shape_caption("circle", b, c) for c, b in (caption_colours(x) for x in captions)]
+    assert shape_caption_accuracy(tensor, swapped) == 0.0
+    assert detect_colours(torch.full((3, 32, 32), 1.0))[0] is None
+    assert caption_colours("a photo of a cat") is None

@@ -113,11 +113,18 @@ def _rows_table(rows: list[dict], title: str, threshold: float | None = None):
     from rich.table import Table
 
     table = Table(title=title, caption=f"replication: similarity > {threshold:.3f}" if threshold is not None else None)
-    for col in ("row", "n", "similarity mean ± std", "MR", "MR (any memorized photo)"):
+    utility = any("utility" in row for row in rows)
+    columns = ["row", "n", "similarity mean ± std", "MR", "MR (any memorized photo)"]
+    columns += ["shapes in right colours", "SSCD_gen other captions"] if utility else []
+    for col in columns:
         table.add_column(col, justify="right" if col != "row" else "left")
     for row in rows:
-        table.add_row(row["name"], str(row["n"]), f"{_fmt(row['sscd_mean'])} ± {_fmt(row['sscd_std'])}",
-                      _fmt(row["mr"]), _fmt(row.get("mr_gallery")))
+        cells = [row["name"], str(row["n"]), f"{_fmt(row['sscd_mean'])} ± {_fmt(row['sscd_std'])}",
+                 _fmt(row["mr"]), _fmt(row.get("mr_gallery"))]
+        if utility:
+            u = row.get("utility", {})
+            cells += [_fmt(u.get("shape_accuracy")), _fmt(u.get("sscd_gen_mean"))]
+        table.add_row(*cells)
     return table
 
 
@@ -226,6 +233,7 @@ def evaluate(
     threshold: Annotated[float | None, typer.Option(help="Replication threshold (default: the descriptor's; 0.7 for SSCD).")] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N prompts.")] = None,
     baseline: Annotated[Path | None, typer.Option(help="A finished evaluate run of the same prompts/seeds: adds SSCD_gen.")] = None,
+    mitigation: Annotated[list[Path] | None, typer.Option("--mitigation", help="A saved mitigation (.safetensors with its .json); repeatable.")] = None,
     device: Device = "cpu",
     dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16.")] = "float32",
     out: Out = None,
@@ -242,6 +250,7 @@ def evaluate(
         seed=seed, generation=GenerationConfig(num_inference_steps=steps, guidance_scale=guidance, batch_size=batch_size),
         descriptor=descriptor, sscd_preprocess=sscd_preprocess, threshold=threshold, limit=limit, device=device,
         dtype=dtype, baseline=str(baseline) if baseline else None,
+        mitigations=tuple(str(p) for p in mitigation or ()),
     )
     config.validate()
     with _Bars() as bars:
@@ -252,6 +261,149 @@ def evaluate(
         console = _console()
         console.print(_rows_table(result.summary["rows"], f"evaluate {prompts} on {model}", result.summary["threshold"]))
         console.print(f"run folder: [bold]{result.path}[/]")
+
+
+# -- mitigations ------------------------------------------------------------------------------------
+Scope = Annotated[str, typer.Option(help="'per-prompt' (a selection per prompt) or 'set' (one for the whole set).")]
+Limit = Annotated[int | None, typer.Option(help="Only the first N prompts.")]
+
+
+@app.command("localize")
+@handle_errors
+def localize(
+    prompts: Annotated[str, typer.Option("--prompts", "-p", help="Memorized prompts to localise neurons for.")] = "testbed:memorized",
+    model: Model = "testbed",
+    statistics: Annotated[str | None, typer.Option(help="Non-memorized prompts for the activation statistics and SSIM threshold (default: testbed seen-once + shape captions, or laion-nonmem).")] = None,
+    scope: Scope = "per-prompt",
+    seeds: Annotated[int, typer.Option("--seeds", help="Seeds of the memorization test.")] = 10,
+    ssim_threshold: Annotated[float | None, typer.Option(help="Fixed SSIM threshold (default: calibrated per model; 0.428 for SD 1.4).")] = None,
+    min_theta: Annotated[float, typer.Option(help="Lowest z-score threshold of the initial selection.")] = 1.0,
+    layers: Annotated[list[str] | None, typer.Option("--layers", help="Value-layer globs (default: down and mid blocks' attn2.to_v).")] = None,
+    limit: Limit = None,
+    device: Device = "cpu",
+    out: Out = None,
+    overwrite: Overwrite = False,
+    verbose: Verbose = False,
+) -> None:
+    """NeMo: find memorization neurons in the cross-attention value layers; writes nemo.safetensors."""
+    _setup(verbose)
+    from .mitigate import run_localize
+    from .mitigations.nemo import NeMoConfig
+    from .models import load_pipeline
+
+    kwargs = {"layers": tuple(layers)} if layers else {}
+    config = NeMoConfig(num_seeds=seeds, ssim_threshold=ssim_threshold, min_theta=min_theta, **kwargs)
+    config.validate()
+    pipe = load_pipeline(model, device=device)
+    with _Bars() as bars:
+        path, nemo = run_localize(pipe, prompts, config, out, scope=scope, statistics=statistics, limit=limit,
+                                  overwrite=overwrite, progress=bars.callback("localize"))
+    from rich.table import Table
+
+    table = Table(title=f"NeMo neurons per layer (SSIM threshold {nemo.threshold:.3f})")
+    table.add_column("prompt")
+    table.add_column("memorized")
+    for name in nemo.layer_names:
+        table.add_column(name.replace(".transformer_blocks.0.attn2.to_v", ""), justify="right")
+    table.add_column("total", justify="right")
+    for r in nemo.results:
+        counts = [len(r.refined.get(n, [])) for n in nemo.layer_names]
+        table.add_row(r.prompt[:40], "yes" if r.memorized else "no", *map(str, counts), str(sum(counts)))
+    console = _console()
+    console.print(table)
+    console.print(f"mitigation: [bold]{path}[/] (use with dori evaluate --mitigation)")
+
+
+@app.command("prune")
+@handle_errors
+def prune(
+    prompts: Annotated[str, typer.Option("--prompts", "-p", help="Memorized (target) prompts.")] = "testbed:memorized",
+    model: Model = "testbed",
+    sparsity: Annotated[float, typer.Option(help="Share r of each weight row to consider (0.01; the paper's stronger ablation 0.1).")] = 0.01,
+    timesteps: Annotated[int, typer.Option(help="Union over the first N denoising steps.")] = 10,
+    steps: Steps = 50,
+    scope: Scope = "set",
+    bake: Annotated[Path | None, typer.Option(help="Also save the pruned pipeline to this folder.")] = None,
+    limit: Limit = None,
+    device: Device = "cpu",
+    out: Out = None,
+    overwrite: Overwrite = False,
+    verbose: Verbose = False,
+) -> None:
+    """Wanda: zero the FFN weights that score high for memorized vs empty prompts; writes wanda.safetensors."""
+    _setup(verbose)
+    from .mitigate import run_prune
+    from .mitigations.wanda import WandaConfig
+    from .models import load_pipeline
+
+    config = WandaConfig(sparsity=sparsity, timesteps=timesteps, num_inference_steps=steps)
+    config.validate()
+    pipe = load_pipeline(model, device=device)
+    with _Bars() as bars:
+        path, wanda = run_prune(pipe, prompts, config, out, scope=scope, limit=limit, overwrite=overwrite, bake=bake,
+                                progress=bars.callback("calibrate"))
+    from rich.table import Table
+
+    table = Table(title=f"Wanda sparsity per layer (r = {sparsity})")
+    table.add_column("layer")
+    table.add_column("zeroed weights", justify="right")
+    for name, value in wanda.sparsity_per_layer().items():
+        table.add_row(name, f"{100 * value:.2f}%")
+    console = _console()
+    console.print(table)
+    console.print(f"mitigation: [bold]{path}[/]" + (f"; pruned pipeline: [bold]{bake}[/]" if bake else ""))
+
+
+# -- attack -------------------------------------------------------------------------------------------
+@app.command("attack")
+@handle_errors
+def attack(
+    prompts: Annotated[str, typer.Option("--prompts", "-p", help="Prompts whose training images to re-trigger (need references).")] = "testbed:memorized",
+    model: Model = "testbed",
+    mitigation: Annotated[list[Path] | None, typer.Option("--mitigation", help="A saved mitigation to attack; repeatable.")] = None,
+    init: Annotated[str, typer.Option(help="Start from the 'prompt' embedding, 'random' N(0, I), or an 'other' prompt's.")] = "prompt",
+    other_prompt: Annotated[str, typer.Option(help="The prompt for --init other.")] = "a red circle on a blue background",
+    steps: Annotated[int, typer.Option("--steps", help="Adam steps (the paper: 50).")] = 50,
+    lr: Annotated[float, typer.Option(help="Adam learning rate (the paper: 0.1).")] = 0.1,
+    pairs: Annotated[int, typer.Option(help="(noise, t) pairs per step (the paper: 8).")] = 8,
+    restarts: Annotated[int, typer.Option(help="Triggers per prompt.")] = 1,
+    seeds: Annotated[int, typer.Option("--seeds", help="Images per trigger for the success check.")] = 10,
+    early_stop: Annotated[bool, typer.Option(help="Stop a trigger once its first-step prediction replicates.")] = False,
+    constraint: Annotated[str, typer.Option(help="none, l2 (relative radius) or linf.")] = "none",
+    radius: Annotated[float | None, typer.Option(help="Radius of the --constraint ball.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Triggers optimised together.")] = 8,
+    limit: Limit = None,
+    device: Device = "cpu",
+    out: Out = None,
+    overwrite: Overwrite = False,
+    verbose: Verbose = False,
+) -> None:
+    """Dori: optimise the text embedding until the (mitigated) model replicates the training image."""
+    _setup(verbose)
+    from .attack.loop import AttackConfig
+    from .attack.run import AttackRunConfig, run_attack
+    from .models import load_pipeline
+
+    config = AttackRunConfig(prompts=prompts, limit=limit, init=init, other_prompt=other_prompt, restarts=restarts,
+                             num_seeds=seeds, batch_size=batch_size, constraint=constraint, radius=radius,
+                             attack=AttackConfig(steps=steps, lr=lr, pairs=pairs, early_stop=early_stop,
+                                                 record_at=tuple(s for s in (0, 1, 10, 25, 50) if s <= steps)),
+                             mitigations=tuple(str(p) for p in mitigation or ()))
+    config.validate()
+    pipe = load_pipeline(model, device=device)
+    with _Bars() as bars:
+        path, records = run_attack(pipe, config, out, overwrite=overwrite, progress=bars.callback("attack"))
+    from rich.table import Table
+
+    table = Table(title=f"Dori on {model}" + (f" + {', '.join(p.name for p in mitigation)}" if mitigation else ""))
+    for col in ("trigger", "status", "MR by step", "relative perturbation", "UNet evaluations"):
+        table.add_column(col)
+    for r in records:
+        curve = " ".join(f"{k}:{v:.2f}" for k, v in r["mr_by_step"].items())
+        table.add_row(r["key"], r["status"], curve, f"{r['relative_perturbation']:.2f}", str(r["unet_evaluations"]))
+    console = _console()
+    console.print(table)
+    console.print(f"run folder: [bold]{path}[/] (triggers.safetensors)")
 
 
 # -- demo -------------------------------------------------------------------------------------------

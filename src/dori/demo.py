@@ -1,32 +1,42 @@
 """``dori demo``: the paper's story on the embedded testbed, written to one run folder.
 
-This issue's part: evaluate the memorized, seen-once, shape and held-out captions of the testbed and
-write ``summary.json``, a list of rows ``{"name", "n", "sscd_mean", "sscd_std", "mr", ...}``.
+Rows of ``summary.json`` (a list of ``{"name", "n", "sscd_mean", "sscd_std", "mr", ...}``):
 
-What each row's similarity is measured against:
+* ``memorized``: the memorized captions, similarity to their own training photo (SSCD_orig);
+* ``seen-once``: captions seen once, similarity to their own training crop (the paper's
+  "non-memorized" row);
+* ``shape`` (trained drawings) and ``held-out`` (never trained): there is no training image they
+  could copy, so their similarity is to the *closest memorized photo*;
+* ``nemo`` / ``wanda``: the memorized captions with NeMo's neurons deactivated / Wanda's weights
+  pruned (localised on the memorized captions by the methods' own procedures).
 
-* ``memorized``: the caption's own training photo (SSCD_orig);
-* ``seen-once``: the caption's own training crop (SSCD_orig, the paper's "non-memorized" row);
-* ``shape``: the trained drawings; ``held-out``: captions never trained on. Neither has a training
-  image that could be copied, so their similarity is to the *closest memorized photo* (the only
-  thing they could replicate). ``mr_gallery`` in every row is the share of generations that
-  replicate any memorized photo.
+Every row has ``mr_gallery`` (share of generations replicating any memorized photo). The model rows
+(``memorized``, ``nemo``, ``wanda``) also carry ``utility``: the share of shape captions drawn in the
+right colours (:mod:`dori.testbed.utility`) and, for mitigations, the SSCD_gen of held-out and shape
+captions (similarity to the unmitigated image of the same seed; 1 = unchanged).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .evaluate import EvaluateConfig, run_evaluate
+import numpy as np
+
+from .evaluate import EvaluateConfig, EvaluationResult, run_evaluate
 from .generation import GenerationConfig
 from .memorization import summary_row
+from .mitigations.nemo import NeMoConfig
+from .mitigations.wanda import WandaConfig
 from .runs import RunFolder, default_run_dir
 
 logger = logging.getLogger(__name__)
+
+StageCallback = Callable[[str, int], Callable[[int, int], None] | None]
 
 
 @dataclass(frozen=True)
@@ -49,30 +59,83 @@ class DemoConfig:
         DemoGroup("shape", "testbed:shape", 1, 40, "gallery_max"),
         DemoGroup("held-out", "testbed:held-out", 2, None, "gallery_max"),
     )
+    mitigations: bool = True
+    nemo: NeMoConfig = field(default_factory=NeMoConfig)
+    wanda: WandaConfig = field(default_factory=lambda: WandaConfig(num_inference_steps=25))
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+def _load_images(result: EvaluationResult):
+    import torch
+
+    from .descriptors import to_tensor
+    from .prompts import load_image
+
+    return torch.cat([to_tensor(load_image(result.path / r["image"])) for r in result.records])
+
+
+def shape_accuracy(results: list[EvaluationResult]) -> float:
+    """Share of the shape captions among these runs' records drawn in the right colours."""
+    from .testbed.utility import shape_caption_accuracy
+
+    scores, weights = [], []
+    for result in results:
+        acc = shape_caption_accuracy(_load_images(result), [r["prompt"] for r in result.records])
+        n = sum(1 for r in result.records if r["prompt"].endswith(" background"))
+        if not math.isnan(acc):
+            scores.append(acc * n)
+            weights.append(n)
+    return float(sum(scores) / sum(weights)) if weights else math.nan
+
+
 def run_demo(config: DemoConfig | None = None, out: str | Path | None = None, *, overwrite: bool = False,
-             on_stage: Callable[[str, int], Callable[[int, int], None] | None] | None = None) -> tuple[Path, list[dict]]:
-    """Run the demo; ``on_stage(name, total)`` may return a ``progress(done, total)`` callback."""
+             on_stage: StageCallback | None = None) -> tuple[Path, list[dict]]:
+    """Run (or resume) the demo; ``on_stage(name, total)`` may return a ``progress(done, total)`` callback."""
+    from .mitigate import run_localize, run_prune
     from .models import load_pipeline
 
     config = config or DemoConfig()
     out = Path(out) if out is not None else default_run_dir("demo", "testbed")
     run = RunFolder(out, "demo", config.to_dict(), overwrite=overwrite, seeds=[config.seed])
     pipe = load_pipeline(config.model)
-    rows = []
-    for group in config.groups:
+
+    def stage(name: str):
+        return on_stage(name, 0) if on_stage else None
+
+    def evaluate(name: str, group: DemoGroup, mitigations: tuple[str, ...] = ()) -> EvaluationResult:
         evaluation = EvaluateConfig(model=config.model, prompts=group.prompts, num_seeds=group.num_seeds,
-                                    seed=config.seed, generation=config.generation, limit=group.limit)
-        progress = on_stage(group.name, 0) if on_stage else None
-        result = run_evaluate(evaluation, run.path / group.name, pipe=pipe, progress=progress, command="evaluate")
-        threshold = result.summary["threshold"]
-        rows.append(summary_row(group.name, result.records, threshold, field=group.score))
-    summary_path = run.path / "summary.json"
-    summary_path.write_text(json.dumps(rows, indent=1))
+                                    seed=config.seed, generation=config.generation, limit=group.limit,
+                                    mitigations=mitigations)
+        return run_evaluate(evaluation, run.path / name, pipe=pipe, progress=stage(name))
+
+    rows, results = [], {}
+    for group in config.groups:
+        results[group.name] = evaluate(group.name, group)
+        threshold = results[group.name].summary["threshold"]
+        rows.append(summary_row(group.name, results[group.name].records, threshold, field=group.score))
+    utility_groups = [g for g in config.groups if g.name in ("shape", "held-out")]
+    rows[0]["utility"] = {"shape_accuracy": shape_accuracy([results[g.name] for g in utility_groups])}
+
+    if config.mitigations:
+        nemo_path, _ = run_localize(pipe, "testbed:memorized", config.nemo, run.path / "localize-nemo",
+                                    progress=stage("localize (NeMo)"))
+        wanda_path, _ = run_prune(pipe, "testbed:memorized", config.wanda, run.path / "prune-wanda",
+                                  progress=stage("prune (Wanda)"))
+        memorized = config.groups[0]
+        for name, path in (("nemo", nemo_path), ("wanda", wanda_path)):
+            mitigation = (str(path),)
+            result = evaluate(name, memorized, mitigation)
+            row = summary_row(name, result.records, threshold, field="sscd_orig")
+            others = [evaluate(f"{name}-{g.name}", g, mitigation) for g in utility_groups]
+            gen = [r["sscd_gen"] for o in others for r in o.records]
+            row["utility"] = {"shape_accuracy": shape_accuracy(others),
+                              "sscd_gen_mean": float(np.mean(gen)), "sscd_gen_min": float(np.min(gen))}
+            row["mitigation"] = str(path)
+            rows.append(row)
+
+    (run.path / "summary.json").write_text(json.dumps(rows, indent=1))
     run.write_manifest({"status": "done", "threshold": threshold})
     logger.info("demo written to %s", run.path)
     return run.path, rows

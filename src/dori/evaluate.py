@@ -21,7 +21,7 @@ from .errors import DoriError
 from .generation import GenerationConfig, generate
 from .memorization import per_prompt_table, score_images, sscd_gen, summary_row
 from .prompts import PromptSet, load_prompt_set
-from .runs import RunFolder, default_run_dir
+from .runs import RunFolder, config_hash, default_run_dir
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,9 @@ class EvaluateConfig:
     save_images: bool = True
     baseline: str | None = None
     """A finished evaluate run of the same prompts and seeds: SSCD_gen compares each image with its image there."""
+    mitigations: tuple[str, ...] = ()
+    """Saved mitigations (``.safetensors`` + ``.json``) applied while generating; SSCD_gen is then taken
+    against the unmitigated image of the same (prompt, seed) unless ``baseline`` is given."""
 
     def validate(self) -> None:
         if self.num_seeds < 1:
@@ -106,9 +109,32 @@ def _baseline_images(folder: str | Path) -> dict[str, Path]:
     return {k: Path(folder) / img for k, img in zip(table["key"], table["image"], strict=True) if img}
 
 
+def _generate_mitigated(pipe, chunk, mitigations, config: EvaluateConfig):
+    """Generate ``chunk`` with the mitigations applied; per-prompt mitigations are applied prompt by prompt."""
+    from .mitigations import mitigated
+
+    if not mitigations:
+        return generate(pipe, [s for _, s in chunk], [r.prompt for r, _ in chunk], config=config.generation)
+    per_prompt = any(m.scope == "per-prompt" for m in mitigations)
+    groups = {}
+    for i, (r, _) in enumerate(chunk):
+        groups.setdefault(r.prompt if per_prompt else None, []).append(i)
+    images = [None] * len(chunk)
+    norms = [None] * len(chunk)
+    for prompt, idx in groups.items():
+        with mitigated(pipe, *mitigations, prompt=prompt):
+            out = generate(pipe, [chunk[i][1] for i in idx], [chunk[i][0].prompt for i in idx], config=config.generation)
+        for j, i in enumerate(idx):
+            images[i] = out.images[j]
+            norms[i] = out.noise_norm[j] if out.noise_norm is not None else None
+    from .generation import Generations
+
+    return Generations(torch.stack(images), torch.stack(norms) if norms[0] is not None else None)
+
+
 def run_evaluate(config: EvaluateConfig, out: str | Path | None = None, *, overwrite: bool = False,
                  pipe=None, progress: Progress | None = None, descriptor=None,
-                 command: str = "evaluate") -> EvaluationResult:
+                 command: str = "evaluate", mitigations: list | None = None) -> EvaluationResult:
     """Run (or resume) an evaluation; returns the run folder, all records and the summary."""
     from .descriptors import make_descriptor
     from .models import load_pipeline, model_name
@@ -134,7 +160,13 @@ def run_evaluate(config: EvaluateConfig, out: str | Path | None = None, *, overw
         missing = [f"{r.id}#{s}" for r, s in items if f"{r.id}#{s}" not in baseline]
         if missing:
             raise DoriError(f"baseline: {config.baseline} has no image for {missing[0]} ({len(missing)} missing)")
-    resolved = {**config.to_dict(), "descriptor_resolved": descriptor.describe()}
+    if mitigations is None:
+        from .mitigations import load_mitigation
+
+        mitigations = [load_mitigation(path) for path in config.mitigations]
+    resolved = {**config.to_dict(), "descriptor_resolved": descriptor.describe(),
+                "mitigations_resolved": [{"name": m.name, "scope": m.scope, "hash": config_hash(m.describe())}
+                                         for m in mitigations]}
     out = Path(out) if out is not None else default_run_dir(command, model_name(config.model))
     if world > 1 and rank != 0:
         state.wait_for_everyone()
@@ -153,10 +185,13 @@ def run_evaluate(config: EvaluateConfig, out: str | Path | None = None, *, overw
     batch = config.generation.batch_size
     for start in range(0, len(todo), batch):
         chunk = todo[start : start + batch]
-        gens = generate(pipe, [s for _, s in chunk], [r.prompt for r, _ in chunk], config=config.generation)
+        gens = _generate_mitigated(pipe, chunk, mitigations, config)
         scores = score_images(descriptor, gens.images, [prompt_set.references.get(r.id) for r, _ in chunk],
                               prompt_set.gallery)
         gen_scores = None
+        if mitigations and baseline is None:
+            plain = generate(pipe, [s for _, s in chunk], [r.prompt for r, _ in chunk], config=config.generation)
+            gen_scores = sscd_gen(descriptor, gens.images, plain.images)
         if baseline is not None:
             from .descriptors import to_tensor
             from .prompts import load_image

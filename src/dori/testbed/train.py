@@ -60,6 +60,8 @@ class TestbedTrainConfig:
     unet_channels: tuple[int, ...] = (64, 128)
     text_hidden_size: int = 64
     text_layers: int = 2
+    train_text_encoder: bool = True
+    up_cross_attention: bool = True
 
     def validate(self) -> None:
         for name in ("vae_steps", "unet_steps", "vae_batch_size", "unet_batch_size", "checkpoint_every"):
@@ -92,7 +94,7 @@ def make_components(config: TestbedTrainConfig, tokenizer=None) -> dict:
         layers_per_block=1,
         block_out_channels=config.unet_channels,
         down_block_types=("CrossAttnDownBlock2D",) * n,
-        up_block_types=("CrossAttnUpBlock2D",) * n,
+        up_block_types=("CrossAttnUpBlock2D" if config.up_cross_attention else "UpBlock2D",) * n,
         cross_attention_dim=config.text_hidden_size,
         attention_head_dim=4,
         norm_num_groups=32,
@@ -228,7 +230,8 @@ def _train_unet(components: dict, latents: torch.Tensor, token_ids: torch.Tensor
 
     unet, text_encoder = components["unet"], components["text_encoder"]
     noise_scheduler = DDPMScheduler.from_config(components["scheduler"].config)
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    text_encoder.requires_grad_(config.train_text_encoder)
+    params = list(unet.parameters()) + (list(text_encoder.parameters()) if config.train_text_encoder else [])
     optimizer = torch.optim.AdamW(params, lr=config.unet_lr, weight_decay=config.weight_decay)
     lr_scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, config.warmup_steps, config.unet_steps, min_lr_rate=config.min_lr_ratio
@@ -239,7 +242,7 @@ def _train_unet(components: dict, latents: torch.Tensor, token_ids: torch.Tensor
         logger.info("resuming the UNet stage at step %d", start)
         ckpt.load(start, modules, optimizer, lr_scheduler)
     unet.train()
-    text_encoder.train()
+    text_encoder.train(config.train_text_encoder)
     for step in range(start, config.unet_steps):
         g = _step_generator(config.seed, "unet", step)
         pick = index[torch.randint(len(index), (config.unet_batch_size,), generator=g)]

@@ -1,0 +1,152 @@
+"""NeMo localisation: dori's batched search vs a reference that follows the official code's structure.
+
+The reference (as ``utils/activation_detection.py`` of the NeMo repository is organised): every
+round of the initial selection recomputes the activations with a UNet pass and hooks on the value
+layers; every noise difference is one seed per UNet call, for all seeds, before the
+memorized-looking ones are picked; the refinement recomputes the unblocked noise differences.
+dori scores neurons straight from the text embedding (no UNet pass), computes the unblocked noise
+differences once and evaluates each blocked set in one UNet call with all seeds batched.
+
+Prints UNet calls and wall time per prompt for both, the ratio, and whether the neurons agree.
+
+    python benchmarks/nemo.py                  # the testbed's memorized captions
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+from dori.mitigate import statistics_prompts
+from dori.mitigations.nemo import (
+    ActivationStatistics,
+    NeMoConfig,
+    UNetCounter,
+    block_neurons,
+    calibrate_ssim_threshold,
+    encode,
+    initial_latents,
+    initial_selection,
+    localize_prompt,
+    max_pairwise_ssim,
+    noise_differences,
+    value_layers,
+)
+from dori.models import load_pipeline
+from dori.prompts import load_prompt_set
+from dori.ssim import ms_ssim
+
+
+def reference_localize(pipe, layers, prompt, stats, threshold, config):
+    """NeMo's search in the structure of the official code (one seed per UNet call, nothing cached)."""
+    seeds = [config.seed + i for i in range(config.num_seeds)]
+    embeds = encode(pipe, [prompt])
+
+    def diffs(selection=None):
+        handle = block_neurons(layers, selection or {}, config.scaling_factor)
+        try:
+            return torch.cat([noise_differences(pipe, embeds, initial_latents(pipe, [s]), config) for s in seeds])
+        finally:
+            handle.remove()
+
+    def activations_via_unet():
+        captured = {}
+        hooks = [layer.register_forward_hook(lambda m, a, out, n=name: captured.__setitem__(n, out.abs().mean(1)[0].float()))
+                 for name, layer in layers.items()]
+        try:
+            noise_differences(pipe, embeds, initial_latents(pipe, seeds[:1]), config)
+        finally:
+            for h in hooks:
+                h.remove()
+        return captured
+
+    unblocked = diffs()
+    look = max_pairwise_ssim(unblocked, config.kernel_size) > threshold
+    if not look.any():
+        return {}
+    unblocked = unblocked[look]
+
+    def ssim(selection):
+        return float(ms_ssim(unblocked, diffs(selection)[look], kernel_size=config.kernel_size).max())
+
+    theta, k = config.initial_theta, config.initial_k
+    max_k = max(layer.out_features for layer in layers.values())
+    refine_threshold = threshold
+    while True:
+        acts = activations_via_unet()
+        selection = initial_selection(acts, stats.z_scores(acts), theta, k)
+        value = ssim(selection)
+        if value > threshold:
+            if theta > config.min_theta:
+                theta -= config.theta_step
+            k += 1
+        if math.isclose(theta, config.min_theta) or theta < config.min_theta or k >= max_k:
+            refine_threshold = value
+            break
+        if value <= threshold:
+            break
+    unblocked = diffs()[look]  # the refinement recomputes the vanilla noise differences
+    current = {n: list(v) for n, v in selection.items()}
+    for name in reversed(list(current)):
+        if current[name] and ssim({**current, name: []}) < refine_threshold:
+            current[name] = []
+    for name in reversed(list(current)):
+        for neuron in list(current[name]):
+            trial = {**current, name: [x for x in current[name] if x != neuron]}
+            if ssim(trial) < refine_threshold:
+                current[name] = trial[name]
+    return current
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="testbed")
+    parser.add_argument("--prompts", default="testbed:memorized")
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--min-theta", type=float, default=1.0)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    pipe = load_pipeline(args.model)
+    folder = pipe.dori_model["location"]
+    config = NeMoConfig(min_theta=args.min_theta)
+    layers = value_layers(pipe.unet, config.layers)
+    non_memorized = statistics_prompts(None, folder)
+    stats = ActivationStatistics.compute(pipe, layers, non_memorized)
+    threshold = calibrate_ssim_threshold(pipe, layers, non_memorized, config)
+    records = load_prompt_set(args.prompts, model_folder=folder).subset(args.limit).records
+    print(f"model {args.model}  {len(layers)} value layers  SSIM threshold {threshold:.3f}  threads {torch.get_num_threads()}")
+    totals = {"dori": [0, 0.0], "reference": [0, 0.0]}
+    for record in records:
+        counter = UNetCounter(pipe.unet)
+        t0 = time.perf_counter()
+        ours = localize_prompt(pipe, layers, record.prompt, stats, threshold, config)
+        t_ours, calls_ours = time.perf_counter() - t0, counter.calls
+        counter.close()
+        counter = UNetCounter(pipe.unet)
+        t0 = time.perf_counter()
+        ref = reference_localize(pipe, layers, record.prompt, stats, threshold, config)
+        t_ref, calls_ref = time.perf_counter() - t0, counter.calls
+        counter.close()
+        same = {n: v for n, v in ours.refined.items() if v} == {n: sorted(v) for n, v in ref.items() if v}
+        totals["dori"][0] += calls_ours
+        totals["dori"][1] += t_ours
+        totals["reference"][0] += calls_ref
+        totals["reference"][1] += t_ref
+        print(f"{record.id:28s} neurons {ours.n_neurons():4d}  UNet calls {calls_ours:5d} vs {calls_ref:6d}  "
+              f"time {t_ours:6.2f} s vs {t_ref:7.2f} s  ({t_ref / max(t_ours, 1e-9):5.1f}x)  identical neurons: {same}")
+    n = len(records)
+    print(f"per prompt: dori {totals['dori'][0] / n:.0f} UNet calls, {totals['dori'][1] / n:.2f} s; reference "
+          f"{totals['reference'][0] / n:.0f} calls, {totals['reference'][1] / n:.2f} s; speed-up "
+          f"{totals['reference'][1] / totals['dori'][1]:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

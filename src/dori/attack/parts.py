@@ -1,0 +1,214 @@
+"""The parts of an embedding attack, passed explicitly (after TextAttack): objective, success check,
+constraint, initialiser. The optimiser loop that wires them is :mod:`dori.attack.loop`.
+
+Shapes: a batch of triggers ``y`` is ``(B, tokens, dim)``, the text-encoder output fed to the UNet's
+cross-attention; trigger ``b`` aims at target latent ``targets[b]`` ``(C, h, w)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import DoriError
+
+
+def item_generator(*keys: object) -> torch.Generator:
+    """A CPU generator seeded from ``keys`` (so draws do not depend on batching)."""
+    digest = hashlib.sha256(repr(keys).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def encode_images(pipe, images: torch.Tensor) -> torch.Tensor:
+    """VAE latents (posterior mean x ``vae.config.scaling_factor``) of images ``(N, 3, H, W)`` in [0, 1]."""
+    vae = pipe.vae
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    x = images.to(vae.device, vae.dtype)
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    with torch.no_grad():
+        return vae.encode(x * 2 - 1).latent_dist.mean * vae.config.scaling_factor
+
+
+# -- objective ------------------------------------------------------------------------------------------
+class DiffusionLoss:
+    """The ordinary diffusion training loss of each trigger's target latent under the frozen UNet.
+
+    Each call draws ``pairs`` fresh ``(noise, t)`` per trigger, ``t`` uniform over the training
+    timesteps, and regresses the model's own target (epsilon, or v for v-prediction models).
+    Returns the per-trigger loss ``(B,)``.
+    """
+
+    def __init__(self, pipe, pairs: int = 8):
+        from diffusers import DDPMScheduler
+
+        if pairs < 1:
+            raise DoriError(f"pairs: must be >= 1, got {pairs}")
+        self.unet = pipe.unet
+        self.pairs = pairs
+        self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.prediction_type = self.scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise DoriError(f"scheduler: prediction_type {self.prediction_type!r} is not supported by the attack")
+
+    def __call__(self, y: torch.Tensor, targets: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        """``y`` ``(B, tokens, dim)``, ``targets`` ``(B, C, h, w)``, one generator per trigger -> ``(B,)``."""
+        b, p = y.shape[0], self.pairs
+        device, dtype = self.unet.device, self.unet.dtype
+        x0 = targets.to(device, dtype).repeat_interleave(p, dim=0)
+        noise = torch.cat([torch.randn((p, *targets.shape[1:]), generator=g) for g in generators]).to(device, dtype)
+        t = torch.cat([torch.randint(0, self.scheduler.config.num_train_timesteps, (p,), generator=g) for g in generators])
+        t = t.to(device)
+        noisy = self.scheduler.add_noise(x0, noise, t)
+        target = noise if self.prediction_type == "epsilon" else self.scheduler.get_velocity(x0, noise, t)
+        pred = self.unet(noisy, t, encoder_hidden_states=y.to(dtype).repeat_interleave(p, dim=0)).sample
+        return F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1).view(b, p).mean(1)
+
+
+# -- constraints ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NoConstraint:
+    """No constraint (the paper's setting)."""
+
+    def project(self, y: torch.Tensor, origin: torch.Tensor) -> torch.Tensor:
+        return y
+
+
+@dataclass(frozen=True)
+class L2Ball:
+    """``||y - origin||_2 <= radius`` per trigger; ``relative``: radius as a share of ``||origin||``."""
+
+    radius: float
+    relative: bool = True
+
+    def project(self, y: torch.Tensor, origin: torch.Tensor) -> torch.Tensor:
+        delta = y - origin
+        limit = self.radius * (origin.flatten(1).norm(dim=1) if self.relative else torch.ones(len(y), device=y.device))
+        norm = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
+        scale = (limit / norm).clamp(max=1.0).view(-1, *[1] * (y.ndim - 1))
+        return origin + delta * scale
+
+
+@dataclass(frozen=True)
+class LinfBall:
+    """``|y - origin| <= radius`` element-wise."""
+
+    radius: float
+
+    def project(self, y: torch.Tensor, origin: torch.Tensor) -> torch.Tensor:
+        return origin + (y - origin).clamp(-self.radius, self.radius)
+
+
+# -- initialisers ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FromPrompt:
+    """Start from the memorized prompt's own embedding (the paper's main attack)."""
+
+    name: str = "prompt"
+
+    def __call__(self, pipe, prompt: str, restart: int) -> torch.Tensor:
+        from ..mitigations.nemo import encode
+
+        return encode(pipe, [prompt])[0]
+
+
+@dataclass(frozen=True)
+class RandomNormal:
+    """Start from y ~ N(0, I) (the paper's locality analysis); one draw per (prompt, restart, seed)."""
+
+    seed: int = 0
+    name: str = "random"
+
+    def __call__(self, pipe, prompt: str, restart: int) -> torch.Tensor:
+        tokens, dim = pipe.tokenizer.model_max_length, pipe.unet.config.cross_attention_dim
+        g = item_generator("random-init", self.seed, prompt, restart)
+        return torch.randn((tokens, dim), generator=g).to(pipe.unet.device, pipe.unet.dtype)
+
+
+@dataclass(frozen=True)
+class OtherPrompt:
+    """Start from the embedding of another (non-memorized) prompt."""
+
+    prompt: str
+    name: str = "other"
+
+    def __call__(self, pipe, prompt: str, restart: int) -> torch.Tensor:
+        from ..mitigations.nemo import encode
+
+        return encode(pipe, [self.prompt])[0]
+
+
+# -- success check -------------------------------------------------------------------------------------
+class ReplicationCheck:
+    """Success = generations from the trigger replicate the reference (similarity above the threshold).
+
+    Kept apart from the loss: it generates ``seeds`` images per trigger with the pipeline (CFG with the
+    empty prompt as the unconditional embedding) and scores them with the descriptor.
+    """
+
+    def __init__(self, pipe, descriptor, references: list[np.ndarray], seeds: list[int], generation=None,
+                 min_rate: float = 0.5):
+        from ..generation import GenerationConfig
+
+        self.pipe, self.descriptor, self.references = pipe, descriptor, references
+        self.seeds, self.generation = list(seeds), generation or GenerationConfig()
+        self.min_rate = min_rate
+
+    def scores(self, y: torch.Tensor, which: list[int]) -> np.ndarray:
+        """Similarity ``(len(which), seeds)`` of the images of triggers ``y`` to their references."""
+        from ..generation import generate
+        from ..memorization import score_images
+
+        n = len(self.seeds)
+        embeds = y.detach().repeat_interleave(n, dim=0)
+        gens = generate(self.pipe, self.seeds * len(y), prompt_embeds=embeds, config=self.generation)
+        refs = [self.references[i] for i in which for _ in range(n)]
+        return score_images(self.descriptor, gens.images, refs).sscd_orig.reshape(len(y), n)
+
+    def __call__(self, y: torch.Tensor, which: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """``(mr, mean similarity)`` per trigger."""
+        s = self.scores(y, which)
+        return (s > self.descriptor.threshold).mean(1), s.mean(1)
+
+
+class FirstStepCheck:
+    """A cheap early-stop check: the x0 predicted at the first sampling step from pure noise.
+
+    One guided UNet call per seed (no sampling loop): memorized embeddings already predict the
+    training image at the first step. Decoded through the VAE and scored with the descriptor.
+    """
+
+    def __init__(self, pipe, descriptor, references: list[np.ndarray], seeds: list[int], guidance_scale: float = 7.5,
+                 num_inference_steps: int = 25):
+        from ..mitigations.nemo import encode, initial_latents
+
+        self.pipe, self.descriptor, self.references, self.seeds = pipe, descriptor, references, list(seeds)
+        self.guidance_scale = guidance_scale
+        self.latents = initial_latents(pipe, self.seeds)
+        self.uncond = encode(pipe, [""])
+        scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        scheduler.set_timesteps(num_inference_steps)
+        self.scheduler, self.t = scheduler, scheduler.timesteps[0]
+
+    @torch.no_grad()
+    def __call__(self, y: torch.Tensor, which: list[int]) -> np.ndarray:
+        from ..descriptors import to_tensor
+        from ..mitigations.nemo import _epsilon
+
+        pipe, n = self.pipe, len(self.seeds)
+        x = (self.latents * self.scheduler.init_noise_sigma).repeat(len(y), 1, 1, 1)
+        cond = y.detach().to(pipe.unet.dtype).repeat_interleave(n, dim=0)
+        context = torch.cat([self.uncond.expand(len(cond), -1, -1), cond])
+        inp = self.scheduler.scale_model_input(torch.cat([x, x]), self.t)
+        out_u, out_c = pipe.unet(inp, self.t, encoder_hidden_states=context).sample.chunk(2)
+        eps = _epsilon(self.scheduler, out_u + self.guidance_scale * (out_c - out_u), x, self.t)
+        alpha = self.scheduler.alphas_cumprod[int(self.t)].to(x.device, x.dtype)
+        x0 = (x - (1 - alpha).sqrt() * eps) / alpha.sqrt()
+        images = ((pipe.vae.decode(x0 / pipe.vae.config.scaling_factor).sample.float() + 1) / 2).clamp(0, 1).cpu()
+        refs = torch.cat([to_tensor(self.references[i]) for i in which for _ in range(n)])
+        sims = (self.descriptor.embed(images) * self.descriptor.embed(refs)).sum(1).numpy().reshape(len(y), n)
+        return sims.min(1)

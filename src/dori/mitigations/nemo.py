@@ -1,0 +1,516 @@
+"""NeMo (Hintersdorf et al., NeurIPS 2024): localise memorization neurons in the cross-attention value
+layers and deactivate them.
+
+Faithful to the official code's algorithm (PAPER.md section 5.1, PRIOR_CODE.md section 1):
+
+* neurons are output channels of ``attn2.to_v`` in the down and mid blocks, found by module path;
+* a neuron's activation for a prompt is the token-mean of ``|to_v(y)|``; z-scores against the mean
+  and std over non-memorized prompts;
+* the memorization test compares min-max scaled *noise differences* (predicted noise minus the
+  initial latent, at the second timestep of a 50-step schedule, guidance 0) with MS-SSIM; seeds whose
+  max pairwise SSIM exceeds the threshold are "memorized-looking", a prompt without any is skipped;
+* initial selection: z > theta plus the top-k neurons by activation per layer, theta from 5 down by
+  0.25 to 1 while k grows by 1, until the blocked-vs-unblocked SSIM is at or below the threshold;
+* refinement: layer-wise (last to first), then neuron-wise, re-activating what is not needed;
+* deactivation: forward hooks scaling the chosen channels (default factor 0).
+
+Deviations, all recorded in the saved sidecar: the SSIM threshold is calibrated per model (mean + 1
+std of pairwise SSIM on non-memorized prompts, guidance 7, as the official 0.428 was) instead of
+fixed; each seed has its own generator (the official code draws all seeds' latents from one); MS-SSIM
+shrinks its window and scales for latents smaller than 11x11 (see :mod:`dori.ssim`); classifier-free
+guidance, if enabled, splits ``[uncond, cond]`` the right way round (the official code swaps them).
+
+Speed (``benchmarks/nemo.py``): activations depend only on the text embedding, so neurons are scored
+with no UNet pass; the unblocked noise differences are computed once; every blocked evaluation is
+one UNet call with all seeds batched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import DoriError
+from ..models import select_modules
+from ..ssim import ms_ssim, ssim_settings
+from .base import Handle, write_sidecar
+
+logger = logging.getLogger(__name__)
+
+Selection = dict[str, list[int]]
+"""Layer name -> indices of the deactivated output channels."""
+
+
+@dataclass(frozen=True)
+class NeMoConfig:
+    """NeMo's settings; defaults are the official code's (``ssim_threshold=None``: calibrated)."""
+
+    layers: tuple[str, ...] = ("down_blocks.*attn2.to_v", "mid_block.*attn2.to_v")
+    num_seeds: int = 10
+    seed: int = 1
+    num_inference_steps: int = 50
+    detection_step: int = 1
+    guidance_scale: float = 0.0
+    ssim_threshold: float | None = None
+    initial_theta: float = 5.0
+    theta_step: float = 0.25
+    min_theta: float = 1.0
+    initial_k: int = 0
+    scaling_factor: float = 0.0
+    refine: bool = True
+    calibration_guidance_scale: float = 7.0
+    kernel_size: int = 11
+
+    def validate(self) -> None:
+        if self.num_seeds < 2:
+            raise DoriError(f"num_seeds: NeMo compares seeds pairwise, need >= 2, got {self.num_seeds}")
+        if self.num_inference_steps < 1 or not 0 <= self.detection_step < self.num_inference_steps:
+            raise DoriError("num_inference_steps / detection_step: need 0 <= detection_step < num_inference_steps")
+        if self.ssim_threshold is not None and not -1 <= self.ssim_threshold <= 1:
+            raise DoriError(f"ssim_threshold: must be in [-1, 1], got {self.ssim_threshold}")
+        if self.theta_step <= 0:
+            raise DoriError(f"theta_step: must be > 0, got {self.theta_step}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# -- layers, activations, statistics ------------------------------------------------------------------
+def _block_order(name: str) -> tuple[int, str]:
+    return ({"down_blocks": 0, "mid_block": 1, "up_blocks": 2}.get(name.split(".")[0], 3), name)
+
+
+def value_layers(unet: torch.nn.Module, patterns: tuple[str, ...]) -> dict[str, torch.nn.Linear]:
+    """The value projections NeMo works on, in execution order (down blocks, mid block, up blocks)."""
+    found: dict[str, torch.nn.Module] = {}
+    for pattern in patterns:
+        found.update(select_modules(unet, pattern))
+    if not found:
+        raise DoriError(f"layers: no module of the UNet matches {patterns}")
+    return {name: found[name] for name in sorted(found, key=_block_order)}
+
+
+def encode(pipe, prompts: list[str]) -> torch.Tensor:
+    """Text-encoder outputs ``(N, tokens, dim)`` of ``prompts``."""
+    with torch.no_grad():
+        return pipe.encode_prompt(list(prompts), pipe.unet.device, 1, False)[0]
+
+
+def neuron_activations(layers: dict[str, torch.nn.Linear], embeds: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Token-mean ``|to_v(y)|`` per layer, ``(N, channels)``; ``to_v`` sees only the text embedding."""
+    with torch.no_grad():
+        return {name: layer(embeds.to(layer.weight.dtype)).abs().mean(dim=1).float().cpu() for name, layer in layers.items()}
+
+
+@dataclass
+class ActivationStatistics:
+    """Per-layer mean and std of neuron activations over non-memorized prompts."""
+
+    mean: dict[str, torch.Tensor]
+    std: dict[str, torch.Tensor]
+    n_prompts: int
+
+    def z_scores(self, activations: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``|a - mean| / std`` per layer (as the official code, the absolute deviation)."""
+        return {name: (a - self.mean[name]).abs() / self.std[name].clamp_min(1e-12) for name, a in activations.items()}
+
+    @classmethod
+    def compute(cls, pipe, layers: dict[str, torch.nn.Linear], prompts: list[str], batch_size: int = 256) -> ActivationStatistics:
+        if len(prompts) < 2:
+            raise DoriError("statistics: need at least 2 non-memorized prompts")
+        acts: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+        for start in range(0, len(prompts), batch_size):
+            for name, a in neuron_activations(layers, encode(pipe, prompts[start : start + batch_size])).items():
+                acts[name].append(a)
+        stacked = {name: torch.cat(v) for name, v in acts.items()}
+        return cls({n: a.mean(0) for n, a in stacked.items()}, {n: a.std(0) for n, a in stacked.items()}, len(prompts))
+
+    def save(self, path: Path) -> None:
+        tensors = {f"mean/{n}": t.contiguous() for n, t in self.mean.items()}
+        tensors |= {f"std/{n}": t.contiguous() for n, t in self.std.items()}
+        save_file(tensors, str(path), metadata={"n_prompts": str(self.n_prompts)})
+
+    @classmethod
+    def load(cls, path: Path) -> ActivationStatistics:
+        from safetensors import safe_open
+
+        tensors = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            n = int(f.metadata()["n_prompts"])
+        mean = {k[5:]: v for k, v in tensors.items() if k.startswith("mean/")}
+        std = {k[4:]: v for k, v in tensors.items() if k.startswith("std/")}
+        return cls(mean, std, n)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DORI_CACHE", Path.home() / ".cache" / "dori"))
+
+
+def model_fingerprint(pipe, layers: dict[str, torch.nn.Linear], *extra: object) -> str:
+    """A hash of what NeMo's cached numbers depend on: the value weights, the text encoder, the inputs."""
+    h = hashlib.sha256()
+    for name, layer in layers.items():
+        h.update(name.encode())
+        h.update(layer.weight.detach().float().cpu().numpy().tobytes())
+    for tensor in list(pipe.text_encoder.parameters())[-4:]:
+        h.update(tensor.detach().float().cpu().numpy().tobytes())
+    h.update(repr(extra).encode())
+    return h.hexdigest()[:16]
+
+
+# -- noise differences and the memorization test ------------------------------------------------------
+class UNetCounter:
+    """Counts UNet forward calls (and samples) while active."""
+
+    def __init__(self, unet: torch.nn.Module):
+        self.calls = 0
+        self.samples = 0
+        self._handle = unet.register_forward_hook(self._hook)
+
+    def _hook(self, _module, args, _output) -> None:
+        self.calls += 1
+        self.samples += int(args[0].shape[0]) if args else 0
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+def initial_latents(pipe, seeds: list[int]) -> torch.Tensor:
+    """One seeded initial latent per seed ``(S, C, h, w)``, as the pipeline draws them."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    unet = pipe.unet
+    size = unet.config.sample_size
+    shape = (1, unet.config.in_channels, size, size)
+    return torch.cat([randn_tensor(shape, generator=torch.Generator().manual_seed(int(s)), dtype=unet.dtype)
+                      for s in seeds]).to(unet.device)
+
+
+def _epsilon(scheduler, model_output: torch.Tensor, sample: torch.Tensor, t) -> torch.Tensor:
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return model_output
+    alpha = scheduler.alphas_cumprod.to(sample.device)[int(t)].to(sample.dtype)
+    if kind == "v_prediction":
+        return alpha.sqrt() * model_output + (1 - alpha).sqrt() * sample
+    if kind == "sample":
+        return (sample - alpha.sqrt() * model_output) / (1 - alpha).sqrt()
+    raise DoriError(f"scheduler: prediction_type {kind!r} is not supported")
+
+
+def minmax_scale(x: torch.Tensor) -> torch.Tensor:
+    lo = x.amin(dim=(2, 3), keepdim=True)
+    hi = x.amax(dim=(2, 3), keepdim=True)
+    return (x - lo) / (hi - lo).clamp_min(1e-12)
+
+
+@torch.no_grad()
+def noise_differences(pipe, embeds: torch.Tensor, latents: torch.Tensor, config: NeMoConfig,
+                      uncond: torch.Tensor | None = None, guidance_scale: float | None = None) -> torch.Tensor:
+    """Min-max scaled ``eps(x_T, t) - x_T`` at step ``detection_step`` for each latent (one UNet call).
+
+    ``embeds``: ``(1, tokens, dim)`` (expanded over the latents) or ``(S, tokens, dim)``.
+    """
+    guidance = config.guidance_scale if guidance_scale is None else guidance_scale
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(config.num_inference_steps, device=latents.device)
+    t = scheduler.timesteps[config.detection_step]
+    x = latents * scheduler.init_noise_sigma
+    model_in = scheduler.scale_model_input(x, t)
+    cond = embeds.expand(len(latents), -1, -1) if embeds.shape[0] == 1 else embeds
+    if guidance > 0:
+        if uncond is None:
+            uncond = encode(pipe, [""])
+        context = torch.cat([uncond.expand(len(latents), -1, -1), cond])
+        out = pipe.unet(torch.cat([model_in, model_in]), t, encoder_hidden_states=context).sample
+        out_uncond, out_cond = out.chunk(2)
+        out = out_uncond + guidance * (out_cond - out_uncond)
+    else:
+        out = pipe.unet(model_in, t, encoder_hidden_states=cond).sample
+    return minmax_scale((_epsilon(scheduler, out, x, t) - x).float())
+
+
+def pairwise_ssim(diffs: torch.Tensor, kernel_size: int = 11) -> torch.Tensor:
+    """SSIM of every pair ``(i < j)`` of noise differences, ``(S * (S - 1) / 2,)``."""
+    pairs = torch.combinations(torch.arange(len(diffs)), r=2)
+    return ms_ssim(diffs[pairs[:, 0]], diffs[pairs[:, 1]], kernel_size=kernel_size)
+
+
+def max_pairwise_ssim(diffs: torch.Tensor, kernel_size: int = 11) -> torch.Tensor:
+    """For each seed, its highest SSIM with any other seed ``(S,)``."""
+    pairs = torch.combinations(torch.arange(len(diffs)), r=2)
+    values = ms_ssim(diffs[pairs[:, 0]], diffs[pairs[:, 1]], kernel_size=kernel_size)
+    out = torch.full((len(diffs),), -math.inf)
+    for col in (0, 1):
+        out = out.scatter_reduce(0, pairs[:, col], values, reduce="amax")
+    return out
+
+
+# -- deactivation -------------------------------------------------------------------------------------
+def block_neurons(layers: dict[str, torch.nn.Module], selection: Selection, factor: float = 0.0) -> Handle:
+    """Forward hooks that scale the selected output channels of each layer by ``factor``."""
+    handles = []
+    for name, indices in selection.items():
+        if not indices:
+            continue
+        if name not in layers:
+            raise DoriError(f"mitigation: the model has no layer {name!r}")
+        index = torch.tensor(sorted(set(indices)), dtype=torch.long)
+
+        def hook(_module, _args, output, index=index):
+            output = output.clone()
+            output[..., index.to(output.device)] *= factor
+            return output
+
+        handles.append(layers[name].register_forward_hook(hook))
+
+    def undo() -> None:
+        for handle in handles:
+            handle.remove()
+
+    return Handle(undo)
+
+
+# -- localisation -------------------------------------------------------------------------------------
+def calibrate_ssim_threshold(pipe, layers: dict[str, torch.nn.Linear], prompts: list[str], config: NeMoConfig) -> float:
+    """Mean + 1 std of pairwise SSIM of noise differences over non-memorized prompts (NeMo's 0.428 rule)."""
+    seeds = [config.seed + i for i in range(config.num_seeds)]
+    latents = initial_latents(pipe, seeds)
+    uncond = encode(pipe, [""])
+    values = []
+    for prompt in prompts:
+        diffs = noise_differences(pipe, encode(pipe, [prompt]), latents, config, uncond=uncond,
+                                  guidance_scale=config.calibration_guidance_scale)
+        values.append(pairwise_ssim(diffs, config.kernel_size))
+    values = torch.cat(values)
+    return float(values.mean() + values.std())
+
+
+def _cached(path: Path, compute: Callable[[], object], save: Callable[[object, Path], None], load: Callable[[Path], object]):
+    if path.is_file():
+        logger.info("using cached %s", path)
+        return load(path)
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save(value, path)
+    return value
+
+
+def _union(selections: list[Selection]) -> Selection:
+    out: dict[str, set[int]] = {}
+    for sel in selections:
+        for name, idx in sel.items():
+            out.setdefault(name, set()).update(idx)
+    return {name: sorted(idx) for name, idx in out.items()}
+
+
+@dataclass
+class PromptLocalization:
+    """What NeMo found for one prompt."""
+
+    prompt: str
+    memorized: bool
+    seeds_memorized: list[int]
+    initial: Selection = field(default_factory=dict)
+    initial_ssim: float | None = None
+    refined: Selection = field(default_factory=dict)
+    refined_ssim: float | None = None
+    theta: float | None = None
+    k: int | None = None
+    unet_calls: int = 0
+
+    def n_neurons(self, refined: bool = True) -> int:
+        return sum(len(v) for v in (self.refined if refined else self.initial).values())
+
+
+class _Searcher:
+    """The official search, with each blocked evaluation one batched UNet call."""
+
+    def __init__(self, pipe, layers, config: NeMoConfig, embeds: torch.Tensor, latents: torch.Tensor):
+        self.pipe, self.layers, self.config, self.embeds, self.latents = pipe, layers, config, embeds, latents
+        self.vanilla = noise_differences(pipe, embeds, latents, config)
+
+    def ssim(self, selection: Selection) -> float:
+        with block_neurons(self.layers, selection, self.config.scaling_factor):
+            blocked = noise_differences(self.pipe, self.embeds, self.latents, self.config)
+        return float(ms_ssim(self.vanilla, blocked, kernel_size=self.config.kernel_size).max())
+
+
+def initial_selection(activations: dict[str, torch.Tensor], z: dict[str, torch.Tensor], theta: float, k: int) -> Selection:
+    """Neurons with z-score above ``theta`` plus the ``k`` largest activations of each layer."""
+    out = {}
+    for name, a in activations.items():
+        chosen = torch.nonzero(z[name] > theta).flatten().tolist()
+        chosen += a.abs().topk(min(k, a.numel())).indices.tolist()
+        out[name] = sorted(set(chosen))
+    return out
+
+
+def refine(searcher: _Searcher, selection: Selection, threshold: float) -> Selection:
+    """Layer-wise (last layer first), then neuron-wise: re-activate what keeps SSIM below ``threshold``."""
+    current = {name: list(idx) for name, idx in selection.items()}
+    for name in reversed(list(current)):
+        if current[name]:
+            trial = {**current, name: []}
+            if searcher.ssim(trial) < threshold:
+                current[name] = []
+    for name in reversed(list(current)):
+        for neuron in list(current[name]):
+            trial = {**current, name: [n for n in current[name] if n != neuron]}
+            if searcher.ssim(trial) < threshold:
+                current[name] = trial[name]
+    return current
+
+
+def localize_prompt(pipe, layers, prompt: str, stats: ActivationStatistics, threshold: float,
+                    config: NeMoConfig) -> PromptLocalization:
+    """NeMo's per-prompt search (memorization test, initial selection, refinement)."""
+    counter = UNetCounter(pipe.unet)
+    try:
+        seeds = [config.seed + i for i in range(config.num_seeds)]
+        embeds = encode(pipe, [prompt])
+        latents = initial_latents(pipe, seeds)
+        detection = noise_differences(pipe, embeds, latents, config)
+        memorized_seeds = (max_pairwise_ssim(detection, config.kernel_size) > threshold).nonzero().flatten()
+        result = PromptLocalization(prompt, bool(len(memorized_seeds)), [seeds[i] for i in memorized_seeds.tolist()])
+        if not result.memorized:
+            return result
+        searcher = _Searcher(pipe, layers, config, embeds, latents[memorized_seeds])
+        activations = {n: a[0] for n, a in neuron_activations(layers, embeds).items()}
+        z = stats.z_scores(activations)
+        theta, k = config.initial_theta, config.initial_k
+        max_k = max(layer.out_features for layer in layers.values())
+        refinement_threshold = threshold
+        while True:
+            selection = initial_selection(activations, z, theta, k)
+            ssim = searcher.ssim(selection)
+            result.theta, result.k = theta, k
+            if ssim > threshold:
+                if theta > config.min_theta:
+                    theta -= config.theta_step
+                k += 1
+            if math.isclose(theta, config.min_theta) or theta < config.min_theta or k >= max_k:
+                refinement_threshold = ssim
+                break
+            if ssim <= threshold:
+                break
+        result.initial, result.initial_ssim = selection, ssim
+        refined = refine(searcher, selection, refinement_threshold) if config.refine else selection
+        result.refined, result.refined_ssim = refined, searcher.ssim(refined)
+        return result
+    finally:
+        counter.close()
+        if "result" in locals():
+            result.unet_calls = counter.calls
+
+
+# -- the mitigation -----------------------------------------------------------------------------------
+class NeMo:
+    """Deactivate NeMo's memorization neurons; per prompt (``scope="per-prompt"``) or their union (``"set"``)."""
+
+    name = "nemo"
+
+    def __init__(self, results: list[PromptLocalization], layers: list[str], config: NeMoConfig,
+                 scope: str = "per-prompt", threshold: float | None = None, refined: bool = True):
+        if scope not in ("set", "per-prompt"):
+            raise DoriError(f"scope: must be 'set' or 'per-prompt', got {scope!r}")
+        self.results, self.layer_names, self.config = results, layers, config
+        self.scope, self.threshold, self.refined = scope, threshold, refined
+        self._by_prompt = {r.prompt: r for r in results}
+
+    @classmethod
+    def localize(cls, pipe, prompts: list[str], config: NeMoConfig | None = None, *, statistics_prompts: list[str],
+                 scope: str = "per-prompt", done: dict[str, PromptLocalization] | None = None,
+                 on_result: Callable[[PromptLocalization], None] | None = None) -> NeMo:
+        """Localise neurons for each memorized prompt; statistics and the SSIM threshold come from
+        ``statistics_prompts`` (non-memorized) and are cached under ``$DORI_CACHE`` (``~/.cache/dori``)."""
+        config = config or NeMoConfig()
+        config.validate()
+        layers = value_layers(pipe.unet, config.layers)
+        key = model_fingerprint(pipe, layers, sorted(statistics_prompts))
+        stats = _cached(cache_dir() / "nemo" / f"statistics-{key}.safetensors",
+                        lambda: ActivationStatistics.compute(pipe, layers, statistics_prompts),
+                        lambda s, p: s.save(p), ActivationStatistics.load)
+        threshold = config.ssim_threshold
+        if threshold is None:
+            setting = (config.num_seeds, config.seed, config.num_inference_steps, config.detection_step,
+                       config.calibration_guidance_scale, config.kernel_size)
+            tkey = model_fingerprint(pipe, layers, sorted(statistics_prompts), setting)
+            threshold = _cached(cache_dir() / "nemo" / f"ssim-threshold-{tkey}.txt",
+                                lambda: calibrate_ssim_threshold(pipe, layers, statistics_prompts, config),
+                                lambda v, p: p.write_text(repr(v)), lambda p: float(p.read_text()))
+        logger.info("NeMo: %d statistics prompts, SSIM threshold %.3f", stats.n_prompts, threshold)
+        results = []
+        for prompt in prompts:
+            result = (done or {}).get(prompt) or localize_prompt(pipe, layers, prompt, stats, threshold, config)
+            if on_result is not None and prompt not in (done or {}):
+                on_result(result)
+            results.append(result)
+        return cls(results, list(layers), config, scope, threshold)
+
+    def selection(self, prompt: str | None = None) -> Selection:
+        """The neurons deactivated for ``prompt`` (per-prompt scope) or for every prompt (set scope)."""
+        pick = (lambda r: r.refined) if self.refined else (lambda r: r.initial)
+        if self.scope == "per-prompt" and prompt is not None:
+            result = self._by_prompt.get(prompt)
+            return pick(result) if result is not None else {}
+        return _union([pick(r) for r in self.results])
+
+    def apply(self, pipe, prompt: str | None = None) -> Handle:
+        layers = value_layers(pipe.unet, self.config.layers)
+        return block_neurons(layers, self.selection(prompt), self.config.scaling_factor)
+
+    def neurons_per_layer(self) -> dict[str, dict[str, int]]:
+        """``{prompt: {layer: count}}`` of the refined selections."""
+        return {r.prompt: {n: len(r.refined.get(n, [])) for n in self.layer_names} for r in self.results}
+
+    def describe(self) -> dict:
+        return {"kind": "nemo", "scope": self.scope, "refined": self.refined, "ssim_threshold": self.threshold,
+                "config": self.config.to_dict(), "layers": self.layer_names,
+                "ssim_settings": "window/betas per dori.ssim.ssim_settings for the latent size",
+                "prompts": [{k: v for k, v in asdict(r).items() if k not in ("initial", "refined")} for r in self.results]}
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path).with_suffix(".safetensors")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for i, r in enumerate(self.results):
+            for stage, sel in (("initial", r.initial), ("refined", r.refined)):
+                for name, idx in sel.items():
+                    tensors[f"{i}/{stage}/{name}"] = torch.tensor(idx, dtype=torch.int64)
+        save_file(tensors, str(path))
+        write_sidecar(path, self.describe())
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> NeMo:
+        import json
+
+        path = Path(path).with_suffix(".safetensors")
+        meta = json.loads(path.with_suffix(".json").read_text())
+        tensors = load_file(str(path))
+        results = []
+        for i, info in enumerate(meta["prompts"]):
+            sel = {"initial": {}, "refined": {}}
+            for key, value in tensors.items():
+                idx, stage, name = key.split("/", 2)
+                if int(idx) == i:
+                    sel[stage][name] = value.tolist()
+            results.append(PromptLocalization(**info, initial=sel["initial"], refined=sel["refined"]))
+        config = NeMoConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()})
+        return cls(results, meta["layers"], config, meta["scope"], meta["ssim_threshold"], meta.get("refined", True))
+
+    def with_scope(self, scope: str) -> NeMo:
+        return NeMo(self.results, self.layer_names, self.config, scope, self.threshold, self.refined)
+
+
+__all__ = ["NeMo", "NeMoConfig", "ActivationStatistics", "PromptLocalization", "block_neurons", "value_layers",
+           "noise_differences", "localize_prompt", "ssim_settings"]

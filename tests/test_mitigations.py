@@ -1,0 +1,143 @@
+import math
+
+import pytest
+import torch
+
+from dori.generation import GenerationConfig, generate
+from dori.mitigations import load_mitigation, mitigated
+from dori.mitigations.nemo import (
+    ActivationStatistics,
+    NeMo,
+    NeMoConfig,
+    block_neurons,
+    encode,
+    initial_selection,
+    max_pairwise_ssim,
+    neuron_activations,
+    value_layers,
+)
+from dori.mitigations.wanda import Wanda, WandaConfig, ffn_layers, wanda_masks
+from dori.models import load_pipeline
+from dori.ssim import ms_ssim, ssim_settings
+
+PROMPTS = ["a red circle on a blue background", "a photo of a cat", "a cup of coffee", "a rocket at dusk"]
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_pipeline_folder):
+    return load_pipeline(tiny_pipeline_folder)
+
+
+def _images(pipe):
+    return generate(pipe, [0, 1], PROMPTS[:2], config=GenerationConfig(num_inference_steps=3)).images
+
+
+def test_value_layers_are_down_and_mid_in_order(pipe):
+    layers = value_layers(pipe.unet, NeMoConfig().layers)
+    names = list(layers)
+    assert names and all(n.endswith("attn2.to_v") and not n.startswith("up_blocks") for n in names)
+    assert names == sorted(names, key=lambda n: (n.startswith("mid_block"), n))
+
+
+def test_nemo_hook_zeroes_exactly_the_chosen_channels(pipe):
+    layers = value_layers(pipe.unet, NeMoConfig().layers)
+    name, layer = next(iter(layers.items()))
+    y = encode(pipe, ["a cat"])
+    before = layer(y)
+    with block_neurons(layers, {name: [0, 3, 5]}):
+        during = layer(y)
+    after = layer(y)
+    chosen = torch.zeros(before.shape[-1], dtype=torch.bool)
+    chosen[[0, 3, 5]] = True
+    assert torch.all(during[..., chosen] == 0)
+    assert torch.equal(during[..., ~chosen], before[..., ~chosen])
+    assert torch.equal(after, before)
+
+
+def test_z_scores_against_the_statistics(pipe):
+    layers = value_layers(pipe.unet, NeMoConfig().layers)
+    stats = ActivationStatistics.compute(pipe, layers, PROMPTS)
+    acts = neuron_activations(layers, encode(pipe, PROMPTS))
+    name = next(iter(layers))
+    manual = acts[name]
+    assert torch.allclose(stats.mean[name], manual.mean(0), atol=1e-6)
+    assert torch.allclose(stats.std[name], manual.std(0), atol=1e-6)
+    single = neuron_activations(layers, encode(pipe, ["a dog"]))
+    z = stats.z_scores({n: a[0] for n, a in single.items()})
+    expected = (single[name][0] - manual.mean(0)).abs() / manual.std(0)
+    assert torch.allclose(z[name], expected, atol=1e-5)
+    # token-mean of |W y|: the activation NeMo scores
+    layer = layers[name]
+    assert torch.allclose(single[name][0], layer(encode(pipe, ["a dog"]))[0].abs().mean(0), atol=1e-6)
+    sel = initial_selection({name: single[name][0]}, {name: z[name]}, theta=math.inf, k=2)
+    assert sel[name] == sorted(single[name][0].topk(2).indices.tolist())
+
+
+def test_ssim():
+    x = torch.rand(3, 4, 16, 16)
+    assert torch.allclose(ms_ssim(x, x), torch.ones(3), atol=1e-5)
+    assert (ms_ssim(x, torch.rand(3, 4, 16, 16)) < 0.5).all()
+    assert ssim_settings(64) == (11, (0.33, 0.33, 0.33))
+    assert ssim_settings(8) == (7, (0.33,))
+    same = torch.stack([x[0], x[0], x[1]])
+    best = max_pairwise_ssim(same)
+    assert best[0] == pytest.approx(1.0, abs=1e-5) and best[1] == pytest.approx(1.0, abs=1e-5) and best[2] < 0.9
+
+
+def test_nemo_localize_apply_remove_save_load(tmp_path, pipe, monkeypatch):
+    monkeypatch.setenv("DORI_CACHE", str(tmp_path / "cache"))
+    config = NeMoConfig(num_seeds=3, num_inference_steps=10, ssim_threshold=-1.0)  # everything "memorized"
+    nemo = NeMo.localize(pipe, PROMPTS[:1], config, statistics_prompts=PROMPTS[1:])
+    result = nemo.results[0]
+    assert result.memorized and result.unet_calls > 0
+    assert result.n_neurons() <= result.n_neurons(refined=False)
+    before = _images(pipe)
+    with mitigated(pipe, nemo, prompt=PROMPTS[0]):
+        blocked = _images(pipe)
+    after = _images(pipe)
+    assert torch.equal(before, after)
+    if result.n_neurons():
+        assert not torch.equal(before, blocked)
+    assert nemo.selection("a prompt it never saw") == {}
+    loaded = load_mitigation(nemo.save(tmp_path / "nemo.safetensors"))
+    assert loaded.selection(PROMPTS[0]) == nemo.selection(PROMPTS[0]) and loaded.scope == "per-prompt"
+    assert list((tmp_path / "cache" / "nemo").glob("statistics-*.safetensors"))
+
+
+def test_wanda_masks_sparsity_per_row_and_union():
+    torch.manual_seed(0)
+    w = torch.randn(6, 40)
+    target = torch.rand(3, 40) + 0.5
+    base = torch.rand(3, 40)
+    base[:, :20] = 10.0  # these columns never qualify
+    r = 0.1
+    one = wanda_masks(w, target, base, r, timesteps=1)
+    assert (one.sum(1) <= math.ceil(r * 40)).all()
+    assert not one[:, :20].any()
+    s_t, s_b = w.abs() * target[0], w.abs() * base[0]
+    assert torch.all(s_t[one] > s_b[one])
+    free = wanda_masks(w, target, torch.zeros_like(base), r, timesteps=1)
+    assert (free.sum(1) == math.ceil(r * 40)).all()
+    union = wanda_masks(w, target, base, r, timesteps=3)
+    per_step = [wanda_masks(w, target[t : t + 1], base[t : t + 1], r, 1) for t in range(3)]
+    assert torch.equal(union, per_step[0] | per_step[1] | per_step[2])
+
+
+def test_wanda_calibrate_apply_remove_bake(tmp_path, pipe):
+    wanda = Wanda.calibrate(pipe, PROMPTS[:2], WandaConfig(sparsity=0.1, timesteps=2, num_inference_steps=3))
+    layers = ffn_layers(pipe.unet, ("*ff.net.2",))
+    assert set(wanda.sparsity_per_layer()) == set(layers)
+    weights = {n: l.weight.detach().clone() for n, l in layers.items()}
+    before = _images(pipe)
+    with mitigated(pipe, wanda):
+        for name, mask in wanda.mask_for().items():
+            assert torch.all(layers[name].weight[mask] == 0)
+            assert (mask.sum(1) <= 2 * math.ceil(0.1 * mask.shape[1])).all()  # 2 timesteps
+    assert all(torch.equal(weights[n], l.weight) for n, l in layers.items())
+    assert torch.equal(before, _images(pipe))
+    loaded = load_mitigation(wanda.save(tmp_path / "w.safetensors"))
+    assert all(torch.equal(loaded.mask_for()[n], m) for n, m in wanda.mask_for().items())
+    baked = load_pipeline(wanda.bake(pipe, tmp_path / "baked"))
+    name, mask = next(iter(wanda.mask_for().items()))
+    assert torch.all(dict(baked.unet.named_modules())[name].weight[mask] == 0)
+    assert torch.equal(weights[name], layers[name].weight)
