@@ -66,14 +66,17 @@ def test_bad_input_is_one_line_exit_2_nothing_written(files, case):
 
 
 def test_demo_writes_summary_rows(tmp_path):
-    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo")])
+    result = runner.invoke(app, ["demo", "--quick", "--out", str(tmp_path / "demo")])
     assert result.exit_code == 0, _text(result)
     rows = {row["name"]: row for row in json.loads((tmp_path / "demo" / "summary.json").read_text())}
-    assert {"memorized", "seen-once", "held-out"} <= set(rows)
+    assert {"memorized", "seen-once", "held-out", "non-memorized", "non-memorized+dori", "nemo", "nemo+dori", "wanda",
+            "wanda+dori"} <= set(rows)
     for row in rows.values():
         assert {"name", "n", "sscd_mean", "sscd_std", "mr"} <= set(row)
     assert rows["memorized"]["mr"] >= 0.8
     assert rows["held-out"]["mr"] <= 0.05 and rows["seen-once"]["mr_gallery"] <= 0.05
+    assert rows["nemo+dori"]["mr_by_step"] and rows["memorized"]["paper_mr"] == 0.98
+    assert (tmp_path / "demo" / "mr_vs_steps.png").stat().st_size > 1000
     assert "memorized" in result.output
-    again = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo")])
+    again = runner.invoke(app, ["demo", "--quick", "--out", str(tmp_path / "demo")])
     assert again.exit_code == 0, _text(again)

@@ -127,13 +127,13 @@ def test_wanda_calibrate_apply_remove_bake(tmp_path, pipe):
     wanda = Wanda.calibrate(pipe, PROMPTS[:2], WandaConfig(sparsity=0.1, timesteps=2, num_inference_steps=3))
     layers = ffn_layers(pipe.unet, ("*ff.net.2",))
     assert set(wanda.sparsity_per_layer()) == set(layers)
-    weights = {n: l.weight.detach().clone() for n, l in layers.items()}
+    weights = {n: lay.weight.detach().clone() for n, lay in layers.items()}
     before = _images(pipe)
     with mitigated(pipe, wanda):
         for name, mask in wanda.mask_for().items():
             assert torch.all(layers[name].weight[mask] == 0)
             assert (mask.sum(1) <= 2 * math.ceil(0.1 * mask.shape[1])).all()  # 2 timesteps
-    assert all(torch.equal(weights[n], l.weight) for n, l in layers.items())
+    assert all(torch.equal(weights[n], lay.weight) for n, lay in layers.items())
     assert torch.equal(before, _images(pipe))
     loaded = load_mitigation(wanda.save(tmp_path / "w.safetensors"))
     assert all(torch.equal(loaded.mask_for()[n], m) for n, m in wanda.mask_for().items())

@@ -33,7 +33,10 @@ Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show library log
 def _console(stderr: bool = False):
     from rich.console import Console
 
-    return Console(stderr=stderr)
+    console = Console(stderr=stderr)
+    if not console.is_terminal:  # piped or captured: do not squeeze tables into 80 columns
+        console = Console(stderr=stderr, width=160)
+    return console
 
 
 def _setup(verbose: bool) -> None:
@@ -116,6 +119,8 @@ def _rows_table(rows: list[dict], title: str, threshold: float | None = None):
     utility = any("utility" in row for row in rows)
     columns = ["row", "n", "similarity mean ± std", "MR", "MR (any memorized photo)"]
     columns += ["shapes in right colours", "SSCD_gen other captions"] if utility else []
+    paper = any("paper_mr" in row for row in rows)
+    columns += ["paper MR (SD v1.4)"] if paper else []
     for col in columns:
         table.add_column(col, justify="right" if col != "row" else "left")
     for row in rows:
@@ -124,6 +129,8 @@ def _rows_table(rows: list[dict], title: str, threshold: float | None = None):
         if utility:
             u = row.get("utility", {})
             cells += [_fmt(u.get("shape_accuracy")), _fmt(u.get("sscd_gen_mean"))]
+        if paper:
+            cells.append(_fmt(row.get("paper_mr")))
         table.add_row(*cells)
     return table
 
@@ -409,19 +416,27 @@ def attack(
 # -- demo -------------------------------------------------------------------------------------------
 @app.command("demo")
 @handle_errors
-def demo(out: Out = None, overwrite: Overwrite = False, verbose: Verbose = False) -> None:
-    """The main job: the testbed's memorization, table and summary.json in one run folder."""
+def demo(
+    out: Out = None,
+    overwrite: Overwrite = False,
+    quick: Annotated[bool, typer.Option("--quick", help="Fewer seeds, prompts and attack steps (about a minute).")] = False,
+    verbose: Verbose = False,
+) -> None:
+    """The main job: the paper's Table 1 on the testbed (memorization, NeMo, Wanda, Dori), summary.json and plots."""
     _setup(verbose)
-    from .demo import run_demo
+    from .demo import DemoConfig, run_demo
 
+    config = DemoConfig.quick() if quick else DemoConfig()
     with _Bars() as bars:
-        path, rows = run_demo(out=out, overwrite=overwrite, on_stage=lambda name, total: bars.callback(name))
+        path, rows = run_demo(config, out=out, overwrite=overwrite, on_stage=lambda name, total: bars.callback(name))
     console = _console()
     import json
 
     threshold = json.loads((path / "manifest.json").read_text()).get("threshold")
     console.print(_rows_table(rows, "dori demo: memorization on the testbed", threshold))
     console.print(f"summary: [bold]{path / 'summary.json'}[/]")
+    if (path / "mr_vs_steps.png").exists():
+        console.print(f"MR vs Dori steps: [bold]{path / 'mr_vs_steps.png'}[/]")
 
 
 def main() -> None:

@@ -2,18 +2,18 @@
 
 from .loop import AttackConfig, AttackItem, AttackResult, EmbeddingAttack
 from .parts import (
-           DiffusionLoss,
-           FirstStepCheck,
-           FromPrompt,
-           L2Ball,
-           LinfBall,
-           NoConstraint,
-           OtherPrompt,
-           RandomNormal,
-           ReplicationCheck,
+    DiffusionLoss,
+    FromPrompt,
+    L2Ball,
+    LinfBall,
+    NoConstraint,
+    OtherPrompt,
+    RandomNormal,
+    ReplicationCheck,
+    ShortSamplingCheck,
 )
 from .recipes import dori_kowalczuk2025
 
-__all__ = ["AttackConfig", "AttackItem", "AttackResult", "EmbeddingAttack", "DiffusionLoss", "FirstStepCheck",
-           "FromPrompt", "L2Ball", "LinfBall", "NoConstraint", "OtherPrompt", "RandomNormal", "ReplicationCheck",
+__all__ = ["AttackConfig", "AttackItem", "AttackResult", "EmbeddingAttack", "DiffusionLoss", "FromPrompt", "L2Ball",
+           "LinfBall", "NoConstraint", "OtherPrompt", "RandomNormal", "ReplicationCheck", "ShortSamplingCheck",
            "dori_kowalczuk2025"]

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..errors import DoriError
-from .parts import DiffusionLoss, FirstStepCheck, NoConstraint, ReplicationCheck, item_generator
+from .parts import DiffusionLoss, NoConstraint, ReplicationCheck, ShortSamplingCheck, item_generator
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +27,9 @@ class AttackConfig:
     pairs: int = 8
     record_at: tuple[int, ...] = (0, 1, 10, 25, 50)
     early_stop: bool = False
+    check_every: int = 5
+    check_margin: float = 0.1
+    """The early check must clear the replication threshold by this much."""
     seed: int = 0
 
     def validate(self) -> None:
@@ -75,6 +78,8 @@ class AttackResult:
     steps_run: int = 0
     unet_evaluations: int = 0
     seconds: float = 0.0
+    scores: list[float] = field(default_factory=list)
+    """Similarity of each evaluation seed's image to the target, at the end."""
     trigger: torch.Tensor | None = field(default=None, repr=False)
     initial: torch.Tensor | None = field(default=None, repr=False)
 
@@ -116,7 +121,7 @@ class EmbeddingAttack:
     """
 
     def __init__(self, pipe, *, objective: DiffusionLoss, success: ReplicationCheck, initializer,
-                 constraint=None, config: AttackConfig | None = None, early_check: FirstStepCheck | None = None):
+                 constraint=None, config: AttackConfig | None = None, early_check: ShortSamplingCheck | None = None):
         config = config or AttackConfig()
         config.validate()
         if not callable(initializer):
@@ -172,18 +177,20 @@ class EmbeddingAttack:
                     if np.isnan(first_loss[i]):
                         first_loss[i] = float(loss[j].detach())
                     last_loss[i] = float(loss[j].detach())
-                if cfg.early_stop:
+                if cfg.early_stop and step % cfg.check_every == 0:
                     checks = self.early_check(y.detach()[idx], [which[i] for i in idx])
-                    evals[idx] += 2 * len(self.early_check.seeds)
+                    evals[idx] += self.early_check.cost
                     for j, i in enumerate(idx):
-                        if checks[j] > self.success.descriptor.threshold:
+                        if checks[j] > self.success.descriptor.threshold + cfg.check_margin:
                             active[i] = False
                             stopped_at[i] = step
                 if step in cfg.record_at:
                     record(step)
                 if on_step:
                     on_step(step, cfg.steps)
-        final_mr, final_mean = self.success(y.detach(), which)
+        final_scores = self.success.scores(y.detach(), which)
+        final_mr = (final_scores > self.success.descriptor.threshold).mean(1)
+        final_mean = final_scores.mean(1)
         seconds = time.perf_counter() - t0
         results = []
         for i, it in enumerate(items):
@@ -198,6 +205,6 @@ class EmbeddingAttack:
                 mr=float(final_mr[i]), sscd_mean=float(final_mean[i]), mr_by_step=dict(sorted(mr_by_step[i].items())),
                 sscd_by_step=dict(sorted(sscd_by_step[i].items())), relative_perturbation=float(delta),
                 loss_first=float(first_loss[i]), loss_last=float(last_loss[i]), steps_run=stopped_at[i],
-                unet_evaluations=int(evals[i]), seconds=seconds / n, trigger=y.detach()[i].clone(), initial=y0[i].clone(),
+                unet_evaluations=int(evals[i]), seconds=seconds / n, scores=[float(v) for v in final_scores[i]], trigger=y.detach()[i].clone(), initial=y0[i].clone(),
             ))
         return results

@@ -6,12 +6,13 @@ import numpy as np
 
 from ..generation import GenerationConfig
 from .loop import AttackConfig, EmbeddingAttack
-from .parts import DiffusionLoss, FirstStepCheck, FromPrompt, L2Ball, LinfBall, NoConstraint, ReplicationCheck
+from .parts import DiffusionLoss, FromPrompt, L2Ball, LinfBall, NoConstraint, ReplicationCheck, ShortSamplingCheck
 
 
 def dori_kowalczuk2025(pipe, descriptor, references: list[np.ndarray], *, initializer=None, seeds: list[int] | None = None,
                        generation: GenerationConfig | None = None, config: AttackConfig | None = None,
-                       constraint: str | None = None, radius: float | None = None, check_seeds: int = 2) -> EmbeddingAttack:
+                       constraint: str | None = None, radius: float | None = None, check_seeds: int = 1,
+                       check_steps: int = 5) -> EmbeddingAttack:
     """Dori / DoRI (Kowalczuk, Hintersdorf, Struppek, Kersting, Dziedzic, Boenisch; arXiv 2507.16880, ICML 2026).
 
     Optimise the full text-encoder output y (tokens x dim) with Adam, lr 0.1, 50 steps; each step
@@ -24,8 +25,8 @@ def dori_kowalczuk2025(pipe, descriptor, references: list[np.ndarray], *, initia
     (choice 4); no norm constraint unless ``constraint`` is ``"l2"`` (relative radius) or ``"linf"``;
     no guidance inside the loss, guidance with the empty prompt as the unconditional embedding when
     generating (choice 6); the initial embedding defaults to the memorized prompt's
-    (:class:`FromPrompt`); the optional early stop (``config.early_stop``) uses the first-step x0
-    prediction of ``check_seeds`` seeds, not in the paper.
+    (:class:`FromPrompt`); the optional early stop (``config.early_stop``, every ``config.check_every``
+    steps) samples ``check_seeds`` seeds with ``check_steps`` DDIM steps; it is not in the paper.
     """
     seeds = list(seeds) if seeds is not None else list(range(10))
     if constraint is None or constraint == "none":
@@ -42,9 +43,8 @@ def dori_kowalczuk2025(pipe, descriptor, references: list[np.ndarray], *, initia
     generation = generation or GenerationConfig()
     early = None
     if config.early_stop:
-        early = FirstStepCheck(pipe, descriptor, references, seeds=list(range(1000, 1000 + check_seeds)),
-                               guidance_scale=generation.guidance_scale,
-                               num_inference_steps=generation.num_inference_steps)
+        early = ShortSamplingCheck(pipe, descriptor, references, seeds=list(range(1000, 1000 + check_seeds)),
+                                   guidance_scale=generation.guidance_scale, num_inference_steps=check_steps)
     return EmbeddingAttack(
         pipe,
         objective=DiffusionLoss(pipe, pairs=config.pairs),

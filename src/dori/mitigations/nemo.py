@@ -67,6 +67,9 @@ class NeMoConfig:
     scaling_factor: float = 0.0
     refine: bool = True
     calibration_guidance_scale: float = 7.0
+    calibration_prompts: int = 200
+    """How many of the non-memorized prompts calibrate the SSIM threshold (evenly spaced); the
+    activation statistics use all of them (they need no UNet pass)."""
     kernel_size: int = 11
 
     def validate(self) -> None:
@@ -285,6 +288,8 @@ def calibrate_ssim_threshold(pipe, layers: dict[str, torch.nn.Linear], prompts: 
     seeds = [config.seed + i for i in range(config.num_seeds)]
     latents = initial_latents(pipe, seeds)
     uncond = encode(pipe, [""])
+    stride = max(1, len(prompts) // max(1, config.calibration_prompts))
+    prompts = prompts[::stride][: config.calibration_prompts]
     values = []
     for prompt in prompts:
         diffs = noise_differences(pipe, encode(pipe, [prompt]), latents, config, uncond=uncond,
@@ -442,7 +447,7 @@ class NeMo:
         threshold = config.ssim_threshold
         if threshold is None:
             setting = (config.num_seeds, config.seed, config.num_inference_steps, config.detection_step,
-                       config.calibration_guidance_scale, config.kernel_size)
+                       config.calibration_guidance_scale, config.kernel_size, config.calibration_prompts)
             tkey = model_fingerprint(pipe, layers, sorted(statistics_prompts), setting)
             threshold = _cached(cache_dir() / "nemo" / f"ssim-threshold-{tkey}.txt",
                                 lambda: calibrate_ssim_threshold(pipe, layers, statistics_prompts, config),

@@ -62,6 +62,8 @@ class TestbedTrainConfig:
     text_layers: int = 2
     train_text_encoder: bool = True
     up_cross_attention: bool = True
+    activation_l1: float = 0.0
+    """Weight of an L1 penalty on the cross-attention value outputs and FFN hidden activations."""
 
     def validate(self) -> None:
         for name in ("vae_steps", "unet_steps", "vae_batch_size", "unet_batch_size", "checkpoint_every"):
@@ -241,6 +243,17 @@ def _train_unet(components: dict, latents: torch.Tensor, token_ids: torch.Tensor
     if start:
         logger.info("resuming the UNet stage at step %d", start)
         ckpt.load(start, modules, optimizer, lr_scheduler)
+    penalties: list[torch.Tensor] = []
+    handles = []
+    if config.activation_l1 > 0:
+        def collect(_module, args, output=None):
+            penalties.append((output if output is not None else args[0]).abs().mean())
+
+        for name, module in unet.named_modules():
+            if name.endswith("attn2.to_v"):
+                handles.append(module.register_forward_hook(collect))
+            elif name.endswith("ff.net.2"):
+                handles.append(module.register_forward_pre_hook(collect))
     unet.train()
     text_encoder.train(config.train_text_encoder)
     for step in range(start, config.unet_steps):
@@ -256,6 +269,9 @@ def _train_unet(components: dict, latents: torch.Tensor, token_ids: torch.Tensor
         context = text_encoder(ids)[0]
         pred = unet(noisy, t, encoder_hidden_states=context).sample
         loss = F.mse_loss(pred, noise)
+        if penalties:
+            loss = loss + config.activation_l1 * torch.stack(penalties).mean()
+            penalties.clear()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -265,6 +281,8 @@ def _train_unet(components: dict, latents: torch.Tensor, token_ids: torch.Tensor
             progress("unet", step + 1, config.unet_steps, float(loss.detach()))
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.unet_steps:
             ckpt.save(step + 1, modules, optimizer, lr_scheduler)
+    for handle in handles:
+        handle.remove()
     unet.eval()
     text_encoder.eval()
 

@@ -1,0 +1,83 @@
+import numpy as np
+import pytest
+import torch
+
+from dori.attack import AttackConfig, AttackItem, DiffusionLoss, L2Ball, LinfBall, RandomNormal, dori_kowalczuk2025
+from dori.attack.parts import FromPrompt, encode_images, item_generator
+from dori.attack.run import AttackRunConfig, load_triggers, run_attack
+from dori.descriptors import TestbedDescriptor, to_tensor
+from dori.errors import DoriError
+from dori.models import testbed_path
+from dori.prompts import load_prompt_set
+
+
+@pytest.fixture(scope="module")
+def setting(testbed_pipe):
+    prompt_set = load_prompt_set("testbed:memorized").subset(2)
+    refs = [prompt_set.references[r.id] for r in prompt_set.records]
+    targets = encode_images(testbed_pipe, to_tensor(np.stack(refs)))
+    return prompt_set, refs, targets, TestbedDescriptor.from_folder(testbed_path())
+
+
+def test_loss_falls_and_gradients_reach_the_embedding_only(testbed_pipe, setting):
+    prompt_set, refs, targets, descriptor = setting
+    unet = testbed_pipe.unet
+    unet.train()  # a mode the attack must leave as found
+    hooks_before = len(unet._forward_hooks)
+    objective = DiffusionLoss(testbed_pipe)
+    y0 = torch.stack([RandomNormal(seed=3)(testbed_pipe, r.prompt, 0) for r in prompt_set.records])
+    fixed = [item_generator("eval", i) for i in range(2)]
+    with torch.no_grad():
+        before = objective(y0, targets, [item_generator("eval", i) for i in range(2)])
+    attack = dori_kowalczuk2025(testbed_pipe, descriptor, refs, initializer=RandomNormal(seed=3), seeds=[0],
+                                config=AttackConfig(steps=10, record_at=()))
+    results = attack.run([AttackItem(r.id, r.prompt, i) for i, r in enumerate(prompt_set.records)], targets)
+    with torch.no_grad():
+        after = objective(torch.stack([r.trigger for r in results]), targets, fixed)
+    assert (after < before).all(), (before, after)
+    assert unet.training and len(unet._forward_hooks) == hooks_before
+    assert all(p.grad is None and not p.requires_grad for p in unet.parameters())
+    assert all(torch.equal(r.initial, y0[i]) for i, r in enumerate(results))
+    assert all(r.unet_evaluations == 10 * 8 and r.relative_perturbation > 0 for r in results)
+    unet.eval()
+
+
+def test_constraints_project_onto_their_balls():
+    torch.manual_seed(0)
+    origin, y = torch.randn(3, 5, 4), torch.randn(3, 5, 4) * 10
+    l2 = L2Ball(0.5).project(y, origin)
+    assert torch.all((l2 - origin).flatten(1).norm(dim=1) <= 0.5 * origin.flatten(1).norm(dim=1) + 1e-5)
+    linf = LinfBall(0.1).project(y, origin)
+    assert (linf - origin).abs().max() <= 0.1 + 1e-6
+    inside = origin + 0.01
+    assert torch.allclose(L2Ball(0.5).project(inside, origin), inside)
+
+
+def test_bad_attack_settings():
+    with pytest.raises(DoriError, match="steps"):
+        AttackConfig(steps=0).validate()
+    with pytest.raises(DoriError, match="init"):
+        AttackRunConfig(init="nowhere").validate()
+
+
+def test_run_saves_triggers_that_load_back_identical(tmp_path, testbed_pipe):
+    config = AttackRunConfig(prompts="testbed:memorized", limit=1, num_seeds=2,
+                             attack=AttackConfig(steps=2, record_at=(0, 2)))
+    path, records = run_attack(testbed_pipe, config, tmp_path / "attack")
+    triggers = load_triggers(path)
+    assert set(triggers) == {r["key"] for r in records}
+    from safetensors.torch import load_file
+
+    for r in records:
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in r["key"])
+        assert torch.equal(triggers[r["key"]], load_file(str(path / "triggers" / f"{safe}.safetensors"))["trigger"])
+    assert set(records[0]["mr_by_step"]) == {"0", "2"}
+    again_path, again = run_attack(testbed_pipe, config, tmp_path / "attack")
+    assert [r["key"] for r in again] == [r["key"] for r in records]  # resumed: nothing recomputed
+
+
+def test_prompt_initialiser_is_the_prompt_embedding(testbed_pipe):
+    from dori.mitigations.nemo import encode
+
+    y = FromPrompt()(testbed_pipe, "a cup of coffee", 0)
+    assert torch.equal(y, encode(testbed_pipe, ["a cup of coffee"])[0])
