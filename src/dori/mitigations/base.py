@@ -67,6 +67,25 @@ def write_sidecar(path: str | Path, data: dict) -> Path:
     return out
 
 
+def write_saved(path: str | Path, tensors: dict, meta: dict) -> Path:
+    """Save ``tensors`` as ``<path>.safetensors`` and ``meta`` as its JSON sidecar; returns the tensor file."""
+    from safetensors.torch import save_file
+
+    path = Path(path).with_suffix(".safetensors")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+    write_sidecar(path, meta)
+    return path
+
+
+def read_saved(path: str | Path) -> tuple[dict, dict]:
+    """``(sidecar, tensors)`` of a saved mitigation."""
+    from safetensors.torch import load_file
+
+    path = Path(path).with_suffix(".safetensors")
+    return json.loads(sidecar_path(path).read_text()), load_file(str(path))
+
+
 def load_mitigation(path: str | Path) -> Mitigation:
     """Load a saved mitigation (``x.safetensors`` + ``x.json``) of any kind."""
     path = Path(path)

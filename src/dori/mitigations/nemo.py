@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 from ..errors import DoriError
 from ..models import select_modules
 from ..ssim import ms_ssim, ssim_settings
-from .base import Handle, write_sidecar
+from .base import Handle, read_saved, write_saved
 
 logger = logging.getLogger(__name__)
 
@@ -215,17 +215,24 @@ def minmax_scale(x: torch.Tensor) -> torch.Tensor:
     return (x - lo) / (hi - lo).clamp_min(1e-12)
 
 
+def detection_step(pipe, config: NeMoConfig, device=None):
+    """``(scheduler, t)``: a fresh scheduler set to the detection schedule and the detection timestep."""
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(config.num_inference_steps, device=device or pipe.unet.device)
+    return scheduler, scheduler.timesteps[config.detection_step]
+
+
 @torch.no_grad()
 def noise_differences(pipe, embeds: torch.Tensor, latents: torch.Tensor, config: NeMoConfig,
-                      uncond: torch.Tensor | None = None, guidance_scale: float | None = None) -> torch.Tensor:
+                      uncond: torch.Tensor | None = None, guidance_scale: float | None = None,
+                      step=None) -> torch.Tensor:
     """Min-max scaled ``eps(x_T, t) - x_T`` at step ``detection_step`` for each latent (one UNet call).
 
-    ``embeds``: ``(1, tokens, dim)`` (expanded over the latents) or ``(S, tokens, dim)``.
+    ``embeds``: ``(1, tokens, dim)`` (expanded over the latents) or ``(S, tokens, dim)``; ``step``:
+    a prepared :func:`detection_step` to reuse.
     """
     guidance = config.guidance_scale if guidance_scale is None else guidance_scale
-    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
-    scheduler.set_timesteps(config.num_inference_steps, device=latents.device)
-    t = scheduler.timesteps[config.detection_step]
+    scheduler, t = step or detection_step(pipe, config, latents.device)
     x = latents * scheduler.init_noise_sigma
     model_in = scheduler.scale_model_input(x, t)
     cond = embeds.expand(len(latents), -1, -1) if embeds.shape[0] == 1 else embeds
@@ -341,11 +348,12 @@ class _Searcher:
 
     def __init__(self, pipe, layers, config: NeMoConfig, embeds: torch.Tensor, latents: torch.Tensor):
         self.pipe, self.layers, self.config, self.embeds, self.latents = pipe, layers, config, embeds, latents
-        self.vanilla = noise_differences(pipe, embeds, latents, config)
+        self.step = detection_step(pipe, config, latents.device)
+        self.vanilla = noise_differences(pipe, embeds, latents, config, step=self.step)
 
     def ssim(self, selection: Selection) -> float:
         with block_neurons(self.layers, selection, self.config.scaling_factor):
-            blocked = noise_differences(self.pipe, self.embeds, self.latents, self.config)
+            blocked = noise_differences(self.pipe, self.embeds, self.latents, self.config, step=self.step)
         return float(ms_ssim(self.vanilla, blocked, kernel_size=self.config.kernel_size).max())
 
 
@@ -484,24 +492,14 @@ class NeMo:
                 "prompts": [{k: v for k, v in asdict(r).items() if k not in ("initial", "refined")} for r in self.results]}
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path).with_suffix(".safetensors")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {}
-        for i, r in enumerate(self.results):
-            for stage, sel in (("initial", r.initial), ("refined", r.refined)):
-                for name, idx in sel.items():
-                    tensors[f"{i}/{stage}/{name}"] = torch.tensor(idx, dtype=torch.int64)
-        save_file(tensors, str(path))
-        write_sidecar(path, self.describe())
-        return path
+        tensors = {f"{i}/{stage}/{name}": torch.tensor(idx, dtype=torch.int64)
+                   for i, r in enumerate(self.results)
+                   for stage, sel in (("initial", r.initial), ("refined", r.refined)) for name, idx in sel.items()}
+        return write_saved(path, tensors, self.describe())
 
     @classmethod
     def load(cls, path: str | Path) -> NeMo:
-        import json
-
-        path = Path(path).with_suffix(".safetensors")
-        meta = json.loads(path.with_suffix(".json").read_text())
-        tensors = load_file(str(path))
+        meta, tensors = read_saved(path)
         results = []
         for i, info in enumerate(meta["prompts"]):
             sel = {"initial": {}, "refined": {}}

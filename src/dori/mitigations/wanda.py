@@ -18,7 +18,6 @@ conditional half of the classifier-free-guidance batch; one image per prompt, se
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Callable
@@ -26,11 +25,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from ..errors import DoriError
 from ..models import select_modules
-from .base import Handle, write_sidecar
+from .base import Handle, read_saved, write_saved
 
 logger = logging.getLogger(__name__)
 
@@ -196,20 +194,14 @@ class Wanda:
                 "activation_source": "conditional half of the CFG batch; one image per prompt at config.seed"}
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path).with_suffix(".safetensors")
-        path.parent.mkdir(parents=True, exist_ok=True)
         keys = list(self.masks)
         tensors = {f"{i}/{name}": m.to(torch.uint8).contiguous() for i, k in enumerate(keys)
                    for name, m in self.masks[k].items()}
-        save_file(tensors, str(path))
-        write_sidecar(path, self.describe())
-        return path
+        return write_saved(path, tensors, self.describe())
 
     @classmethod
     def load(cls, path: str | Path) -> Wanda:
-        path = Path(path).with_suffix(".safetensors")
-        meta = json.loads(path.with_suffix(".json").read_text())
-        tensors = load_file(str(path))
+        meta, tensors = read_saved(path)
         masks: dict[str, dict[str, torch.Tensor]] = {k: {} for k in meta["keys"]}
         for key, value in tensors.items():
             i, name = key.split("/", 1)
