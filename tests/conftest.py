@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DORI_CACHE", tempfile.mkdtemp(prefix="dori-cache-"))  # NeMo's caches stay out of ~/.cache
 
 import pytest
 import torch
