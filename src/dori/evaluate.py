@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -232,9 +232,3 @@ def run_evaluate(config: EvaluateConfig, out: str | Path | None = None, *, overw
         run.finalize(summary)
     return EvaluationResult(run.path, records, summary)
 
-
-def with_overrides(config: EvaluateConfig, **changes) -> EvaluateConfig:
-    generation = {k: changes.pop(k) for k in list(changes) if k in GenerationConfig.__dataclass_fields__}
-    if generation:
-        changes["generation"] = replace(config.generation, **generation)
-    return replace(config, **changes)

@@ -7,7 +7,7 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
-from ..descriptors import TestbedDescriptor, calibrate_testbed_descriptor
+from ..descriptors import calibrate_testbed_descriptor
 from .assets import SUBFOLDER, load_testbed_data
 
 logger = logging.getLogger(__name__)
@@ -26,7 +26,3 @@ def calibrate_folder(folder: str | Path, pipe=None) -> dict:
     (folder / SUBFOLDER / "descriptor.json").write_text(json.dumps(data, indent=1))
     logger.info("testbed descriptor: threshold %.3f, AUC %.4f", calibration.threshold, calibration.auc)
     return data
-
-
-def descriptor_for(folder: str | Path) -> TestbedDescriptor:
-    return TestbedDescriptor.from_folder(folder)
