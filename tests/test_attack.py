@@ -77,7 +77,7 @@ def test_run_saves_triggers_that_load_back_identical(tmp_path, testbed_pipe):
 
 
 def test_prompt_initialiser_is_the_prompt_embedding(testbed_pipe):
-    from dori.mitigations.nemo import encode
+    from dori.models import encode_prompts as encode
 
     y = FromPrompt()(testbed_pipe, "a cup of coffee", 0)
     assert torch.equal(y, encode(testbed_pipe, ["a cup of coffee"])[0])

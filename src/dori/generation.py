@@ -85,6 +85,11 @@ def generate(pipe, seeds: list[int], prompts: list[str] | None = None, *, prompt
         raise DoriError("generate: need one seed per prompt")
     device = pipe.unet.device
     cfg = config.guidance_scale > 1.0
+    empty = None
+    if prompt_embeds is not None and negative_prompt_embeds is None and cfg:
+        from .models import encode_prompts
+
+        empty = encode_prompts(pipe, [""])
     images, norms = [], []
     for start in range(0, n, config.batch_size):
         sl = slice(start, min(n, start + config.batch_size))
@@ -97,8 +102,7 @@ def generate(pipe, seeds: list[int], prompts: list[str] | None = None, *, prompt
             kwargs["prompt_embeds"] = prompt_embeds[sl].to(device, pipe.unet.dtype)
             if negative_prompt_embeds is not None:
                 kwargs["negative_prompt_embeds"] = negative_prompt_embeds[sl].to(device, pipe.unet.dtype)
-            elif cfg:
-                empty = pipe.encode_prompt([""], device, 1, False)[0]
+            elif empty is not None:
                 kwargs["negative_prompt_embeds"] = empty.expand(sl.stop - sl.start, -1, -1)
         with track_noise_norm(pipe.unet) as steps:
             out = pipe(**kwargs).images

@@ -117,3 +117,23 @@ def select_modules(root: torch.nn.Module, selector: Selector) -> dict[str, torch
             raise DoriError(f"modules: no module named {unknown[0]!r} in {type(root).__name__}")
         found = {n: named[n] for n in names}
     return found
+
+
+_BLOCK_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+
+
+def linear_layers(unet: torch.nn.Module, patterns: tuple[str, ...]) -> dict[str, torch.nn.Linear]:
+    """``nn.Linear`` modules matching any glob, in execution order (down blocks, mid block, up blocks)."""
+    found: dict[str, torch.nn.Module] = {}
+    for pattern in patterns:
+        found.update(select_modules(unet, pattern))
+    found = {n: m for n, m in found.items() if isinstance(m, torch.nn.Linear)}
+    if not found:
+        raise DoriError(f"layers: no Linear module of the UNet matches {patterns}")
+    return {n: found[n] for n in sorted(found, key=lambda n: (_BLOCK_ORDER.get(n.split(".")[0], 3), n))}
+
+
+def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
+    """Text-encoder outputs ``(N, tokens, dim)`` of ``prompts`` (no guidance, no gradient)."""
+    with torch.no_grad():
+        return pipe.encode_prompt(list(prompts), pipe.unet.device, 1, False)[0]

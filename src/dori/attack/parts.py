@@ -111,9 +111,9 @@ class FromPrompt:
     name: str = "prompt"
 
     def __call__(self, pipe, prompt: str, restart: int) -> torch.Tensor:
-        from ..mitigations.nemo import encode
+        from ..models import encode_prompts
 
-        return encode(pipe, [prompt])[0]
+        return encode_prompts(pipe, [prompt])[0]
 
 
 @dataclass(frozen=True)
@@ -137,9 +137,9 @@ class OtherPrompt:
     name: str = "other"
 
     def __call__(self, pipe, prompt: str, restart: int) -> torch.Tensor:
-        from ..mitigations.nemo import encode
+        from ..models import encode_prompts
 
-        return encode(pipe, [self.prompt])[0]
+        return encode_prompts(pipe, [self.prompt])[0]
 
 
 # -- success check -------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import DoriError
-from ..models import select_modules
+from ..models import encode_prompts, linear_layers
 from ..ssim import ms_ssim, ssim_settings
 from .base import Handle, read_saved, write_saved
 
@@ -87,24 +87,12 @@ class NeMoConfig:
 
 
 # -- layers, activations, statistics ------------------------------------------------------------------
-def _block_order(name: str) -> tuple[int, str]:
-    return ({"down_blocks": 0, "mid_block": 1, "up_blocks": 2}.get(name.split(".")[0], 3), name)
-
-
 def value_layers(unet: torch.nn.Module, patterns: tuple[str, ...]) -> dict[str, torch.nn.Linear]:
     """The value projections NeMo works on, in execution order (down blocks, mid block, up blocks)."""
-    found: dict[str, torch.nn.Module] = {}
-    for pattern in patterns:
-        found.update(select_modules(unet, pattern))
-    if not found:
-        raise DoriError(f"layers: no module of the UNet matches {patterns}")
-    return {name: found[name] for name in sorted(found, key=_block_order)}
+    return linear_layers(unet, patterns)
 
 
-def encode(pipe, prompts: list[str]) -> torch.Tensor:
-    """Text-encoder outputs ``(N, tokens, dim)`` of ``prompts``."""
-    with torch.no_grad():
-        return pipe.encode_prompt(list(prompts), pipe.unet.device, 1, False)[0]
+encode = encode_prompts
 
 
 def neuron_activations(layers: dict[str, torch.nn.Linear], embeds: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DoriError
-from ..models import select_modules
+from ..models import linear_layers
 from .base import Handle, read_saved, write_saved
 
 logger = logging.getLogger(__name__)
@@ -55,14 +55,8 @@ class WandaConfig:
 
 
 def ffn_layers(unet: torch.nn.Module, patterns: tuple[str, ...]) -> dict[str, torch.nn.Linear]:
-    found: dict[str, torch.nn.Module] = {}
-    for pattern in patterns:
-        found.update(select_modules(unet, pattern))
-    found = {n: m for n, m in found.items() if isinstance(m, torch.nn.Linear)}
-    if not found:
-        raise DoriError(f"layers: no Linear module of the UNet matches {patterns}")
-    order = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
-    return {n: found[n] for n in sorted(found, key=lambda n: (order.get(n.split(".")[0], 3), n))}
+    """The FFN output linears Wanda prunes, in execution order."""
+    return linear_layers(unet, patterns)
 
 
 @torch.no_grad()
