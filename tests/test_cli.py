@@ -78,6 +78,20 @@ def test_demo_writes_summary_rows(tmp_path):
     assert rows["nemo+dori"]["mr_by_step"] and rows["memorized"]["paper_mr"] == 0.98
     assert (tmp_path / "demo" / "mr_vs_steps.png").stat().st_size > 1000
     assert "memorized" in result.output
+    # adversarial fine-tuning rows, utility per model, the analyses, the grid and the report
+    assert {"adversarial-ft", "adversarial-ft+dori"} <= set(rows)
+    assert rows["adversarial-ft+dori"]["paper_mr"] == 0.02 and rows["adversarial-ft+dori"]["triggers"] == 8
+    for name in ("memorized", "nemo", "wanda", "adversarial-ft"):
+        assert {"shape_accuracy", "fid_vae", "retain_loss"} <= set(rows[name]["utility"]), name
+    for name in ("scatter", "activations", "weights"):
+        assert (tmp_path / "demo" / f"{name}.png").stat().st_size > 1000
+    grid = json.loads((tmp_path / "demo" / "grid.json").read_text())
+    assert grid["columns"][:3] == ["reference", "unmitigated", "nemo"] and "adversarial-ft+dori" in grid["columns"]
+    assert len(grid["rows"]) == 4 * 2
+    for cell in grid["rows"][0]["cells"].values():
+        assert (tmp_path / "demo" / cell["image"]).is_file()
+    html = (tmp_path / "demo" / "report.html").read_text()
+    assert "adversarial-ft+dori" in html and html.count("data:image/png;base64,") >= 8 * 2
     again = runner.invoke(app, ["demo", "--quick", "--out", str(tmp_path / "demo")])
     assert again.exit_code == 0, _text(again)
 

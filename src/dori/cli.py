@@ -16,6 +16,9 @@ app = typer.Typer(help="Find, attack and remove memorized training images in tex
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 testbed_app = typer.Typer(help="The embedded memorizing model: build it, inspect it.", no_args_is_help=True)
 app.add_typer(testbed_app, name="testbed")
+from . import cli_analyze  # noqa: E402  (its commands import from here when they run)
+
+app.add_typer(cli_analyze.app, name="analyze")
 
 # -- options defined once ---------------------------------------------------------------------
 Model = Annotated[str, typer.Option("--model", "-m", help="'testbed', a pipeline folder, or a hub id.")]
@@ -118,7 +121,7 @@ def _rows_table(rows: list[dict], title: str, threshold: float | None = None):
     table = Table(title=title, caption=f"replication: similarity > {threshold:.3f}" if threshold is not None else None)
     utility = any("utility" in row for row in rows)
     columns = ["row", "n", "similarity mean ± std", "MR", "MR (any memorized photo)"]
-    columns += ["shapes in right colours", "SSCD_gen other captions"] if utility else []
+    columns += ["shapes in right colours", "SSCD_gen other captions", "FID (VAE features)", "retain loss"] if utility else []
     paper = any("paper_mr" in row for row in rows)
     columns += ["paper MR (SD v1.4)"] if paper else []
     for col in columns:
@@ -128,7 +131,8 @@ def _rows_table(rows: list[dict], title: str, threshold: float | None = None):
                  _fmt(row["mr"]), _fmt(row.get("mr_gallery"))]
         if utility:
             u = row.get("utility", {})
-            cells += [_fmt(u.get("shape_accuracy")), _fmt(u.get("sscd_gen_mean"))]
+            cells += [_fmt(u.get("shape_accuracy")), _fmt(u.get("sscd_gen_mean")), _fmt(u.get("fid_vae")),
+                      _fmt(u.get("retain_loss"), 4)]
         if paper:
             cells.append(_fmt(row.get("paper_mr")))
         table.add_row(*cells)
@@ -413,20 +417,114 @@ def attack(
     console.print(f"run folder: [bold]{path}[/] (triggers.safetensors)")
 
 
+# -- finetune ---------------------------------------------------------------------------------------
+@app.command("finetune")
+@handle_errors
+def finetune(
+    prompts: Annotated[str, typer.Option("--prompts", "-p", help="Memorized prompts to erase (need their training images).")] = "testbed:memorized",
+    model: Model = "testbed",
+    references: Annotated[Path | None, typer.Option(help="Folder of training images named <prompt id>.png.")] = None,
+    retain: Annotated[str, typer.Option(help="Retain pairs: testbed:retain, or a prompt file whose ids name images in --retain-images.")] = "testbed:retain",
+    retain_images: Annotated[Path | None, typer.Option(help="Folder of the retain images, <id>.png.")] = None,
+    recipe: Annotated[str, typer.Option(help="Defaults: 'testbed' (documented testbed setting) or 'paper' (AdamW lr 1e-5, Dori 50 steps from the prompt).")] = "auto",
+    epochs: Annotated[int | None, typer.Option(help="Epochs (the paper: 5).")] = None,
+    steps_per_epoch: Annotated[int | None, typer.Option(help="Steps per epoch (default: one pass over the memorized images).")] = None,
+    lr: Annotated[float | None, typer.Option(help="AdamW learning rate.")] = None,
+    init: Annotated[list[str] | None, typer.Option("--init", help="Trigger inits each step: prompt and/or random; repeatable.")] = None,
+    inner_steps: Annotated[int | None, typer.Option(help="Dori steps per fine-tuning step.")] = None,
+    warm_start: Annotated[bool | None, typer.Option("--warm-start/--no-warm-start", help="Start each step's Dori from the last step's triggers.")] = None,
+    lora_rank: Annotated[int, typer.Option(help="0: all UNet weights (the paper); > 0: a LoRA of this rank instead.")] = 0,
+    surrogate: Annotated[str, typer.Option(help="'nemo' (pruned generations) or a folder of <prompt id>.png surrogate images.")] = "nemo",
+    surrogate_mitigation: Annotated[Path | None, typer.Option(help="A saved NeMo mitigation to make the surrogates with first.")] = None,
+    mixed_precision: Annotated[str, typer.Option(help="no, fp16 or bf16 (accelerate).")] = "no",
+    checkpoint_every: Annotated[int, typer.Option(help="Save an accelerate checkpoint every N steps.")] = 10,
+    limit: Annotated[int | None, typer.Option("--limit", help="Only the first N prompts.")] = None,
+    seed: Seed = 0,
+    device: Device = "cpu",
+    out: Out = None,
+    overwrite: Overwrite = False,
+    verbose: Verbose = False,
+) -> None:
+    """Adversarial fine-tuning: train the UNet so Dori triggers map to surrogate images (resumable; saves a pipeline)."""
+    _setup(verbose)
+    from .attack.loop import AttackConfig
+    from .errors import DoriError
+    from .finetune import FinetuneConfig, adversarial_finetune
+    from .models import load_pipeline, resolve_model
+
+    if recipe == "auto":
+        recipe = "testbed" if prompts.startswith("testbed") else "paper"
+    if recipe not in ("testbed", "paper"):
+        raise DoriError(f"recipe: must be auto, testbed or paper, got {recipe!r}")
+    base = FinetuneConfig.testbed() if recipe == "testbed" else FinetuneConfig()
+    changes = {"prompts": prompts, "references": str(references) if references else None, "retain": retain,
+               "retain_images": str(retain_images) if retain_images else None, "lora_rank": lora_rank,
+               "surrogate": surrogate, "mixed_precision": mixed_precision, "checkpoint_every": checkpoint_every,
+               "limit": limit, "seed": seed,
+               "surrogate_mitigation": str(surrogate_mitigation) if surrogate_mitigation else None}
+    for name, value in (("epochs", epochs), ("steps_per_epoch", steps_per_epoch), ("lr", lr),
+                        ("warm_start", warm_start)):
+        if value is not None:
+            changes[name] = value
+    if init:
+        changes["inits"] = tuple(init)
+    if inner_steps is not None:
+        changes["inner"] = AttackConfig(steps=inner_steps, record_at=())
+    config = base.replace(**changes)
+    config.validate()
+    resolve_model(model)
+    pipe = load_pipeline(model, device=device)
+    with _Bars() as bars:
+        result = adversarial_finetune(pipe, config, out, overwrite=overwrite, progress=bars.callback("fine-tune"))
+    from rich.table import Table
+
+    table = Table(title=f"adversarial fine-tuning of {model}")
+    for col in ("epoch", "seconds", "UNet evaluations", "L_Adv", "L_DM"):
+        table.add_column(col, justify="right")
+    for e in result.summary["epochs"]:
+        table.add_row(str(e["epoch"]), f"{e['seconds']:.0f}", str(e["unet_evaluations"]), f"{e['l_adv']:.4f}",
+                      f"{e['l_dm']:.4f}")
+    console = _console()
+    console.print(table)
+    console.print(f"fine-tuned pipeline: [bold]{result.pipeline}[/] (use it as --model)")
+
+
+# -- report -----------------------------------------------------------------------------------------
+@app.command("report")
+@handle_errors
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders (a demo, attack, analysis ... run).")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="HTML file (default <first run>/report.html).")] = None,
+    title: Annotated[str | None, typer.Option(help="Page title.")] = None,
+    verbose: Verbose = False,
+) -> None:
+    """One self-contained HTML page (tables, image grids, figures, manifests) for one or more runs."""
+    _setup(verbose)
+    from .report import write_report
+
+    path = write_report(list(runs), out, title=title)
+    _console().print(f"report: [bold]{path}[/]")
+
+
 # -- demo -------------------------------------------------------------------------------------------
 @app.command("demo")
 @handle_errors
 def demo(
     out: Out = None,
     overwrite: Overwrite = False,
-    quick: Annotated[bool, typer.Option("--quick", help="Fewer seeds, prompts and attack steps (about a minute).")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="Fewer seeds, prompts and steps everywhere (a few minutes).")] = False,
+    finetune: Annotated[bool, typer.Option("--finetune/--no-finetune", help="Adversarial fine-tuning rows (Table 2).")] = True,
+    analyses: Annotated[bool, typer.Option("--analyses/--no-analyses", help="The three locality analyses.")] = True,
     verbose: Verbose = False,
 ) -> None:
-    """The main job: the paper's Table 1 on the testbed (memorization, NeMo, Wanda, Dori), summary.json and plots."""
+    """The main job: the paper's Tables 1 and 2 on the testbed (memorization, NeMo, Wanda, Dori, adversarial
+    fine-tuning), utility, the locality analyses, summary.json, plots and report.html."""
     _setup(verbose)
+    from dataclasses import replace
+
     from .demo import DemoConfig, run_demo
 
-    config = DemoConfig.quick() if quick else DemoConfig()
+    config = replace(DemoConfig.quick() if quick else DemoConfig(), finetune=finetune, analyses=analyses)
     with _Bars() as bars:
         path, rows = run_demo(config, out=out, overwrite=overwrite, on_stage=lambda name, total: bars.callback(name))
     console = _console()
@@ -437,6 +535,8 @@ def demo(
     console.print(f"summary: [bold]{path / 'summary.json'}[/]")
     if (path / "mr_vs_steps.png").exists():
         console.print(f"MR vs Dori steps: [bold]{path / 'mr_vs_steps.png'}[/]")
+    if (path / "report.html").exists():
+        console.print(f"report: [bold]{path / 'report.html'}[/]")
 
 
 def main() -> None:

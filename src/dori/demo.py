@@ -34,8 +34,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .analysis.activations import ActivationsConfig
+from .analysis.scatter import ScatterConfig
+from .analysis.weights import WeightsConfig
 from .attack.loop import AttackConfig
 from .evaluate import EvaluateConfig, EvaluationResult, run_evaluate
+from .finetune import FinetuneConfig
 from .generation import GenerationConfig
 from .memorization import summary_row
 from .mitigations.nemo import NeMoConfig
@@ -74,6 +78,19 @@ class DemoConfig:
     attack_config: AttackConfig = field(default_factory=AttackConfig)
     attack_seeds: int = 10
     control_targets: tuple[tuple[str, int], ...] = (("testbed:seen-once", 4), ("testbed:held-out", 4))
+    finetune: bool = True
+    finetune_config: FinetuneConfig = field(default_factory=FinetuneConfig.testbed)
+    finetune_cache: bool = True
+    """Keep the fine-tuned testbed under ``$DORI_CACHE/finetune`` and reuse it in later demos."""
+    fresh_attack_seed: int = 1000
+    """First seed of the fresh Dori attack on the fine-tuned model (new seeds, prompt and N(0, I) inits)."""
+    utility_images: int = 60
+    analyses: bool = True
+    scatter: ScatterConfig = field(default_factory=lambda: ScatterConfig(starts=12, num_seeds=4, reference_count=40))
+    activations: ActivationsConfig = field(default_factory=lambda: ActivationsConfig(max_triggers=12))
+    weights: WeightsConfig = field(default_factory=lambda: WeightsConfig(max_triggers=6))
+    report: bool = True
+    grid_seeds: int = 2
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,6 +107,13 @@ class DemoConfig:
             attack_config=AttackConfig(steps=10, record_at=(0, 1, 10)),
             attack_seeds=4,
             control_targets=(("testbed:seen-once", 2), ("testbed:held-out", 2)),
+            finetune_config=FinetuneConfig.testbed(epochs=1, steps_per_epoch=4, surrogate_seeds=2),
+            finetune_cache=False,
+            utility_images=16,
+            scatter=ScatterConfig(starts=3, num_seeds=2, reference_count=12,
+                                  attack=AttackConfig(steps=10, record_at=(0,))),
+            activations=ActivationsConfig(max_triggers=3, num_inference_steps=10),
+            weights=WeightsConfig(max_triggers=2, methods=("wanda",)),
         )
 
 
@@ -119,6 +143,8 @@ def shape_accuracy(results: list[EvaluationResult]) -> float:
 #: MR of the paper's Table 1 (v3, SD v1.4, verbatim-memorized prompts).
 PAPER_TABLE1_MR = {"memorized": 0.98, "non-memorized": 0.00, "non-memorized+dori": 0.00, "nemo": 0.20,
                    "nemo+dori": 0.99, "wanda": 0.00, "wanda+dori": 0.72}
+#: MR of the paper's Table 2 (v3, SD v1.4): adversarial fine-tuning (5 epochs) + Dori.
+PAPER_TABLE2_MR = {"adversarial-ft+dori": 0.02}
 
 
 def attack_row(name: str, records: list[dict], threshold: float) -> dict:
@@ -201,6 +227,12 @@ def run_demo(config: DemoConfig | None = None, out: str | Path | None = None, *,
         seen = next((r for r in rows if r["name"] == "seen-once"), None)
         if seen is not None:
             rows.insert(rows.index(seen) + 1, {**seen, "name": "non-memorized"})
+
+    if config.finetune:
+        rows.extend(_finetune_rows(pipe, run, config, threshold, stage))
+        _model_utility(pipe, rows, config, run.path)
+
+    if any("mr_by_step" in r for r in rows):
         from .plots import PAPER_MR_VS_STEPS, plot_mr_vs_steps
 
         curves = {r["name"]: r["mr_by_step"] for r in rows if "mr_by_step" in r}
@@ -208,9 +240,157 @@ def run_demo(config: DemoConfig | None = None, out: str | Path | None = None, *,
         fig.savefig(run.path / "mr_vs_steps.png")
         fig.savefig(run.path / "mr_vs_steps.pdf")
     for row in rows:
-        if row["name"] in PAPER_TABLE1_MR:
-            row["paper_mr"] = PAPER_TABLE1_MR[row["name"]]
+        paper = {**PAPER_TABLE1_MR, **PAPER_TABLE2_MR}
+        if row["name"] in paper:
+            row["paper_mr"] = paper[row["name"]]
+    if config.analyses:
+        _analyses(pipe, run.path, config, stage)
+    write_grid(run.path, pipe, config)
     (run.path / "summary.json").write_text(json.dumps(rows, indent=1))
+    if config.report:
+        from .report import write_report
+
+        write_report([run.path], run.path / "report.html", title="dori demo: memorization on the testbed")
     run.write_manifest({"status": "done", "threshold": threshold})
     logger.info("demo written to %s", run.path)
     return run.path, rows
+
+
+def _finetune_rows(pipe, run: RunFolder, config: DemoConfig, threshold: float, stage) -> list[dict]:
+    """Adversarial fine-tuning of a fresh copy of the model, then its rows: the memorized captions
+    (``adversarial-ft``) and a fresh Dori attack (new seeds; prompt and N(0, I) inits; ``adversarial-ft+dori``)."""
+    import shutil
+
+    from .attack.run import AttackRunConfig, run_attack
+    from .finetune import adversarial_finetune
+    from .mitigations.nemo import cache_dir
+    from .models import load_pipeline
+    from .runs import config_hash
+
+    ft_config = config.finetune_config
+    if config.finetune_cache:
+        out = cache_dir() / "finetune" / f"{pipe.dori_model['name']}-{config_hash(ft_config.to_dict())}"
+    else:
+        out = run.path / "finetune"
+    ft_pipe = load_pipeline(config.model)
+    result = adversarial_finetune(ft_pipe, ft_config, out, progress=stage("adversarial fine-tuning"))
+    (run.path / "finetune.json").write_text(json.dumps({**result.summary, "run": str(result.path)}, indent=1))
+    for name in ("losses.png", "losses.pdf"):
+        if (result.path / name).exists():
+            shutil.copy(result.path / name, run.path / f"finetune_{name}")
+    memorized = config.groups[0]
+    evaluation = EvaluateConfig(model=str(result.pipeline), prompts=memorized.prompts, num_seeds=memorized.num_seeds,
+                                seed=config.seed, generation=config.generation, limit=memorized.limit)
+    evaluated = run_evaluate(evaluation, run.path / "adversarial-ft", pipe=ft_pipe, progress=stage("adversarial-ft"))
+    row = summary_row("adversarial-ft", evaluated.records, threshold, field="sscd_orig")
+    row["model"] = str(result.pipeline)
+    records = []
+    for init in ("prompt", "random"):
+        attack = AttackRunConfig(prompts="testbed:memorized", init=init, num_seeds=config.attack_seeds,
+                                 seed=config.fresh_attack_seed, attack=AttackConfig(
+                                     **{**config.attack_config.to_dict(), "seed": config.fresh_attack_seed}),
+                                 generation=config.generation)
+        records += run_attack(ft_pipe, attack, run.path / f"attack-adversarial-ft-{init}",
+                              progress=stage(f"attack (adversarial-ft, {init} init)"))[1]
+    return [row, attack_row("adversarial-ft+dori", records, threshold)]
+
+
+def _model_utility(pipe, rows: list[dict], config: DemoConfig, folder: Path) -> None:
+    """``utility`` per model row: shape-colour accuracy, FID with the original VAE's latents as features,
+    and the retain denoising loss (:func:`dori.utility.testbed_utility`). NeMo's per-prompt neurons are
+    all blocked together here (the union), a conservative reading of its utility cost."""
+    from .mitigations import load_mitigation, mitigated
+    from .models import load_pipeline
+    from .utility import testbed_utility
+
+    by_name = {r["name"]: r for r in rows}
+    cases = [("memorized", pipe, ())]
+    for name in ("nemo", "wanda"):
+        if name in by_name and "mitigation" in by_name[name]:
+            cases.append((name, pipe, (load_mitigation(by_name[name]["mitigation"]),)))
+    if "adversarial-ft" in by_name:
+        cases.append(("adversarial-ft", load_pipeline(by_name["adversarial-ft"]["model"]), ()))
+    table = {}
+    for name, model, mitigations in cases:
+        with mitigated(model, *mitigations):
+            values = testbed_utility(model, original_vae=pipe.vae, num_images=config.utility_images, seed=config.seed)
+        by_name[name].setdefault("utility", {}).update(values)
+        table[name] = values
+    (folder / "utility.json").write_text(json.dumps(table, indent=1))
+
+
+def _analyses(pipe, folder: Path, config: DemoConfig, stage) -> None:
+    """The three locality analyses at the demo's (scaled-down) counts; their figures are copied to the top."""
+    import shutil
+    from dataclasses import replace
+
+    from .analysis.activations import run_activations
+    from .analysis.scatter import run_scatter
+    from .analysis.weights import run_weights
+
+    def progress(name):
+        callback = stage(name)
+        return (lambda _stage, done, total: callback(done, total)) if callback else None
+
+    scatter_path, _ = run_scatter(pipe, config.scatter, folder / "analyze-scatter", progress=progress("scatter"))
+    triggers = str(scatter_path)
+    run_activations(pipe, replace(config.activations, triggers=triggers), folder / "analyze-activations",
+                    progress=progress("activations"))
+    run_weights(pipe, replace(config.weights, triggers=triggers), folder / "analyze-weights",
+                progress=progress("weights"))
+    for name in ("scatter", "activations", "weights"):
+        for suffix in (".png", ".pdf"):
+            source = folder / f"analyze-{name}" / f"{name}{suffix}"
+            if source.exists():
+                shutil.copy(source, folder / f"{name}{suffix}")
+
+
+def write_grid(folder: Path, pipe, config: DemoConfig) -> Path:
+    """``grid.json`` for the report: per memorized prompt and seed, the training image, the unmitigated,
+    mitigated, and mitigated + Dori generations (whichever stages ran)."""
+    from .descriptors import to_tensor
+    from .evaluate import save_png
+    from .prompts import load_prompt_set
+
+    memorized = load_prompt_set("testbed:memorized", model_folder=pipe.dori_model["location"])
+    (folder / "references").mkdir(exist_ok=True)
+    columns = ["reference"]
+    cells: dict[tuple[str, int], dict] = {}
+    prompts = {r.id: r.prompt for r in memorized.records}
+    seeds = list(range(config.seed, config.seed + config.grid_seeds))
+    for record in memorized.records:
+        name = f"references/{record.id.replace('/', '_')}.png"
+        save_png(to_tensor(memorized.references[record.id][None])[0], folder / name)
+        for seed in seeds:
+            cells[(record.id, seed)] = {"reference": {"image": name, "score": None}}
+
+    def from_records(column: str, path: Path, seed_of) -> None:
+        file = path / "records.parquet"
+        if not file.exists():
+            return
+        import pandas as pd
+
+        columns.append(column)
+        for r in pd.read_parquet(file).to_dict("records"):
+            for seed, image, score in seed_of(r):
+                if (r["prompt_id"], seed) in cells:
+                    cells[(r["prompt_id"], seed)][column] = {"image": f"{path.name}/{image}", "score": float(score)}
+
+    def evaluated(r):
+        return [(int(r["seed"]), r["image"], r["sscd_orig"])]
+
+    def attacked(first_seed):
+        return lambda r: [(first_seed + i, img, s) for i, (img, s) in enumerate(zip(r["images"], r["scores"], strict=True))
+                          if r["restart"] == 0]
+
+    for column, sub, kind in (("unmitigated", "memorized", "eval"), ("nemo", "nemo", "eval"),
+                              ("nemo+dori", "attack-nemo", "attack"), ("wanda", "wanda", "eval"),
+                              ("wanda+dori", "attack-wanda", "attack"), ("adversarial-ft", "adversarial-ft", "eval"),
+                              ("adversarial-ft+dori", "attack-adversarial-ft-prompt", "attack")):
+        first = config.fresh_attack_seed if sub.startswith("attack-adversarial") else config.seed
+        from_records(column, folder / sub, evaluated if kind == "eval" else attacked(first))
+    rows = [{"prompt_id": pid, "prompt": prompts[pid], "seed": seed, "cells": value}
+            for (pid, seed), value in cells.items()]
+    path = folder / "grid.json"
+    path.write_text(json.dumps({"columns": columns, "rows": rows}, indent=1))
+    return path

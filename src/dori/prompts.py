@@ -142,11 +142,20 @@ def load_reference_folder(folder: str | Path, ids: list[str]) -> dict[str, np.nd
     if not folder.is_dir():
         raise DoriError(f"references: {folder} is not a folder")
     found = {p.stem: p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
-    missing = [i for i in ids if i not in found]
+
+    def find(prompt_id: str) -> Path | None:
+        # "<id>.png", or for ids with a slash ("memorized/astronaut") a sub-folder or "_" in its place
+        for suffix in IMAGE_SUFFIXES:
+            if (folder / f"{prompt_id}{suffix}").is_file():
+                return folder / f"{prompt_id}{suffix}"
+        return found.get(prompt_id) or found.get(prompt_id.replace("/", "_"))
+
+    paths = {i: find(i) for i in ids}
+    missing = [i for i, p in paths.items() if p is None]
     if missing:
         raise DoriError(f"references: no image for prompt id {missing[0]!r} in {folder} "
                         f"({len(missing)} of {len(ids)} missing; name them <id>.png)")
-    return {i: load_image(found[i]) for i in ids}
+    return {i: load_image(p) for i, p in paths.items()}
 
 
 def testbed_prompt_set(name: str, folder: str | Path) -> PromptSet:

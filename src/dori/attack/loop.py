@@ -82,12 +82,14 @@ class AttackResult:
     """Similarity of each evaluation seed's image to the target, at the end."""
     trigger: torch.Tensor | None = field(default=None, repr=False)
     initial: torch.Tensor | None = field(default=None, repr=False)
+    images: torch.Tensor | None = field(default=None, repr=False)
+    """The final images of the evaluation seeds, ``(seeds, 3, H, W)``."""
 
     def record(self) -> dict:
-        """A JSON-able record (without the tensors)."""
-        out = {k: v for k, v in asdict(self).items() if k not in ("trigger", "initial")}
-        out["mr_by_step"] = {str(k): v for k, v in self.mr_by_step.items()}
-        out["sscd_by_step"] = {str(k): v for k, v in self.sscd_by_step.items()}
+        """A JSON-able record (without the tensors); no steps recorded gives ``None`` curves."""
+        out = {k: v for k, v in asdict(self).items() if k not in ("trigger", "initial", "images")}
+        out["mr_by_step"] = {str(k): v for k, v in self.mr_by_step.items()} or None
+        out["sscd_by_step"] = {str(k): v for k, v in self.sscd_by_step.items()} or None
         return out
 
 
@@ -189,6 +191,7 @@ class EmbeddingAttack:
                 if on_step:
                     on_step(step, cfg.steps)
         final_scores = self.success.scores(y.detach(), which)
+        final_images = getattr(self.success, "last_images", None)
         final_mr = (final_scores > self.success.descriptor.threshold).mean(1)
         final_mean = final_scores.mean(1)
         seconds = time.perf_counter() - t0
@@ -206,5 +209,28 @@ class EmbeddingAttack:
                 sscd_by_step=dict(sorted(sscd_by_step[i].items())), relative_perturbation=float(delta),
                 loss_first=float(first_loss[i]), loss_last=float(last_loss[i]), steps_run=stopped_at[i],
                 unet_evaluations=int(evals[i]), seconds=seconds / n, scores=[float(v) for v in final_scores[i]], trigger=y.detach()[i].clone(), initial=y0[i].clone(),
+                images=final_images[i] if final_images is not None else None,
             ))
         return results
+
+
+def optimize_embeddings(objective: DiffusionLoss, y0: torch.Tensor, targets: torch.Tensor, keys: list[str],
+                        config: AttackConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bare Dori descent, without success checks: ``config.steps`` Adam steps on ``objective`` from
+    ``y0`` toward ``targets``; the draws of trigger ``i`` at step ``s`` come from ``(keys[i], s)``.
+
+    Returns the triggers and their last losses. Call it with the UNet frozen (see :class:`EmbeddingAttack`).
+    """
+    y = torch.nn.Parameter(y0.detach().float().clone())
+    optimizer = torch.optim.Adam([y], lr=config.lr)
+    loss = torch.full((len(y0),), float("nan"))
+    for step in range(1, config.steps + 1):
+        loss = objective(y, targets, [item_generator("dori", config.seed, key, step) for key in keys])
+        optimizer.zero_grad(set_to_none=True)
+        loss.sum().backward()
+        optimizer.step()
+    return y.detach(), loss.detach()
+
+
+class frozen_unet(_Model):
+    """``with frozen_unet(unet):`` eval mode and no weight gradients inside, the old state after."""

@@ -43,12 +43,13 @@ class DiffusionLoss:
     Returns the per-trigger loss ``(B,)``.
     """
 
-    def __init__(self, pipe, pairs: int = 8):
+    def __init__(self, pipe, pairs: int = 8, unet: torch.nn.Module | None = None):
         from diffusers import DDPMScheduler
 
         if pairs < 1:
             raise DoriError(f"pairs: must be >= 1, got {pairs}")
-        self.unet = pipe.unet
+        self.unet = unet if unet is not None else pipe.unet  # e.g. an accelerate-wrapped copy of pipe.unet
+        self.device, self.dtype = pipe.unet.device, pipe.unet.dtype
         self.pairs = pairs
         self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.prediction_type = self.scheduler.config.prediction_type
@@ -58,7 +59,7 @@ class DiffusionLoss:
     def __call__(self, y: torch.Tensor, targets: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
         """``y`` ``(B, tokens, dim)``, ``targets`` ``(B, C, h, w)``, one generator per trigger -> ``(B,)``."""
         b, p = y.shape[0], self.pairs
-        device, dtype = self.unet.device, self.unet.dtype
+        device, dtype = self.device, self.dtype
         x0 = targets.to(device, dtype).repeat_interleave(p, dim=0)
         noise = torch.cat([torch.randn((p, *targets.shape[1:]), generator=g) for g in generators]).to(device, dtype)
         t = torch.cat([torch.randint(0, self.scheduler.config.num_train_timesteps, (p,), generator=g) for g in generators])
@@ -157,6 +158,8 @@ class ReplicationCheck:
         self.pipe, self.descriptor, self.references = pipe, descriptor, references
         self.seeds, self.generation = list(seeds), generation or GenerationConfig()
         self.min_rate = min_rate
+        self.last_images: torch.Tensor | None = None
+        """The images of the last :meth:`scores` call, ``(triggers, seeds, 3, H, W)``."""
 
     def scores(self, y: torch.Tensor, which: list[int]) -> np.ndarray:
         """Similarity ``(len(which), seeds)`` of the images of triggers ``y`` to their references."""
@@ -166,6 +169,7 @@ class ReplicationCheck:
         n = len(self.seeds)
         embeds = y.detach().repeat_interleave(n, dim=0)
         gens = generate(self.pipe, self.seeds * len(y), prompt_embeds=embeds, config=self.generation)
+        self.last_images = gens.images.view(len(y), n, *gens.images.shape[1:])
         refs = [self.references[i] for i in which for _ in range(n)]
         return score_images(self.descriptor, gens.images, refs).sscd_orig.reshape(len(y), n)
 

@@ -45,6 +45,8 @@ class AttackRunConfig:
     constraint: str = "none"
     radius: float | None = None
     mitigations: tuple[str, ...] = ()
+    ids: tuple[str, ...] = ()
+    """Only these prompt ids of the set (after ``limit``); empty: all."""
 
     def validate(self) -> None:
         if self.init not in INITS:
@@ -89,6 +91,7 @@ def run_attack(pipe, config: AttackRunConfig, out: str | Path | None = None, *, 
                command: str = "attack") -> tuple[Path, list[dict]]:
     """Attack every (prompt, restart) of the set; returns the run folder and the records."""
     from ..descriptors import make_descriptor, to_tensor
+    from ..evaluate import save_png
     from ..mitigations import load_mitigation, mitigated
     from ..models import model_name
     from ..prompts import load_prompt_set
@@ -96,6 +99,12 @@ def run_attack(pipe, config: AttackRunConfig, out: str | Path | None = None, *, 
     config.validate()
     folder = pipe.dori_model["location"]
     prompt_set = load_prompt_set(config.prompts, model_folder=folder).subset(config.limit)
+    if config.ids:
+        known = {r.id for r in prompt_set.records}
+        unknown = [i for i in config.ids if i not in known]
+        if unknown:
+            raise DoriError(f"ids: {unknown[0]!r} is not a prompt id of {config.prompts!r}")
+        prompt_set.records = [r for r in prompt_set.records if r.id in set(config.ids)]
     missing = [r.id for r in prompt_set.records if r.id not in prompt_set.references]
     if missing:
         raise DoriError(f"prompts: the attack needs the training image of every prompt; none for {missing[0]!r} "
@@ -130,9 +139,13 @@ def run_attack(pipe, config: AttackRunConfig, out: str | Path | None = None, *, 
             with mitigated(pipe, *mitigations, prompt=prompt):
                 results = attack.run(batch, targets)
             for result in results:
+                if result.images is not None:
+                    for seed, image in zip(seeds, result.images, strict=True):
+                        save_png(image, run.path / f"images/{_safe(result.key)}__s{seed}.png")
                 save_file({"trigger": result.trigger.contiguous(), "initial": result.initial.contiguous()},
                           str(run.path / "triggers" / f"{_safe(result.key)}.safetensors"), metadata={"key": result.key})
-            run.append([r.record() for r in results])
+            run.append([{**r.record(), "images": [f"images/{_safe(r.key)}__s{seed}.png" for seed in seeds]
+                         if r.images is not None else []} for r in results])
             finished += len(batch)
             if progress:
                 progress(finished, len(items))

@@ -372,12 +372,24 @@ def refine(searcher: _Searcher, selection: Selection, threshold: float) -> Selec
 
 
 def localize_prompt(pipe, layers, prompt: str, stats: ActivationStatistics, threshold: float,
-                    config: NeMoConfig) -> PromptLocalization:
-    """NeMo's per-prompt search (memorization test, initial selection, refinement)."""
+                    config: NeMoConfig, *, prompt_embeds: torch.Tensor | None = None) -> PromptLocalization:
+    """NeMo's per-prompt search (memorization test, initial selection, refinement).
+
+    ``prompt_embeds``: search for this text-encoder output ``(tokens, dim)`` or ``(1, tokens, dim)``
+    (e.g. a Dori trigger) instead of ``prompt``'s; ``prompt`` is then only the result's label.
+    """
+    if prompt_embeds is not None:
+        if prompt_embeds.ndim == 2:
+            prompt_embeds = prompt_embeds[None]
+        if prompt_embeds.ndim != 3 or prompt_embeds.shape[0] != 1:
+            raise DoriError(f"prompt_embeds: expected (tokens, dim) or (1, tokens, dim), got {tuple(prompt_embeds.shape)}")
     counter = UNetCounter(pipe.unet)
     try:
         seeds = [config.seed + i for i in range(config.num_seeds)]
-        embeds = encode(pipe, [prompt])
+        if prompt_embeds is None:
+            embeds = encode(pipe, [prompt])
+        else:
+            embeds = prompt_embeds.to(pipe.unet.device, pipe.unet.dtype)
         latents = initial_latents(pipe, seeds)
         detection = noise_differences(pipe, embeds, latents, config)
         memorized_seeds = (max_pairwise_ssim(detection, config.kernel_size) > threshold).nonzero().flatten()
@@ -430,11 +442,18 @@ class NeMo:
     @classmethod
     def localize(cls, pipe, prompts: list[str], config: NeMoConfig | None = None, *, statistics_prompts: list[str],
                  scope: str = "per-prompt", done: dict[str, PromptLocalization] | None = None,
-                 on_result: Callable[[PromptLocalization], None] | None = None) -> NeMo:
+                 on_result: Callable[[PromptLocalization], None] | None = None,
+                 prompt_embeds: torch.Tensor | None = None) -> NeMo:
         """Localise neurons for each memorized prompt; statistics and the SSIM threshold come from
-        ``statistics_prompts`` (non-memorized) and are cached under ``$DORI_CACHE`` (``~/.cache/dori``)."""
+        ``statistics_prompts`` (non-memorized) and are cached under ``$DORI_CACHE`` (``~/.cache/dori``).
+
+        ``prompt_embeds``: ``(len(prompts), tokens, dim)`` text-encoder outputs to localise instead of
+        the prompts' own (e.g. Dori triggers); ``prompts`` then only label the results."""
         config = config or NeMoConfig()
         config.validate()
+        if prompt_embeds is not None and (prompt_embeds.ndim != 3 or len(prompt_embeds) != len(prompts)):
+            raise DoriError(f"prompt_embeds: expected ({len(prompts)}, tokens, dim), one per prompt label, "
+                            f"got {tuple(prompt_embeds.shape)}")
         layers = value_layers(pipe.unet, config.layers)
         key = model_fingerprint(pipe, layers, sorted(statistics_prompts))
         stats = _cached(cache_dir() / "nemo" / f"statistics-{key}.safetensors",
@@ -450,8 +469,10 @@ class NeMo:
                                 lambda v, p: p.write_text(repr(v)), lambda p: float(p.read_text()))
         logger.info("NeMo: %d statistics prompts, SSIM threshold %.3f", stats.n_prompts, threshold)
         results = []
-        for prompt in prompts:
-            result = (done or {}).get(prompt) or localize_prompt(pipe, layers, prompt, stats, threshold, config)
+        for i, prompt in enumerate(prompts):
+            embeds = None if prompt_embeds is None else prompt_embeds[i : i + 1]
+            result = (done or {}).get(prompt) or localize_prompt(pipe, layers, prompt, stats, threshold, config,
+                                                                 prompt_embeds=embeds)
             if on_result is not None and prompt not in (done or {}):
                 on_result(result)
             results.append(result)

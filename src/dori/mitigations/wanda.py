@@ -60,9 +60,20 @@ def ffn_layers(unet: torch.nn.Module, patterns: tuple[str, ...]) -> dict[str, to
 
 
 @torch.no_grad()
-def input_norms(pipe, layers: dict[str, torch.nn.Linear], prompts: list[str], config: WandaConfig) -> dict[str, torch.Tensor]:
-    """Per layer, ``(steps, d_in)`` column norms of the row-normalised layer inputs over all prompts."""
+def input_norms(pipe, layers: dict[str, torch.nn.Linear], prompts: list[str] | None, config: WandaConfig, *,
+                prompt_embeds: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Per layer, ``(steps, d_in)`` column norms of the row-normalised layer inputs over all prompts.
+
+    ``prompt_embeds``: ``(N, tokens, dim)`` text-encoder outputs (e.g. Dori triggers) to sample from
+    instead of ``prompts`` (give one of the two); the unconditional embedding is the empty prompt's.
+    """
     from ..generation import GenerationConfig, generate
+
+    if (prompts is None) == (prompt_embeds is None):
+        raise DoriError("input_norms: give exactly one of prompts and prompt_embeds")
+    if prompt_embeds is not None and prompt_embeds.ndim != 3:
+        raise DoriError(f"prompt_embeds: expected (N, tokens, dim), got {tuple(prompt_embeds.shape)}")
+    items = prompts if prompts is not None else prompt_embeds
 
     sumsq = {name: torch.zeros(config.num_inference_steps, layer.in_features) for name, layer in layers.items()}
     state = {"step": -1, "cfg": config.guidance_scale > 1.0}
@@ -86,10 +97,13 @@ def input_norms(pipe, layers: dict[str, torch.nn.Linear], prompts: list[str], co
     gen = GenerationConfig(num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
                            batch_size=config.batch_size)
     try:
-        for start in range(0, len(prompts), config.batch_size):
-            chunk = prompts[start : start + config.batch_size]
+        for start in range(0, len(items), config.batch_size):
+            chunk = items[start : start + config.batch_size]
             state["step"] = -1
-            generate(pipe, [config.seed] * len(chunk), chunk, config=gen)
+            if prompts is not None:
+                generate(pipe, [config.seed] * len(chunk), chunk, config=gen)
+            else:
+                generate(pipe, [config.seed] * len(chunk), prompt_embeds=chunk, config=gen)
     finally:
         for handle in handles:
             handle.remove()

@@ -1,0 +1,235 @@
+"""Locality analysis B (PAPER.md section 2.3): activation discrepancy in the layers where NeMo and Wanda act.
+
+Two embedding sets: Y_adv, the triggers of ONE memorized image (from a scatter or attack run), and
+Y_mem, the embeddings of different memorized prompts. Per layer, each embedding's activation vector
+is the statistic the method scores (PAPER.md section 7 row 12):
+
+* NeMo (``attn2.to_v`` of the down and mid blocks): the token-mean of ``|to_v(y)|`` per neuron;
+  ``to_v`` sees only the text embedding, so no UNet pass is needed.
+* Wanda (``ff.net.2`` of the same transformer blocks): the per-input-channel L2 norm of the layer
+  input with each row (spatial position) L2-normalised, at the first denoising step, from one fixed
+  initial noise for every embedding.
+
+Discrepancy = mean pairwise L2 distance among a set's activation vectors; the error bar is the std
+of the pairwise distances. The paper: Y_adv (one image) is as spread as Y_mem (different images).
+
+Run folder: ``manifest.json``, ``table.parquet`` (method, layer, set, mean/std/median, members,
+pairs), ``activations.safetensors`` (every vector), ``summary.json``, ``activations.png`` / ``.pdf``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import DoriError
+from ..mitigations.nemo import NeMoConfig
+from .common import (
+    PAPER_MEMORIZED,
+    PAPER_STARTS,
+    analysis_layers,
+    json_safe,
+    prompt_embeddings,
+    save_figure,
+    scaled_note,
+    short_name,
+)
+from .metrics import discrepancy
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]
+METHODS = ("nemo", "wanda")
+
+
+@dataclass(frozen=True)
+class ActivationsConfig:
+    """Analysis B's settings; defaults are the paper's counts (100 triggers, 100 memorized prompts).
+
+    ``triggers``: a scatter or attack run folder; ``prompt_id``: which image's triggers (default the
+    run's first); ``successful_only``: only triggers that replicated (the paper's Y_adv). ``seed``:
+    the one initial noise for Wanda's first denoising step of a ``num_inference_steps`` schedule.
+    ``ffn_layers`` (None): the ``ff.net.2`` of the transformer blocks of ``value_layers``.
+    ``control_starts``: also measure Y_0, the same triggers' start embeddings (not in the paper): how
+    much of Y_adv's spread the starts already had.
+    """
+
+    triggers: str = ""
+    prompt_id: str | None = None
+    successful_only: bool = True
+    max_triggers: int = PAPER_STARTS
+    memorized: str = "testbed:memorized"
+    max_memorized: int = PAPER_MEMORIZED
+    seed: int = 0
+    num_inference_steps: int = 50
+    value_layers: tuple[str, ...] = field(default_factory=lambda: NeMoConfig().layers)
+    ffn_layers: tuple[str, ...] | None = None
+    batch_size: int = 16
+    control_starts: bool = True
+
+    def validate(self) -> None:
+        if not self.triggers:
+            raise DoriError("triggers: give the run folder of a `dori analyze scatter` or `dori attack` run")
+        if not Path(self.triggers).is_dir():
+            raise DoriError(f"triggers: {self.triggers} is not a folder (give a scatter or attack run folder)")
+        if self.max_triggers < 2 or self.max_memorized < 2:
+            raise DoriError("max_triggers, max_memorized: a discrepancy needs at least 2 members per set")
+        if self.num_inference_steps < 1 or self.batch_size < 1:
+            raise DoriError("num_inference_steps, batch_size: must be >= 1")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def nemo_statistic(layers: dict[str, torch.nn.Linear], embeds: torch.Tensor, batch_size: int = 64) -> dict[str, torch.Tensor]:
+    """NeMo's neuron activation (token-mean ``|to_v(y)|``) per layer, ``(n, channels)``."""
+    from ..mitigations.nemo import neuron_activations
+
+    device = next(iter(layers.values())).weight.device
+    parts = [neuron_activations(layers, embeds[i : i + batch_size].to(device)) for i in range(0, len(embeds), batch_size)]
+    return {name: torch.cat([p[name] for p in parts]) for name in layers}
+
+
+@torch.no_grad()
+def wanda_statistic(pipe, layers: dict[str, torch.nn.Linear], embeds: torch.Tensor, *, seed: int = 0,
+                    num_inference_steps: int = 50, batch_size: int = 16) -> dict[str, torch.Tensor]:
+    """Wanda's input statistic per layer at the first denoising step, ``(n, d_in)``.
+
+    Every embedding ``(n, tokens, dim)`` sees the same initial latent (``seed``) at the first timestep
+    of a ``num_inference_steps`` schedule; each row of the layer input is L2-normalised and the column
+    L2 norm over rows is taken per embedding (what :func:`dori.mitigations.wanda.input_norms` sums
+    over prompts, at step 0, for the conditional half of the guidance batch).
+    """
+    from ..mitigations.nemo import initial_latents
+
+    unet = pipe.unet
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(num_inference_steps, device=unet.device)
+    t = scheduler.timesteps[0]
+    latent = scheduler.scale_model_input(initial_latents(pipe, [seed]) * scheduler.init_noise_sigma, t)
+    current: dict[str, torch.Tensor] = {}
+
+    def make_hook(name):
+        def hook(_module, args):
+            x = args[0].float()
+            x = x.reshape(x.shape[0], -1, x.shape[-1])
+            x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            current[name] = x.pow(2).sum(1).sqrt().cpu()
+
+        return hook
+
+    out: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    handles = [layer.register_forward_pre_hook(make_hook(name)) for name, layer in layers.items()]
+    try:
+        for i in range(0, len(embeds), batch_size):
+            chunk = embeds[i : i + batch_size].to(unet.device, unet.dtype)
+            unet(latent.expand(len(chunk), -1, -1, -1), t, encoder_hidden_states=chunk)
+            for name in layers:
+                out[name].append(current.pop(name))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: torch.cat(v) for name, v in out.items()}
+
+
+def discrepancy_rows(method: str, stats: dict[str, dict[str, torch.Tensor]]) -> list[dict]:
+    """Table rows (one per layer and set) from ``{set: {layer: (n, d)}}``."""
+    rows = []
+    for set_name, per_layer in stats.items():
+        for k, (layer, acts) in enumerate(per_layer.items(), start=1):
+            d = discrepancy(acts)
+            rows.append({"method": method, "layer_id": k, "layer": layer, "short": short_name(layer),
+                         "width": int(acts.shape[1]), "set": set_name, "n": d.n_members, "n_pairs": d.n_pairs,
+                         "mean": d.mean, "std": d.std, "median": d.median})
+    return rows
+
+
+def run_activations(pipe, config: ActivationsConfig, out: str | Path | None = None, *, overwrite: bool = False,
+                    progress: Progress | None = None) -> tuple[Path, dict]:
+    """Run analysis B; returns the run folder and the summary."""
+    import pandas as pd
+    from safetensors.torch import save_file
+
+    from ..models import model_name
+    from ..runs import RunFolder, default_run_dir
+    from .triggers import check_embedding_shape, load_trigger_set
+
+    config.validate()
+    folder = pipe.dori_model["location"]
+    adv = load_trigger_set(config.triggers, config.prompt_id, successful_only=config.successful_only,
+                           limit=config.max_triggers)
+    check_embedding_shape(pipe, adv.triggers, "triggers")
+    if len(adv) < 2:
+        raise DoriError(f"triggers: need at least 2 triggers of {adv.prompt_id!r}, the run has {len(adv)} "
+                        f"({'successful ' if config.successful_only else ''}of {adv.n_available})")
+    mem_ids, _, mem = prompt_embeddings(pipe, config.memorized, config.max_memorized)
+    if len(mem_ids) < 2:
+        raise DoriError(f"memorized: {config.memorized} has {len(mem_ids)} prompt(s); Y_mem needs at least 2")
+    values, ffns = analysis_layers(pipe.unet, config.value_layers, config.ffn_layers)
+    out = Path(out) if out is not None else default_run_dir("analyze-activations", model_name(folder))
+    run = RunFolder(out, "analyze-activations", {**config.to_dict(), "model": folder,
+                                                 "trigger_run": str(adv.run), "trigger_keys": adv.keys},
+                    overwrite=overwrite, seeds=[config.seed])
+
+    sets = {"Y_mem": mem, "Y_adv": adv.triggers}
+    if config.control_starts and adv.initial is not None:
+        sets["Y_0"] = adv.initial
+    stats: dict[str, dict[str, dict[str, torch.Tensor]]] = {"nemo": {}, "wanda": {}}
+    for k, (name, embeds) in enumerate(sets.items()):
+        if progress:
+            progress("activations", k, len(sets))
+        stats["nemo"][name] = nemo_statistic(values, embeds)
+        stats["wanda"][name] = wanda_statistic(pipe, ffns, embeds, seed=config.seed,
+                                               num_inference_steps=config.num_inference_steps,
+                                               batch_size=config.batch_size)
+    if progress:
+        progress("activations", len(sets), len(sets))
+    save_file({f"{method}/{s}/{layer}": a.contiguous() for method, per_set in stats.items()
+               for s, per_layer in per_set.items() for layer, a in per_layer.items()},
+              str(run.path / "activations.safetensors"),
+              metadata={"Y_adv": ",".join(adv.keys), "Y_mem": ",".join(mem_ids)})
+    table = pd.DataFrame.from_records([row for method in METHODS for row in discrepancy_rows(method, stats[method])])
+    table.to_parquet(run.path / "table.parquet", index=False)
+
+    per_method = {}
+    for method in METHODS:
+        part = table[table.method == method]
+        means = {name: part[part["set"] == name].set_index("layer")["mean"] for name in sets}
+        layers = list(means["Y_adv"].index)
+        ratio = (means["Y_adv"] / means["Y_mem"].reindex(layers)).to_numpy()
+        per_method[method] = {
+            "layers": layers,
+            **{name: [float(v) for v in means[name].reindex(layers)] for name in sets},
+            "ratio_adv_over_mem": [float(v) for v in ratio],
+            "ratio_geometric_mean": float(np.exp(np.log(ratio).mean())),
+            "same_order": bool(((ratio > 0.1) & (ratio < 10)).all()),
+        }
+        if "Y_0" in sets:
+            per_method[method]["ratio_adv_over_starts"] = [
+                float(v) for v in (means["Y_adv"] / means["Y_0"].reindex(layers)).to_numpy()]
+    summary = {
+        "analysis": "activations (PAPER.md 2.3)",
+        "prompt_id": adv.prompt_id, "prompt": adv.prompt,
+        "n_adv": len(adv), "n_adv_available": adv.n_available, "n_adv_succeeded": adv.n_succeeded,
+        "successful_only": config.successful_only, "n_mem": len(mem_ids), "memorized": config.memorized,
+        "control_starts": "Y_0" in sets, "seed": config.seed, "timestep_index": 0, "num_inference_steps": config.num_inference_steps,
+        "methods": per_method,
+        "paper": {"n_adv": PAPER_STARTS, "n_mem": PAPER_MEMORIZED,
+                  "finding": "Y_adv discrepancy comparable to Y_mem (NeMo: larger; Wanda: somewhat smaller)"},
+        "error_bars": "std of the pairwise L2 distances (spread over pairs, not a standard error)",
+        "note": scaled_note([("Y_adv triggers", len(adv), PAPER_STARTS), ("Y_mem prompts", len(mem_ids), PAPER_MEMORIZED)])
+                + f"; Y_mem = the first {len(mem_ids)} prompts of {config.memorized}",
+    }
+    from .plots import plot_discrepancy
+
+    save_figure(plot_discrepancy(table, summary), run.path, "activations")
+    summary = json_safe(summary)
+    run.finalize(summary)
+    logger.info("activations: Y_adv/Y_mem ratio (geometric mean) NeMo %.2f, Wanda %.2f",
+                per_method["nemo"]["ratio_geometric_mean"], per_method["wanda"]["ratio_geometric_mean"])
+    return run.path, summary

@@ -1,0 +1,109 @@
+"""Settings of adversarial fine-tuning (PAPER.md section 2.6; open choices 14-18 of section 7)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+
+from ..attack.loop import AttackConfig
+from ..errors import DoriError
+from ..generation import GenerationConfig
+
+INITS = ("prompt", "random")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Adversarial fine-tuning: Dori triggers against the current model, mapped to a surrogate image.
+
+    Defaults are the paper's where it gives them (5 epochs, L = L_DM + L_Adv, all UNet weights, Dori
+    with Adam lr 0.1, 50 steps, 8 (noise, t) pairs) and PAPER.md section 7's choices elsewhere (AdamW,
+    lr 1e-5, one retain batch per adversarial batch, inits from the prompt). :meth:`testbed` is the
+    documented setting for the embedded testbed.
+    """
+
+    prompts: str = "testbed:memorized"
+    references: str | None = None
+    limit: int | None = None
+    retain: str = "testbed:retain"
+    """``testbed:retain`` (the testbed's shape and seen-once pairs) or a prompt file whose ids name
+    images in ``retain_images``."""
+    retain_images: str | None = None
+    epochs: int = 5
+    images_per_step: int = 8
+    steps_per_epoch: int | None = None
+    """None: one pass over the memorized images, ``images_per_step`` at a time."""
+    lr: float = 1e-5
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    adv_weight: float = 1.0
+    dm_weight: float = 1.0
+    adv_pairs: int = 8
+    """(noise, t) draws per trigger for L_Adv."""
+    retain_batch_size: int = 8
+    inits: tuple[str, ...] = ("prompt",)
+    inner: AttackConfig = field(default_factory=lambda: AttackConfig(record_at=()))
+    """The Dori attack run against the current model at every step (its steps, lr, pairs)."""
+    warm_start: bool = False
+    """Start each step's attack from the previous step's trigger of the same image and init."""
+    lora_rank: int = 0
+    """0: update every UNet weight (the paper); > 0: a LoRA on the attention projections instead."""
+    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    mixed_precision: str = "no"
+    checkpoint_every: int = 10
+    seed: int = 0
+    surrogate: str = "nemo"
+    """``nemo``: generate each surrogate with NeMo-pruned models (escalated until the image stops
+    replicating); or a folder of ``<prompt id>.png`` images."""
+    surrogate_mitigation: str | None = None
+    """A saved NeMo mitigation tried first (e.g. the one ``dori localize`` wrote)."""
+    surrogate_seeds: int = 8
+    surrogate_fallback: str | None = None
+    """A prompt set whose (unpruned) generations stand in where no pruned image stops replicating
+    (``testbed:held-out`` in :meth:`testbed`); None: such a prompt is an error."""
+    statistics: str | None = None
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+    def validate(self) -> None:
+        for name in ("epochs", "images_per_step", "adv_pairs", "retain_batch_size", "checkpoint_every",
+                     "surrogate_seeds"):
+            if getattr(self, name) < 1:
+                raise DoriError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            raise DoriError(f"steps_per_epoch: must be >= 1 or None, got {self.steps_per_epoch}")
+        if self.lr <= 0:
+            raise DoriError(f"lr: must be > 0, got {self.lr}")
+        if self.adv_weight < 0 or self.dm_weight < 0 or self.adv_weight + self.dm_weight == 0:
+            raise DoriError("adv_weight, dm_weight: must be >= 0 and not both 0")
+        if not self.inits or any(i not in INITS for i in self.inits):
+            raise DoriError(f"inits: each must be one of {', '.join(INITS)}, got {self.inits}")
+        if self.lora_rank < 0:
+            raise DoriError(f"lora_rank: must be >= 0, got {self.lora_rank}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise DoriError(f"mixed_precision: must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
+        self.inner.validate()
+        self.generation.validate()
+
+    def steps_in_epoch(self, n_images: int) -> int:
+        return self.steps_per_epoch or math.ceil(n_images / self.images_per_step)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def replace(self, **changes) -> FinetuneConfig:
+        return replace(self, **changes)
+
+    @classmethod
+    def testbed(cls, **changes) -> FinetuneConfig:
+        """The documented testbed setting: lr 5e-4 (the tiny UNet was trained at 2e-3; 1e-5 barely moves
+        it; at 3e-4 and 40 steps Dori still re-triggered coffee and rocket), 12 steps per epoch (one
+        pass over 4 images is a single step), inits from the
+        prompt and from N(0, I), each step's attack warm-started from the last step's triggers and run
+        10 Adam steps (fresh against the current weights, 5x cheaper than 50 from scratch), retain
+        batch 16; a held-out caption's image stands in as the surrogate where every pruned image of a
+        prompt still copies some memorized photo."""
+        base = cls(lr=5e-4, steps_per_epoch=12, images_per_step=4, inits=("prompt", "random"), warm_start=True,
+                   inner=AttackConfig(steps=10, record_at=()), retain_batch_size=16,
+                   surrogate_fallback="testbed:held-out")
+        return replace(base, **changes)

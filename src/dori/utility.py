@@ -1,0 +1,130 @@
+"""Utility of a (mitigated or fine-tuned) model: does it still make good images for ordinary captions?
+
+* FID through torchmetrics, with the feature extractor passed in:
+  :class:`InceptionFeatures` wraps the user's local TorchScript Inception-v3 (the
+  ``inception-2015-12-05.pt`` file that clean-fid and StyleGAN use; nothing is downloaded), and
+  :class:`LatentFeatures` uses a frozen VAE encoder (offline; the testbed's FID, see below);
+* CLIP score through torchmetrics' ``CLIPScore`` on a local ``CLIPModel`` folder;
+* :func:`denoising_loss`: the diffusion loss on fixed (noise, t) draws of retain pairs, comparable
+  across models because every draw is keyed by the pair's index.
+
+On the testbed no Inception or CLIP weights exist; its FID uses the *original* testbed VAE's
+posterior means (4 x 8 x 8 = 256 features) as the feature extractor: frozen, the same for every model
+compared, and trained on the testbed's images. Values are not comparable with Inception FIDs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import DoriError
+
+
+class InceptionFeatures(torch.nn.Module):
+    """2048-d pool features of a TorchScript Inception-v3 (clean-fid / StyleGAN convention: input
+    ``(N, 3, 299, 299)`` in [0, 255], ``model(x, return_features=True)``)."""
+
+    def __init__(self, path: str | Path):
+        super().__init__()
+        path = Path(path)
+        if not path.is_file():
+            raise DoriError(f"inception: no file {path} (give the TorchScript inception-2015-12-05.pt that clean-fid "
+                            "and StyleGAN use; it cannot be downloaded here)")
+        try:
+            self.model = torch.jit.load(str(path), map_location="cpu").eval()
+        except RuntimeError as exc:
+            raise DoriError(f"inception: {path} is not a TorchScript file ({exc.__class__.__name__})") from exc
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.interpolate(images.float(), size=(299, 299), mode="bilinear", align_corners=False)
+        return self.model(x * 255.0, return_features=True).float()
+
+
+class LatentFeatures(torch.nn.Module):
+    """Flattened VAE posterior means as FID features (offline; used on the testbed)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        size = self.vae.config.sample_size
+        x = images.float()
+        if x.shape[-1] != size:
+            x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+        return self.vae.encode((x * 2 - 1).to(self.vae.dtype)).latent_dist.mean.flatten(1).float()
+
+
+def fid(real: torch.Tensor, fake: torch.Tensor, features: torch.nn.Module) -> float:
+    """Fréchet distance between the feature statistics of two image sets ``(N, 3, H, W)`` in [0, 1]."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    if len(real) < 2 or len(fake) < 2:
+        raise DoriError("fid: need at least 2 images on each side")
+    metric = FrechetInceptionDistance(feature=features, normalize=True)
+    metric.update(real.float(), real=True)
+    metric.update(fake.float(), real=False)
+    return float(metric.compute())
+
+
+def clip_score(images: torch.Tensor, captions: list[str], model: str | Path) -> float:
+    """Mean CLIP score (100 x max(cos, 0)) of images ``(N, 3, H, W)`` in [0, 1] and their captions, with a
+    local CLIP model folder (``CLIPModel`` + processor, e.g. a saved openai/clip-vit-base-patch32)."""
+    from torchmetrics.multimodal.clip_score import CLIPScore
+
+    folder = Path(model)
+    if not (folder / "config.json").is_file():
+        raise DoriError(f"clip_model: {folder} has no config.json (give a local CLIPModel folder saved with "
+                        "save_pretrained; hub downloads are not possible here)")
+    metric = CLIPScore(model_name_or_path=str(folder))
+    metric.update((images.clamp(0, 1) * 255).to(torch.uint8), list(captions))
+    return float(metric.compute())
+
+
+@torch.no_grad()
+def denoising_loss(pipe, latents: torch.Tensor, embeds: torch.Tensor, *, pairs: int = 4, seed: int = 0) -> float:
+    """Mean diffusion loss of ``latents`` under ``embeds`` on draws keyed by (seed, index): the same
+    draws for every model, so a lower value means the model denoises these pairs better."""
+    from .attack.parts import DiffusionLoss, item_generator
+
+    loss = DiffusionLoss(pipe, pairs)
+    values = []
+    for start in range(0, len(latents), 64):
+        idx = range(start, min(len(latents), start + 64))
+        values.append(loss(embeds[idx.start:idx.stop], latents[idx.start:idx.stop],
+                           [item_generator("utility", seed, i) for i in idx]))
+    return float(torch.cat(values).mean())
+
+
+def testbed_utility(pipe, *, original_vae=None, num_images: int = 60, seed: int = 0) -> dict:
+    """The testbed's utility bundle for one model: shape-colour accuracy of generated shape captions, FID
+    (VAE-latent features) of those generations against the training shapes, and the retain denoising loss."""
+    from .attack.parts import encode_images
+    from .descriptors import to_tensor
+    from .generation import generate
+    from .models import encode_prompts
+    from .prompts import load_prompt_set
+    from .testbed.utility import shape_caption_accuracy
+
+    folder = pipe.dori_model["location"]
+    shapes = load_prompt_set("testbed:shape", model_folder=folder).records
+    pick = np.linspace(0, len(shapes) - 1, min(num_images, len(shapes))).round().astype(int)
+    chosen = [shapes[i] for i in pick]
+    shape_set = load_prompt_set("testbed:shape", model_folder=folder)
+    real = to_tensor(np.stack([shape_set.references[r.id] for r in chosen]))
+    gens = generate(pipe, [seed + i for i in range(len(chosen))], [r.prompt for r in chosen])
+    features = LatentFeatures(original_vae if original_vae is not None else pipe.vae)
+    seen = load_prompt_set("testbed:seen-once", model_folder=folder)
+    retain = [(r.prompt, shape_set.references[r.id]) for r in chosen] + \
+             [(r.prompt, seen.references[r.id]) for r in seen.records[: len(chosen)]]
+    latents = encode_images(pipe, to_tensor(np.stack([img for _, img in retain])))
+    embeds = encode_prompts(pipe, [p for p, _ in retain])
+    return {"shape_accuracy": shape_caption_accuracy(gens.images, [r.prompt for r in chosen]),
+            "fid_vae": fid(real, gens.images, features),
+            "retain_loss": denoising_loss(pipe, latents, embeds, seed=seed),
+            "utility_images": len(chosen)}

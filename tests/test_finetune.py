@@ -1,0 +1,173 @@
+"""Adversarial fine-tuning on the shipped testbed: resume, fresh triggers, the saved pipeline, robustness."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dori.attack.loop import AttackConfig
+from dori.errors import DoriError
+from dori.finetune import FinetuneConfig, adversarial_finetune
+
+LIMIT = 2
+
+
+@pytest.fixture(scope="module")
+def surrogate_folder(tmp_path_factory):
+    """Surrogates for the first memorized photos: seen-once crops (they do not replicate the photos)."""
+    from PIL import Image
+
+    from dori.prompts import load_prompt_set
+
+    memorized = load_prompt_set("testbed:memorized")
+    seen = load_prompt_set("testbed:seen-once")
+    folder = tmp_path_factory.mktemp("surrogates")
+    for record, other in zip(memorized.records, seen.records, strict=False):
+        # ids hold a slash ("memorized/astronaut"): "/" may be written "_"
+        Image.fromarray(seen.references[other.id]).save(folder / f"{record.id.replace('/', '_')}.png")
+    return folder
+
+
+def _config(surrogates, **changes) -> FinetuneConfig:
+    base = FinetuneConfig.testbed(limit=LIMIT, epochs=2, steps_per_epoch=2, images_per_step=2, checkpoint_every=1,
+                                  retain_batch_size=4, adv_pairs=2, inner=AttackConfig(steps=2, pairs=2, record_at=()),
+                                  surrogate=str(surrogates))
+    return base.replace(**changes)
+
+
+def _fresh():
+    from dori.models import load_pipeline
+
+    return load_pipeline("testbed")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, surrogate_folder):
+    pipe = _fresh()
+    result = adversarial_finetune(pipe, _config(surrogate_folder), tmp_path_factory.mktemp("ft") / "run")
+    return pipe, result
+
+
+def test_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, surrogate_folder, uninterrupted):
+    pipe_a, result_a = uninterrupted
+    config = _config(surrogate_folder)
+
+    def interrupt(step, total):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        adversarial_finetune(_fresh(), config, tmp_path / "run", progress=interrupt)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-000003"]
+    pipe_b = _fresh()
+    seen = []
+    result_b = adversarial_finetune(pipe_b, config, tmp_path / "run", progress=lambda s, t: seen.append(s))
+    assert seen[0] == 3 and seen[-1] == 4  # it went on from the checkpoint, not from 0
+    a, b = pipe_a.unet.state_dict(), pipe_b.unet.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    original = _fresh().unet.state_dict()
+    assert not all(torch.equal(a[k], original[k]) for k in a)  # it did train
+    rows = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert result_b.summary["unet_evaluations"] == result_a.summary["unet_evaluations"]
+
+
+def test_l_adv_uses_fresh_triggers_against_the_current_weights(tmp_path, surrogate_folder, monkeypatch):
+    import dori.finetune.loop as loop
+
+    calls = []
+    original = loop.optimize_embeddings
+
+    def spy(objective, y0, targets, keys, config):
+        weights = objective.unet.conv_in.weight.detach().clone()
+        y, loss = original(objective, y0, targets, keys, config)
+        calls.append((weights, y0.clone(), y.clone()))
+        return y, loss
+
+    monkeypatch.setattr(loop, "optimize_embeddings", spy)
+    adversarial_finetune(_fresh(), _config(surrogate_folder, warm_start=False), tmp_path / "run")
+    assert len(calls) == 4  # one Dori run per fine-tuning step
+    for (w0, _, y_prev), (w1, start, y_next) in zip(calls, calls[1:], strict=False):
+        assert not torch.equal(w0, w1)  # each attack sees the weights the last step changed
+        assert not torch.equal(y_prev, y_next)
+        assert not torch.equal(start, y_next)  # the triggers were optimised, not reused
+    # the prompt-init starts are the prompt embeddings every step (no warm start): fresh attacks
+    assert torch.equal(calls[0][1][0], calls[2][1][0])
+
+
+def test_saved_folder_is_a_normal_pipeline(uninterrupted):
+    from diffusers import StableDiffusionPipeline
+
+    from dori.models import load_pipeline
+    from dori.prompts import load_prompt_set
+
+    pipe, result = uninterrupted
+    loaded = StableDiffusionPipeline.from_pretrained(result.pipeline)
+    state = pipe.unet.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in loaded.unet.state_dict().items())
+    again = load_pipeline(str(result.pipeline))
+    assert len(load_prompt_set("testbed:memorized", model_folder=again.dori_model["location"])) == 4
+    summary = json.loads((result.path / "summary.json").read_text())
+    assert summary["steps"] == 4 and len(summary["epochs"]) == 2
+    assert all(e["unet_evaluations"] > 0 for e in summary["epochs"])
+    assert (result.path / "losses.png").exists()
+
+
+def test_surrogate_that_replicates_is_refused(tmp_path):
+    from PIL import Image
+
+    from dori.prompts import load_prompt_set
+
+    memorized = load_prompt_set("testbed:memorized")
+    folder = tmp_path / "surrogates"
+    (folder / "memorized").mkdir(parents=True)  # the sub-folder spelling of "memorized/astronaut.png"
+    for record in memorized.records:
+        Image.fromarray(memorized.references[record.id]).save(folder / f"{record.id}.png")
+    with pytest.raises(DoriError, match="surrogate: the image for .memorized/astronaut. replicates a memorized"):
+        adversarial_finetune(_fresh(), _config(folder), tmp_path / "run")
+
+
+def test_bad_settings_name_the_field():
+    with pytest.raises(DoriError, match="inits"):
+        FinetuneConfig(inits=("other",)).validate()
+    with pytest.raises(DoriError, match="mixed_precision"):
+        FinetuneConfig(mixed_precision="fp8").validate()
+    with pytest.raises(DoriError, match="lora_rank"):
+        FinetuneConfig(lora_rank=-1).validate()
+
+
+def test_lora_variant_trains_only_adapters_and_saves_plain_weights(tmp_path, surrogate_folder):
+    pipe = _fresh()
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    result = adversarial_finetune(pipe, _config(surrogate_folder, lora_rank=4, epochs=1), tmp_path / "run")
+    after = pipe.unet.state_dict()
+    assert after.keys() == before.keys()  # fused and unloaded: a plain UNet again
+    changed = [k for k in after if not torch.equal(after[k], before[k])]
+    assert changed and all(any(t in k for t in ("to_q", "to_k", "to_v", "to_out")) for k in changed)
+    from diffusers import UNet2DConditionModel
+
+    UNet2DConditionModel.from_pretrained(result.pipeline / "unet")
+
+
+def test_finetuned_testbed_resists_the_attack_that_breaks_nemo(tmp_path, surrogate_folder):
+    """One photo: Dori (50 steps from the prompt) restores replication on the NeMo-pruned testbed but
+    not after a short adversarial fine-tuning."""
+    from dori.attack.run import AttackRunConfig, run_attack
+    from dori.mitigate import run_localize
+    from dori.mitigations.nemo import NeMoConfig
+
+    pipe = _fresh()
+    nemo_path, _ = run_localize(pipe, "testbed:memorized", NeMoConfig(num_seeds=4), tmp_path / "nemo", limit=1)
+    attack = AttackRunConfig(limit=1, num_seeds=4, seed=300, attack=AttackConfig(record_at=(0, 50)))
+    _, pruned = run_attack(pipe, attack.__class__(**{**attack.__dict__, "mitigations": (str(nemo_path),)}),
+                           tmp_path / "attack-nemo")
+    assert pruned[0]["mr"] >= 0.75
+    config = FinetuneConfig.testbed(limit=1, epochs=4, steps_per_epoch=6, surrogate=str(surrogate_folder))
+    adversarial_finetune(pipe, config, tmp_path / "ft")
+    _, robust = run_attack(pipe, attack, tmp_path / "attack-ft")
+    assert robust[0]["mr"] <= 0.25
+    assert np.mean(robust[0]["scores"]) < np.mean(pruned[0]["scores"])
