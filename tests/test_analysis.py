@@ -187,7 +187,7 @@ def test_scatter_rerun_does_not_redo_the_attack(testbed_pipe, scatter_run, monke
     assert again == path and (path / "attack" / "records.rank0.jsonl").read_bytes() == before
     assert summary2["ratio_mean"] == summary["ratio_mean"]
     with pytest.raises(DoriError, match="prompt_id"):
-        run_scatter(testbed_pipe, ScatterConfig(**TINY_ATTACK, prompt_id="memorized/rocket"), path.parent / "other")
+        run_scatter(testbed_pipe, ScatterConfig(**TINY_ATTACK, prompt_id="memorized/nope"), path.parent / "other")
 
 
 def test_activations_run_folder(testbed_pipe, scatter_run, tmp_path):
