@@ -247,11 +247,11 @@ def run_demo(config: DemoConfig | None = None, out: str | Path | None = None, *,
         _analyses(pipe, run.path, config, stage)
     write_grid(run.path, pipe, config)
     (run.path / "summary.json").write_text(json.dumps(rows, indent=1))
+    run.write_manifest({"status": "done", "threshold": threshold})
     if config.report:
         from .report import write_report
 
         write_report([run.path], run.path / "report.html", title="dori demo: memorization on the testbed")
-    run.write_manifest({"status": "done", "threshold": threshold})
     logger.info("demo written to %s", run.path)
     return run.path, rows
 
@@ -379,16 +379,16 @@ def write_grid(folder: Path, pipe, config: DemoConfig) -> Path:
     def evaluated(r):
         return [(int(r["seed"]), r["image"], r["sscd_orig"])]
 
-    def attacked(first_seed):
-        return lambda r: [(first_seed + i, img, s) for i, (img, s) in enumerate(zip(r["images"], r["scores"], strict=True))
-                          if r["restart"] == 0]
+    def attacked(r):
+        # the i-th evaluation image of the trigger sits in row seed + i (the fresh attack uses other seeds)
+        return [(config.seed + i, img, s) for i, (img, s) in enumerate(zip(r["images"], r["scores"], strict=True))
+                if r["restart"] == 0]
 
     for column, sub, kind in (("unmitigated", "memorized", "eval"), ("nemo", "nemo", "eval"),
                               ("nemo+dori", "attack-nemo", "attack"), ("wanda", "wanda", "eval"),
                               ("wanda+dori", "attack-wanda", "attack"), ("adversarial-ft", "adversarial-ft", "eval"),
                               ("adversarial-ft+dori", "attack-adversarial-ft-prompt", "attack")):
-        first = config.fresh_attack_seed if sub.startswith("attack-adversarial") else config.seed
-        from_records(column, folder / sub, evaluated if kind == "eval" else attacked(first))
+        from_records(column, folder / sub, evaluated if kind == "eval" else attacked)
     rows = [{"prompt_id": pid, "prompt": prompts[pid], "seed": seed, "cells": value}
             for (pid, seed), value in cells.items()]
     path = folder / "grid.json"

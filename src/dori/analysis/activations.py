@@ -34,7 +34,6 @@ from .common import (
     PAPER_STARTS,
     analysis_layers,
     json_safe,
-    prompt_embeddings,
     save_figure,
     scaled_note,
     short_name,
@@ -157,19 +156,11 @@ def run_activations(pipe, config: ActivationsConfig, out: str | Path | None = No
 
     from ..models import model_name
     from ..runs import RunFolder, default_run_dir
-    from .triggers import check_embedding_shape, load_trigger_set
+    from .triggers import analysis_inputs
 
     config.validate()
     folder = pipe.dori_model["location"]
-    adv = load_trigger_set(config.triggers, config.prompt_id, successful_only=config.successful_only,
-                           limit=config.max_triggers)
-    check_embedding_shape(pipe, adv.triggers, "triggers")
-    if len(adv) < 2:
-        raise DoriError(f"triggers: need at least 2 triggers of {adv.prompt_id!r}, the run has {len(adv)} "
-                        f"({'successful ' if config.successful_only else ''}of {adv.n_available})")
-    mem_ids, _, mem = prompt_embeddings(pipe, config.memorized, config.max_memorized)
-    if len(mem_ids) < 2:
-        raise DoriError(f"memorized: {config.memorized} has {len(mem_ids)} prompt(s); Y_mem needs at least 2")
+    adv, mem_ids, _, mem = analysis_inputs(pipe, config)
     values, ffns = analysis_layers(pipe.unet, config.value_layers, config.ffn_layers)
     out = Path(out) if out is not None else default_run_dir("analyze-activations", model_name(folder))
     run = RunFolder(out, "analyze-activations", {**config.to_dict(), "model": folder,

@@ -125,3 +125,20 @@ def check_embedding_shape(pipe, embeds: torch.Tensor, what: str) -> None:
     if tuple(embeds.shape[1:]) != expected:
         raise DoriError(f"{what}: embeddings of shape {tuple(embeds.shape[1:])} do not fit this model's text "
                         f"conditioning {expected}; use the model the triggers were found on (--model)")
+
+
+def analysis_inputs(pipe, config) -> tuple:
+    """Y_adv (the triggers of ``config.triggers``, checked against the model) and Y_mem (``config.memorized``)
+    of the activation and weight analyses: ``(trigger set, memorized ids, prompts, embeddings)``."""
+    from .common import prompt_embeddings
+
+    adv = load_trigger_set(config.triggers, config.prompt_id, successful_only=config.successful_only,
+                           limit=config.max_triggers)
+    check_embedding_shape(pipe, adv.triggers, "triggers")
+    if len(adv) < 2:
+        raise DoriError(f"triggers: need at least 2 triggers of {adv.prompt_id!r}, the run has {len(adv)} "
+                        f"({'successful ' if config.successful_only else ''}of {adv.n_available})")
+    mem_ids, mem_prompts, mem = prompt_embeddings(pipe, config.memorized, config.max_memorized)
+    if len(mem_ids) < 2:
+        raise DoriError(f"memorized: {config.memorized} has {len(mem_ids)} prompt(s); Y_mem needs at least 2")
+    return adv, mem_ids, mem_prompts, mem

@@ -1,0 +1,92 @@
+"""Utility metrics: FID with a passed-in extractor (a real TorchScript file in the clean-fid convention),
+CLIP score on a local CLIPModel folder, the fixed-draw denoising loss, and clear errors for missing weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dori.errors import DoriError
+from dori.utility import InceptionFeatures, LatentFeatures, clip_score, denoising_loss, fid
+
+
+class _PoolNet(torch.nn.Module):
+    """A stand-in with the clean-fid Inception signature: ``forward(x in [0, 255], return_features=True)``."""
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        pooled = torch.nn.functional.adaptive_avg_pool2d(x / 255.0, 2).flatten(1)  # 12 features
+        return pooled if return_features else pooled.sum(1, keepdim=True)
+
+
+@pytest.fixture(scope="module")
+def torchscript_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("inception") / "inception-2015-12-05.pt"
+    torch.jit.script(_PoolNet()).save(str(path))
+    return path
+
+
+def test_fid_is_zero_for_identical_sets_and_grows_with_a_shift(torchscript_file):
+    g = torch.Generator().manual_seed(0)
+    real = torch.rand((64, 3, 16, 16), generator=g)
+    features = InceptionFeatures(torchscript_file)
+    assert features(real).shape == (64, 12)
+    assert abs(fid(real, real, features)) < 1e-3
+    near = fid(real, (real + 0.05).clamp(0, 1), features)
+    far = fid(real, (real * 0.5), features)
+    assert 0 < near < far
+
+
+def test_missing_or_bad_weights_name_the_file(tmp_path):
+    with pytest.raises(DoriError, match="inception: no file .*missing.pt"):
+        InceptionFeatures(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    with pytest.raises(DoriError, match="not a TorchScript file"):
+        InceptionFeatures(tmp_path / "junk.pt")
+    with pytest.raises(DoriError, match="clip_model: .* has no config.json"):
+        clip_score(torch.rand(2, 3, 8, 8), ["a", "b"], tmp_path)
+
+
+def test_clip_score_on_a_local_clip_folder(tmp_path, clip_tokenizer):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    torch.manual_seed(0)
+    config = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                                         vocab_size=49408, max_position_embeddings=77),
+                        vision_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                                           num_hidden_layers=2, image_size=32, patch_size=8),
+                        projection_dim=16)
+    folder = tmp_path / "clip"
+    CLIPModel(config).save_pretrained(folder)
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                 crop_size={"height": 32, "width": 32}),
+                              tokenizer=clip_tokenizer)
+    processor.save_pretrained(folder)
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    score = clip_score(images, ["a red circle", "a blue square", "a photo"], folder)
+    assert 0.0 <= score <= 100.0
+    assert score == pytest.approx(clip_score(images, ["a red circle", "a blue square", "a photo"], folder))
+
+
+def test_denoising_loss_is_reproducible_and_tracks_the_model(testbed_pipe):
+    from dori.attack.parts import encode_images
+    from dori.descriptors import to_tensor
+    from dori.models import encode_prompts
+    from dori.prompts import load_prompt_set
+
+    shapes = load_prompt_set("testbed:shape").records[:8]
+    refs = load_prompt_set("testbed:shape").references
+    latents = encode_images(testbed_pipe, to_tensor(np.stack([refs[r.id] for r in shapes])))
+    right = encode_prompts(testbed_pipe, [r.prompt for r in shapes])
+    first = denoising_loss(testbed_pipe, latents, right)
+    assert first == denoising_loss(testbed_pipe, latents, right)
+    wrong = encode_prompts(testbed_pipe, ["a portrait photo of astronaut eileen collins in front of the flag"] * 8)
+    assert denoising_loss(testbed_pipe, latents, wrong) > first  # captions that do not match denoise worse
+
+
+def test_latent_features_are_the_vae_posterior_means(testbed_pipe):
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    feats = LatentFeatures(testbed_pipe.vae)(images)
+    with torch.no_grad():
+        expected = testbed_pipe.vae.encode(images * 2 - 1).latent_dist.mean.flatten(1)
+    assert torch.allclose(feats, expected)
