@@ -4,7 +4,7 @@
   :class:`InceptionFeatures` wraps the user's local TorchScript Inception-v3 (the
   ``inception-2015-12-05.pt`` file that clean-fid and StyleGAN use; nothing is downloaded), and
   :class:`LatentFeatures` uses a frozen VAE encoder (offline; the testbed's FID, see below);
-* CLIP score through torchmetrics' ``CLIPScore`` on a local ``CLIPModel`` folder;
+* CLIP score (torchmetrics' definition, computed with transformers) on a local ``CLIPModel`` folder;
 * :func:`denoising_loss`: the diffusion loss on fixed (noise, t) draws of retain pairs, comparable
   across models because every draw is keyed by the pair's index.
 
@@ -72,18 +72,33 @@ def fid(real: torch.Tensor, fake: torch.Tensor, features: torch.nn.Module) -> fl
     return float(metric.compute())
 
 
-def clip_score(images: torch.Tensor, captions: list[str], model: str | Path) -> float:
-    """Mean CLIP score (100 x max(cos, 0)) of images ``(N, 3, H, W)`` in [0, 1] and their captions, with a
-    local CLIP model folder (``CLIPModel`` + processor, e.g. a saved openai/clip-vit-base-patch32)."""
-    from torchmetrics.multimodal.clip_score import CLIPScore
+@torch.no_grad()
+def clip_score(images: torch.Tensor, captions: list[str], model: str | Path, batch_size: int = 64) -> float:
+    """Mean CLIP score, ``100 * max(cos(image, caption), 0)`` (Hessel et al.; torchmetrics' definition), of
+    images ``(N, 3, H, W)`` in [0, 1] and their captions, with a local ``CLIPModel`` folder (e.g. a saved
+    openai/clip-vit-base-patch32 with its processor). Computed with transformers directly: torchmetrics'
+    CLIPScore accepts only hub names and breaks on transformers 5's feature outputs."""
+    from transformers import CLIPModel, CLIPProcessor
 
     folder = Path(model)
     if not (folder / "config.json").is_file():
         raise DoriError(f"clip_model: {folder} has no config.json (give a local CLIPModel folder saved with "
                         "save_pretrained; hub downloads are not possible here)")
-    metric = CLIPScore(model_name_or_path=str(folder))
-    metric.update((images.clamp(0, 1) * 255).to(torch.uint8), list(captions))
-    return float(metric.compute())
+    if len(images) != len(captions):
+        raise DoriError(f"captions: need one per image, got {len(captions)} for {len(images)}")
+    clip = CLIPModel.from_pretrained(folder).eval()
+    processor = CLIPProcessor.from_pretrained(folder)
+    scores = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size].clamp(0, 1)
+        pixels = [(img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for img in chunk]
+        inputs = processor(text=list(captions[start : start + batch_size]), images=pixels, return_tensors="pt",
+                           padding=True, truncation=True)
+        out = clip(**inputs)
+        image, text = out.image_embeds, out.text_embeds
+        cos = (image * text).sum(-1) / (image.norm(dim=-1) * text.norm(dim=-1)).clamp_min(1e-12)
+        scores.append(100 * cos.clamp_min(0))
+    return float(torch.cat(scores).mean())
 
 
 @torch.no_grad()
