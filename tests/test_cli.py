@@ -105,3 +105,32 @@ def test_testbed_build_and_info(tmp_path):
     assert all(role in info.output for role in ("memorized", "seen-once", "shape", "held-out"))
     bad = runner.invoke(app, ["testbed", "build", "--out", str(tmp_path / "tb"), "--vae-steps", "3", "--unet-steps", "2"])
     assert bad.exit_code == 2 and "another config" in _text(bad)
+
+
+def test_finetune_command_runs_and_refuses_bad_input(tmp_path):
+    from PIL import Image
+
+    from dori.prompts import load_prompt_set
+
+    seen = load_prompt_set("testbed:seen-once")
+    surrogates = tmp_path / "surrogates"
+    surrogates.mkdir()
+    Image.fromarray(seen.references[seen.records[0].id]).save(surrogates / "memorized_astronaut.png")
+    bad = runner.invoke(app, ["finetune", "--init", "other", "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "inits" in _text(bad) and not (tmp_path / "bad").exists()
+    result = runner.invoke(app, ["finetune", "--limit", "1", "--epochs", "1", "--steps-per-epoch", "2", "--inner-steps",
+                                 "2", "--surrogate", str(surrogates), "--out", str(tmp_path / "ft")])
+    assert result.exit_code == 0, _text(result)
+    assert (tmp_path / "ft" / "pipeline" / "unet" / "config.json").is_file()
+    assert "fine-tuned pipeline" in result.output
+
+
+def test_report_command_writes_one_page(tmp_path):
+    from tests.report_runs import make_demo_run
+
+    make_demo_run(tmp_path / "demo")
+    result = runner.invoke(app, ["report", str(tmp_path / "demo"), "--out", str(tmp_path / "page.html")])
+    assert result.exit_code == 0, _text(result)
+    assert (tmp_path / "page.html").read_text().count("<table") >= 1
+    missing = runner.invoke(app, ["report", str(tmp_path / "nothing")])
+    assert missing.exit_code == 2 and "nothing" in _text(missing)

@@ -56,9 +56,11 @@ class DiffusionLoss:
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise DoriError(f"scheduler: prediction_type {self.prediction_type!r} is not supported by the attack")
 
-    def __call__(self, y: torch.Tensor, targets: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-        """``y`` ``(B, tokens, dim)``, ``targets`` ``(B, C, h, w)``, one generator per trigger -> ``(B,)``."""
-        b, p = y.shape[0], self.pairs
+    def inputs(self, y: torch.Tensor, targets: torch.Tensor,
+               generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The UNet inputs and regression target of one call: ``(noisy, t, conditioning, target)``, each
+        with ``B * pairs`` rows (so several losses can share one UNet call, as DDP wants)."""
+        p = self.pairs
         device, dtype = self.device, self.dtype
         x0 = targets.to(device, dtype).repeat_interleave(p, dim=0)
         noise = torch.cat([torch.randn((p, *targets.shape[1:]), generator=g) for g in generators]).to(device, dtype)
@@ -66,8 +68,16 @@ class DiffusionLoss:
         t = t.to(device)
         noisy = self.scheduler.add_noise(x0, noise, t)
         target = noise if self.prediction_type == "epsilon" else self.scheduler.get_velocity(x0, noise, t)
-        pred = self.unet(noisy, t, encoder_hidden_states=y.to(dtype).repeat_interleave(p, dim=0)).sample
-        return F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1).view(b, p).mean(1)
+        return noisy, t, y.to(dtype).repeat_interleave(p, dim=0), target
+
+    def reduce(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-trigger loss ``(B,)`` from predictions and targets of ``B * pairs`` rows."""
+        return F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1).view(-1, self.pairs).mean(1)
+
+    def __call__(self, y: torch.Tensor, targets: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        """``y`` ``(B, tokens, dim)``, ``targets`` ``(B, C, h, w)``, one generator per trigger -> ``(B,)``."""
+        noisy, t, cond, target = self.inputs(y, targets, generators)
+        return self.reduce(self.unet(noisy, t, encoder_hidden_states=cond).sample, target)
 
 
 # -- constraints ----------------------------------------------------------------------------------------

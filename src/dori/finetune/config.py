@@ -101,10 +101,11 @@ class FinetuneConfig:
         pass over 4 images is a single step), inits from the
         prompt and from N(0, I), each step's attack warm-started from the last step's triggers and run
         10 Adam steps (fresh against the current weights, 5x cheaper than 50 from scratch), retain
-        batch 48 at weight 2 (with 16 at weight 1 the shape captions' colour accuracy fell from 0.38 to
-        0.23; with 48 at 2 it is 0.55 and the fresh attack still fails); a held-out caption's image stands in as the surrogate where every pruned image of a
+        batch 48 at weight 4 (at 16 x 1 the shape captions' colour accuracy fell from 0.38 to 0.23; at
+        48 x 2 it rose to 0.55 but the VAE-feature FID grew 18%; at 48 x 4 FID stays within its seed
+        spread while a fresh Dori replicates 12 of 160 images); a held-out caption's image stands in as the surrogate where every pruned image of a
         prompt still copies some memorized photo."""
         base = cls(lr=5e-4, steps_per_epoch=12, images_per_step=4, inits=("prompt", "random"), warm_start=True,
-                   inner=AttackConfig(steps=10, record_at=()), retain_batch_size=48, dm_weight=2.0,
+                   inner=AttackConfig(steps=10, record_at=()), retain_batch_size=48, dm_weight=4.0,
                    surrogate_fallback="testbed:held-out")
         return replace(base, **changes)

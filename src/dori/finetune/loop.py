@@ -211,6 +211,9 @@ def adversarial_finetune(pipe, config: FinetuneConfig | None = None, out: str | 
     adv_loss = DiffusionLoss(pipe, config.adv_pairs, unet=model)
     dm_loss = DiffusionLoss(pipe, 1, unet=model)
     rank, world = accelerator.process_index, accelerator.num_processes
+    if min(config.images_per_step, n) < world or config.retain_batch_size < world:
+        raise DoriError(f"images_per_step, retain_batch_size: each process needs work; with {world} processes "
+                        f"both must be >= {world} (got {min(config.images_per_step, n)}, {config.retain_batch_size})")
     if progress:
         progress(state.step, total)
     model.train()
@@ -246,16 +249,21 @@ def adversarial_finetune(pipe, config: FinetuneConfig | None = None, out: str | 
         g = item_generator("ft-retain", config.seed, step)
         pick = torch.randint(len(retain), (config.retain_batch_size,), generator=g).tolist()[rank::world]
         with accelerator.accumulate(model), accelerator.autocast():
-            loss = torch.zeros((), device=accelerator.device)
-            l_adv = l_dm = torch.zeros(())
+            # one UNet call for both terms (DDP wants a single forward per backward)
+            parts = []
             if keys:
-                l_adv = adv_loss(triggers, torch.stack(surrogate),
-                                 [item_generator("ft-adv", config.seed, step, k) for k in keys]).mean()
-                loss = loss + config.adv_weight * l_adv
+                parts.append(adv_loss.inputs(triggers, torch.stack(surrogate),
+                                             [item_generator("ft-adv", config.seed, step, k) for k in keys]))
             if pick:
                 latents, captions = retain.batch(pipe, pick)
-                l_dm = dm_loss(captions, latents, [item_generator("ft-dm", config.seed, step, j) for j in pick]).mean()
-                loss = loss + config.dm_weight * l_dm
+                parts.append(dm_loss.inputs(captions, latents,
+                                            [item_generator("ft-dm", config.seed, step, j) for j in pick]))
+            noisy, t, cond, target = (torch.cat(x) for x in zip(*parts, strict=True))
+            pred = model(noisy, t, encoder_hidden_states=cond).sample
+            n_adv = len(keys) * config.adv_pairs
+            l_adv = adv_loss.reduce(pred[:n_adv], target[:n_adv]).mean() if keys else torch.zeros(())
+            l_dm = dm_loss.reduce(pred[n_adv:], target[n_adv:]).mean() if pick else torch.zeros(())
+            loss = config.adv_weight * l_adv + config.dm_weight * l_dm
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             if accelerator.sync_gradients and config.max_grad_norm:
