@@ -1,46 +1,30 @@
 """``dori analyze scatter|activations|weights``: the paper's three locality analyses (typer sub-app).
 
-Registered in :mod:`dori.cli` with ``app.add_typer(cli_analyze.app, name="analyze")``. The shared CLI
-helpers (error handling, progress bars, logging setup) are imported from :mod:`dori.cli` when a command
-runs, so the two modules may import each other in either order.
+Registered in :mod:`dori.cli` with ``app.add_typer(cli_analyze.app, name="analyze")``; the shared CLI
+helpers (option types, error handling, progress bars, logging set-up) come from :mod:`dori.cli_common`.
 """
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from .cli_common import Device, Model, Overwrite, Verbose, _Bars, _console, _setup, handle_errors
+
 app = typer.Typer(help="Is memorization local? The paper's locality analyses: trigger scatter, activation "
                        "discrepancy, weight agreement.", no_args_is_help=True)
 
-# -- options (as in dori.cli) ----------------------------------------------------------------------
-Model = Annotated[str, typer.Option("--model", "-m", help="'testbed', a pipeline folder, or a hub id.")]
+# -- options (the shared ones come from dori.cli_common) ------------------------------------------
 TriggerModel = Annotated[str | None, typer.Option("--model", "-m", help="Model (default: the one the triggers were found on).")]
 Out = Annotated[Path | None, typer.Option("--out", "-o", help="Run folder (default runs/analyze-<what>-<model>-<time>).")]
-Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace a run folder made with another config.")]
-Device = Annotated[str, typer.Option("--device", help="torch device, e.g. cpu or cuda.")]
-Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show library log messages.")]
 Triggers = Annotated[Path, typer.Option("--triggers", "-t", help="A `dori analyze scatter` or `dori attack` run folder.")]
 PromptId = Annotated[str | None, typer.Option("--prompt-id", help="Which image's triggers (default: the run's first).")]
 AllTriggers = Annotated[bool, typer.Option("--all-triggers", help="Also use triggers that did not replicate (default: only successful ones, as the paper).")]
 MaxTriggers = Annotated[int, typer.Option(help="At most N triggers in Y_adv (the paper: 100).")]
 Memorized = Annotated[str, typer.Option("--memorized", help="Prompt set for Y_mem (different memorized prompts).")]
 MaxMemorized = Annotated[int, typer.Option(help="At most N prompts in Y_mem (the paper: 100).")]
-
-
-def _handled(fn):
-    """:func:`dori.cli.handle_errors`, looked up when the command runs (no import cycle)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from .cli import handle_errors
-
-        return handle_errors(fn)(*args, **kwargs)
-
-    return wrapper
 
 
 def _load(model: str | None, triggers: Path | None, device: str):
@@ -53,15 +37,13 @@ def _load(model: str | None, triggers: Path | None, device: str):
 
 
 def _print_paths(path: Path, figure: str) -> None:
-    from .cli import _console
-
     console = _console()
     console.print(f"run folder: [bold]{path}[/] (table.parquet, summary.json)")
     console.print(f"figure: [bold]{path / (figure + '.png')}[/] and .pdf")
 
 
 @app.command("scatter")
-@_handled
+@handle_errors
 def scatter(
     prompts: Annotated[str, typer.Option("--prompts", "-p", help="Prompt set of the image (needs references); the attack uses its first prompt.")] = "testbed:memorized",
     prompt_id: Annotated[str | None, typer.Option("--prompt-id", help="The image's prompt id (must be the set's first).")] = None,
@@ -84,8 +66,6 @@ def scatter(
     verbose: Verbose = False,
 ) -> None:
     """A: Dori triggers of one image from random starts; t-SNE and pairwise distances vs non-memorized prompts."""
-    from .cli import _Bars, _console, _setup
-
     _setup(verbose)
     from .analysis.scatter import ScatterConfig, run_scatter
     from .attack.loop import AttackConfig
@@ -118,7 +98,7 @@ def scatter(
 
 
 @app.command("activations")
-@_handled
+@handle_errors
 def activations(
     triggers: Triggers,
     prompt_id: PromptId = None,
@@ -135,8 +115,6 @@ def activations(
     verbose: Verbose = False,
 ) -> None:
     """B: activation discrepancy per layer, one image's triggers (Y_adv) vs different memorized prompts (Y_mem)."""
-    from .cli import _Bars, _console, _setup
-
     _setup(verbose)
     from .analysis.activations import ActivationsConfig, run_activations
 
@@ -169,7 +147,7 @@ def activations(
 
 
 @app.command("weights")
-@_handled
+@handle_errors
 def weights(
     triggers: Triggers,
     prompt_id: PromptId = None,
@@ -190,8 +168,6 @@ def weights(
     verbose: Verbose = False,
 ) -> None:
     """C: weight agreement (IoU) of NeMo's and Wanda's own localisation, run once per embedding."""
-    from .cli import _Bars, _console, _setup
-
     _setup(verbose)
     from .analysis.weights import METHODS, WeightsConfig, run_weights
     from .mitigations.nemo import NeMoConfig

@@ -229,8 +229,9 @@ def run_demo(config: DemoConfig | None = None, out: str | Path | None = None, *,
             rows.insert(rows.index(seen) + 1, {**seen, "name": "non-memorized"})
 
     if config.finetune:
-        rows.extend(_finetune_rows(pipe, run, config, threshold, stage))
-        _model_utility(pipe, rows, config, run.path)
+        ft_rows, ft_pipe = _finetune_rows(pipe, run, config, threshold, stage)
+        rows.extend(ft_rows)
+        _model_utility(pipe, ft_pipe, rows, config, run.path)
 
     if any("mr_by_step" in r for r in rows):
         from .plots import PAPER_MR_VS_STEPS, plot_mr_vs_steps
@@ -256,7 +257,7 @@ def run_demo(config: DemoConfig | None = None, out: str | Path | None = None, *,
     return run.path, rows
 
 
-def _finetune_rows(pipe, run: RunFolder, config: DemoConfig, threshold: float, stage) -> list[dict]:
+def _finetune_rows(pipe, run: RunFolder, config: DemoConfig, threshold: float, stage) -> tuple[list[dict], object]:
     """Adversarial fine-tuning of a fresh copy of the model, then its rows: the memorized captions
     (``adversarial-ft``) and a fresh Dori attack (new seeds; prompt and N(0, I) inits; ``adversarial-ft+dori``)."""
     import shutil
@@ -292,15 +293,14 @@ def _finetune_rows(pipe, run: RunFolder, config: DemoConfig, threshold: float, s
                                  generation=config.generation)
         records += run_attack(ft_pipe, attack, run.path / f"attack-adversarial-ft-{init}",
                               progress=stage(f"attack (adversarial-ft, {init} init)"))[1]
-    return [row, attack_row("adversarial-ft+dori", records, threshold)]
+    return [row, attack_row("adversarial-ft+dori", records, threshold)], ft_pipe
 
 
-def _model_utility(pipe, rows: list[dict], config: DemoConfig, folder: Path) -> None:
+def _model_utility(pipe, ft_pipe, rows: list[dict], config: DemoConfig, folder: Path) -> None:
     """``utility`` per model row: shape-colour accuracy, FID with the original VAE's latents as features,
     and the retain denoising loss (:func:`dori.utility.testbed_utility`). NeMo's per-prompt neurons are
     all blocked together here (the union), a conservative reading of its utility cost."""
     from .mitigations import load_mitigation, mitigated
-    from .models import load_pipeline
     from .utility import testbed_utility
 
     by_name = {r["name"]: r for r in rows}
@@ -308,8 +308,8 @@ def _model_utility(pipe, rows: list[dict], config: DemoConfig, folder: Path) -> 
     for name in ("nemo", "wanda"):
         if name in by_name and "mitigation" in by_name[name]:
             cases.append((name, pipe, (load_mitigation(by_name[name]["mitigation"]),)))
-    if "adversarial-ft" in by_name:
-        cases.append(("adversarial-ft", load_pipeline(by_name["adversarial-ft"]["model"]), ()))
+    if ft_pipe is not None:
+        cases.append(("adversarial-ft", ft_pipe, ()))
     table = {}
     for name, model, mitigations in cases:
         with mitigated(model, *mitigations):

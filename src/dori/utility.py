@@ -127,10 +127,10 @@ def testbed_utility(pipe, *, original_vae=None, num_images: int = 60, seed: int 
     from .testbed.utility import shape_caption_accuracy
 
     folder = pipe.dori_model["location"]
-    shapes = load_prompt_set("testbed:shape", model_folder=folder).records
+    shape_set = load_prompt_set("testbed:shape", model_folder=folder)
+    shapes = shape_set.records
     pick = np.linspace(0, len(shapes) - 1, min(num_images, len(shapes))).round().astype(int)
     chosen = [shapes[i] for i in pick]
-    shape_set = load_prompt_set("testbed:shape", model_folder=folder)
     real = to_tensor(np.stack([shape_set.references[r.id] for r in chosen]))
     gens = generate(pipe, [seed + i for i in range(len(chosen))], [r.prompt for r in chosen])
     features = LatentFeatures(original_vae if original_vae is not None else pipe.vae)

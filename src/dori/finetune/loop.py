@@ -114,10 +114,10 @@ def _surrogate_stage(pipe, config: FinetuneConfig, run: RunFolder, records, refe
         else:
             given = load_reference_folder(config.surrogate, ids)
             images = to_tensor(np.stack([given[i] for i in ids]))
-            scores = score_images(descriptor, images, references).sscd_orig
-            worst = np.max([score_images(descriptor, images, [ref] * len(ids)).sscd_orig for ref in gallery], axis=0)
+            scored = score_images(descriptor, images, references, dict(enumerate(gallery)))
             rows = [{"prompt_id": r.id, "prompt": r.prompt, "seed": None, "score": float(s), "level": "given",
-                     "neurons": 0, "max_score": float(m)} for r, s, m in zip(records, scores, worst, strict=True)]
+                     "neurons": 0, "max_score": float(m)}
+                    for r, s, m in zip(records, scored.sscd_orig, scored.gallery_max, strict=True)]
             high = [row for row in rows if row["max_score"] > descriptor.threshold]
             if high:
                 raise DoriError(f"surrogate: the image for {high[0]['prompt_id']!r} replicates a memorized training "

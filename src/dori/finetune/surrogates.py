@@ -67,6 +67,7 @@ def make_surrogates(pipe, records, references: list[np.ndarray], descriptor, *, 
     stats = ActivationStatistics.compute(pipe, layers, statistics_prompts)
     from ..models import encode_prompts
 
+    known = dict(enumerate(gallery or references))  # every memorized image a surrogate must not copy
     found, images = [], []
     for record, reference in zip(records, references, strict=True):
         embeds = encode_prompts(pipe, [record.prompt])
@@ -84,9 +85,8 @@ def make_surrogates(pipe, records, references: list[np.ndarray], descriptor, *, 
         for level, selection in levels:
             with block_neurons(layers, selection):
                 gens = generate(pipe, seeds, [record.prompt] * len(seeds), config=generation)
-            own = score_images(descriptor, gens.images, [reference] * len(seeds)).sscd_orig
-            scores = np.max([score_images(descriptor, gens.images, [other] * len(seeds)).sscd_orig
-                             for other in (gallery or references)], axis=0)
+            scored = score_images(descriptor, gens.images, [reference] * len(seeds), known)
+            own, scores = scored.sscd_orig, scored.gallery_max
             below = np.nonzero(scores < descriptor.threshold)[0]
             neurons = sum(len(v) for v in selection.values())
             if len(below):
@@ -100,14 +100,12 @@ def make_surrogates(pipe, records, references: list[np.ndarray], descriptor, *, 
         pool = pool[len(found) % max(1, len(pool)):] + pool[: len(found) % max(1, len(pool))]  # distinct per record
         for prompt in pool:
             gens = generate(pipe, seeds[:2], [prompt] * 2, config=generation)
-            scores = np.max([score_images(descriptor, gens.images, [other] * 2).sscd_orig
-                             for other in (gallery or references)], axis=0)
-            below = np.nonzero(scores < descriptor.threshold)[0]
+            scored = score_images(descriptor, gens.images, [reference] * 2, known)
+            below = np.nonzero(scored.gallery_max < descriptor.threshold)[0]
             if len(below):
                 i = int(below[0])
-                own = score_images(descriptor, gens.images[i : i + 1], [reference]).sscd_orig
-                best = Surrogate(record.id, record.prompt, seeds[i], float(own[0]), f"fallback: {prompt}", 0,
-                                 float(scores[i]))
+                best = Surrogate(record.id, record.prompt, seeds[i], float(scored.sscd_orig[i]), f"fallback: {prompt}",
+                                 0, float(scored.gallery_max[i]))
                 images.append(gens.images[i])
                 break
         if best is None:
