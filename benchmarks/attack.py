@@ -85,7 +85,8 @@ def testbed(args) -> None:
           f"-> overhead ratio {t_loop / (args.steps * t_bare):.3f}")
     for early in (False, True):
         attack = dori_kowalczuk2025(pipe, descriptor, refs, initializer=init, seeds=list(range(args.seeds)),
-                                    config=AttackConfig(steps=args.steps, record_at=(), early_stop=early),
+                                    config=AttackConfig(steps=args.steps, record_at=(), early_stop=early,
+                                                        check_confirm=args.check_confirm),
                                     check_seeds=args.check_seeds)
         t0 = time.perf_counter()
         results = attack.run(items, targets)
@@ -131,6 +132,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--restarts", type=int, default=2)
     parser.add_argument("--check-seeds", type=int, default=2)
+    parser.add_argument("--check-confirm", type=int, default=1, help="consecutive passing checks before a trigger stops")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

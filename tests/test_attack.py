@@ -42,6 +42,22 @@ def test_loss_falls_and_gradients_reach_the_embedding_only(testbed_pipe, setting
     unet.eval()
 
 
+@pytest.mark.parametrize("confirm", [1, 2])
+def test_early_stop_stops_after_confirmed_checks_and_counts_them(testbed_pipe, setting, confirm):
+    """From the memorized prompt the unmitigated testbed already replicates, so every check passes:
+    triggers stop at the ``confirm``-th check, and each check's sampling is counted."""
+    prompt_set, refs, targets, descriptor = setting
+    config = AttackConfig(steps=20, record_at=(), early_stop=True, check_every=3, check_confirm=confirm)
+    attack = dori_kowalczuk2025(testbed_pipe, descriptor, refs, initializer=FromPrompt(), seeds=[0, 1], config=config,
+                                check_seeds=1)
+    results = attack.run([AttackItem(r.id, r.prompt, i) for i, r in enumerate(prompt_set.records)], targets)
+    check_cost = attack.early_check.cost
+    for r in results:
+        assert r.steps_run == 3 * confirm
+        assert r.unet_evaluations == 3 * confirm * config.pairs + confirm * check_cost
+        assert r.status == "succeeded"
+
+
 def test_constraints_project_onto_their_balls():
     torch.manual_seed(0)
     origin, y = torch.randn(3, 5, 4), torch.randn(3, 5, 4) * 10
@@ -54,6 +70,8 @@ def test_constraints_project_onto_their_balls():
 
 
 def test_bad_attack_settings():
+    with pytest.raises(DoriError, match="check_confirm"):
+        AttackConfig(check_confirm=0).validate()
     with pytest.raises(DoriError, match="steps"):
         AttackConfig(steps=0).validate()
     with pytest.raises(DoriError, match="init"):

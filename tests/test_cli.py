@@ -97,13 +97,14 @@ def test_demo_writes_summary_rows(tmp_path):
 
 
 def test_testbed_build_and_info(tmp_path):
-    result = runner.invoke(app, ["testbed", "build", "--out", str(tmp_path / "tb"), "--vae-steps", "2", "--unet-steps", "2"])
+    steps = ["--vae-steps", "2", "--unet-steps", "2", "--sparsify-steps", "2"]
+    result = runner.invoke(app, ["testbed", "build", "--out", str(tmp_path / "tb"), *steps])
     assert result.exit_code == 0, _text(result)
     assert (tmp_path / "tb" / "pipeline" / "testbed" / "descriptor.json").is_file()
     info = runner.invoke(app, ["testbed", "info", "--model", str(tmp_path / "tb" / "pipeline")])
     assert info.exit_code == 0, _text(info)
     assert all(role in info.output for role in ("memorized", "seen-once", "shape", "held-out"))
-    bad = runner.invoke(app, ["testbed", "build", "--out", str(tmp_path / "tb"), "--vae-steps", "3", "--unet-steps", "2"])
+    bad = runner.invoke(app, ["testbed", "build", "--out", str(tmp_path / "tb"), *steps[2:], "--vae-steps", "3"])
     assert bad.exit_code == 2 and "another config" in _text(bad)
 
 

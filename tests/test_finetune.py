@@ -161,10 +161,12 @@ def test_finetuned_testbed_resists_the_attack_that_breaks_nemo(tmp_path, surroga
     from dori.mitigations.nemo import NeMoConfig
 
     pipe = _fresh()
-    nemo_path, _ = run_localize(pipe, "testbed:memorized", NeMoConfig(num_seeds=4), tmp_path / "nemo", limit=1)
+    nemo_path, nemo = run_localize(pipe, "testbed:memorized", NeMoConfig(), tmp_path / "nemo", limit=1)
+    assert nemo.results[0].memorized and nemo.results[0].n_neurons() > 0
     attack = AttackRunConfig(limit=1, num_seeds=4, seed=300, attack=AttackConfig(record_at=(0, 50)))
     _, pruned = run_attack(pipe, attack.__class__(**{**attack.__dict__, "mitigations": (str(nemo_path),)}),
                            tmp_path / "attack-nemo")
+    assert pruned[0]["mr_by_step"]["0"] <= 0.25  # NeMo stops the caption itself
     assert pruned[0]["mr"] >= 0.75
     config = FinetuneConfig.testbed(limit=1, epochs=4, steps_per_epoch=6, surrogate=str(surrogate_folder))
     adversarial_finetune(pipe, config, tmp_path / "ft")

@@ -21,6 +21,18 @@ def test_manifest_and_records(tmp_path):
     assert json.loads((tmp_path / "r" / "manifest.json").read_text())["status"] == "done"
 
 
+def test_columns_of_empty_dicts_are_written(tmp_path):
+    """NeMo's record of a prompt it does not flag has empty selections: Parquet must still take them."""
+    import pandas as pd
+
+    run = RunFolder(tmp_path / "r", "localize", {})
+    run.append([{"key": "a", "initial": {}, "refined": {}, "n": 0}, {"key": "b", "initial": {}, "refined": {"x": [1]}, "n": 1}])
+    run.finalize()
+    table = pd.read_parquet(tmp_path / "r" / "records.parquet")
+    assert list(table["initial"]) == ["{}", "{}"] and list(table["n"]) == [0, 1]
+    assert list(table["refined"][1]["x"]) == [1]
+
+
 def test_a_line_cut_by_a_kill_is_dropped_and_repaired(tmp_path):
     run = RunFolder(tmp_path / "r", "evaluate", {"a": 1})
     run.append([{"key": "k1"}])

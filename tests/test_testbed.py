@@ -62,8 +62,9 @@ def test_descriptor_separates_replicas_from_other_images(testbed_pipe, descripto
 
 def _micro(**kw):
     data = TestbedDataConfig(copies_per_photo=4, seen_once=17, shapes=24, held_out_crops=2, held_out_shape_combos=2)
+    kw = {"sparsify_steps": 10, **kw}
     return TestbedTrainConfig(data=data, vae_steps=3, unet_steps=30, vae_batch_size=8, unet_batch_size=8,
-                              checkpoint_every=10, warmup_steps=2, **kw)
+                              checkpoint_every=5, warmup_steps=2, **kw)
 
 
 def test_training_lowers_the_loss_and_resumes_to_the_same_weights(tmp_path):
@@ -74,18 +75,37 @@ def test_training_lowers_the_loss_and_resumes_to_the_same_weights(tmp_path):
     unet_losses = [loss for s, loss in losses if s == "unet"]
     assert np.mean(unet_losses[-5:]) < 0.8 * np.mean(unet_losses[:5])
 
-    def interrupt(stage, step, total, loss):
-        if stage == "unet" and step == 15:
-            raise KeyboardInterrupt
+    assert [s for s, _ in losses].count("sparsify") == 10
 
-    with pytest.raises(KeyboardInterrupt):
-        train_testbed(tmp_path / "resumed", _micro(), progress=interrupt)
+    def interrupt_at(at_stage, at_step):
+        def interrupt(stage, step, total, loss):
+            if stage == at_stage and step == at_step:
+                raise KeyboardInterrupt
+        return interrupt
+
+    for stage, step in (("unet", 15), ("sparsify", 7)):  # the second resumes inside the sparsify stage
+        with pytest.raises(KeyboardInterrupt):
+            train_testbed(tmp_path / "resumed", _micro(), progress=interrupt_at(stage, step))
     resumed = train_testbed(tmp_path / "resumed", _micro())
     a = load_file(str(full / "unet" / "diffusion_pytorch_model.safetensors"))
     b = load_file(str(resumed / "unet" / "diffusion_pytorch_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    unsparsified = load_file(str(train_testbed(tmp_path / "plain", _micro(sparsify_steps=0)) / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert not all(torch.equal(a[k], unsparsified[k]) for k in a)
     with pytest.raises(ValueError, match="another config"):
         train_testbed(tmp_path / "full", _micro(seed=1))
+
+
+def test_activation_penalty_is_hoyer_sparsity():
+    from dori.testbed.train import activation_penalty
+
+    dense, one_hot = torch.ones(3, 16), torch.zeros(3, 16)
+    one_hot[:, 5] = 2.0
+    assert activation_penalty(dense, sparsity=1.0).item() == pytest.approx(1.0, abs=1e-4)
+    assert activation_penalty(one_hot, sparsity=1.0).item() == pytest.approx(0.25, abs=1e-4)  # 1/sqrt(16)
+    x = torch.randn(2, 7, 16)
+    assert activation_penalty(100 * x, sparsity=1.0).item() == pytest.approx(activation_penalty(x, sparsity=1.0).item(), rel=1e-4)
+    assert activation_penalty(x, l1=0.5).item() == pytest.approx(0.5 * x.abs().mean().item(), rel=1e-5)
 
 
 def test_shape_colour_detector_on_drawn_shapes():

@@ -69,6 +69,7 @@ def testbed_build(
     seed: Seed = 0,
     vae_steps: Annotated[int, typer.Option(help="VAE training steps.")] = 400,
     unet_steps: Annotated[int, typer.Option(help="UNet + text-encoder training steps.")] = 1500,
+    sparsify_steps: Annotated[int, typer.Option(help="Steps of the sparsity stage that makes memorization prunable (0: none).")] = 800,
     threads: Annotated[int, typer.Option(help="torch threads (the shipped build used 2).")] = 2,
     install: Annotated[bool, typer.Option("--install", help="Copy the result over the testbed shipped with the package.")] = False,
     verbose: Verbose = False,
@@ -86,10 +87,12 @@ def testbed_build(
 
     if vae_steps < 1 or unet_steps < 1:
         raise DoriError("vae_steps, unet_steps: must be >= 1")
+    if sparsify_steps < 0:
+        raise DoriError(f"sparsify_steps: must be >= 0, got {sparsify_steps}")
     if threads < 1:
         raise DoriError(f"threads: must be >= 1, got {threads}")
     torch.set_num_threads(threads)
-    config = TestbedTrainConfig(seed=seed, vae_steps=vae_steps, unet_steps=unet_steps)
+    config = TestbedTrainConfig(seed=seed, vae_steps=vae_steps, unet_steps=unet_steps, sparsify_steps=sparsify_steps)
     try:
         with _Bars() as bars:
             folder = train_testbed(out, config, progress=lambda s, k, n, loss: bars.update(s, k, n, f"loss {loss:.4f}"))
@@ -301,7 +304,8 @@ def attack(
     pairs: Annotated[int, typer.Option(help="(noise, t) pairs per step (the paper: 8).")] = 8,
     restarts: Annotated[int, typer.Option(help="Triggers per prompt.")] = 1,
     seeds: Annotated[int, typer.Option("--seeds", help="Images per trigger for the success check.")] = 10,
-    early_stop: Annotated[bool, typer.Option(help="Stop a trigger once its first-step prediction replicates.")] = False,
+    early_stop: Annotated[bool, typer.Option(help="Stop a trigger once a 5-step sample from it replicates (not in the paper).")] = False,
+    check_confirm: Annotated[int, typer.Option(help="With --early-stop: consecutive passing checks (5 steps apart) before stopping.")] = 1,
     constraint: Annotated[str, typer.Option(help="none, l2 (relative radius) or linf.")] = "none",
     radius: Annotated[float | None, typer.Option(help="Radius of the --constraint ball.")] = None,
     batch_size: Annotated[int, typer.Option(help="Triggers optimised together.")] = 8,
@@ -319,7 +323,7 @@ def attack(
 
     config = AttackRunConfig(prompts=prompts, limit=limit, init=init, other_prompt=other_prompt, restarts=restarts,
                              num_seeds=seeds, batch_size=batch_size, constraint=constraint, radius=radius,
-                             attack=AttackConfig(steps=steps, lr=lr, pairs=pairs, early_stop=early_stop,
+                             attack=AttackConfig(steps=steps, lr=lr, pairs=pairs, early_stop=early_stop, check_confirm=check_confirm,
                                                  record_at=tuple(s for s in (0, 1, 10, 25, 50) if s <= steps)),
                              mitigations=tuple(str(p) for p in mitigation or ()))
     config.validate()

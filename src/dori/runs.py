@@ -162,6 +162,10 @@ class RunFolder:
 
         records = sorted(self.records(), key=lambda r: r["key"])
         table = pd.DataFrame.from_records(records)
+        for column in table.columns:  # Parquet has no struct without fields: keep all-empty dicts as JSON text
+            values = [v for v in table[column] if v is not None]
+            if values and all(isinstance(v, dict) and not v for v in values):
+                table[column] = [None if v is None else "{}" for v in table[column]]
         out = self.path / "records.parquet"
         table.to_parquet(out, index=False)
         if summary is not None:

@@ -30,6 +30,9 @@ class AttackConfig:
     check_every: int = 5
     check_margin: float = 0.1
     """The early check must clear the replication threshold by this much."""
+    check_confirm: int = 1
+    """Consecutive passing checks before a trigger stops (2: it keeps optimising ``check_every`` more
+    steps after the first pass and must pass again, which weeds out triggers that only just pass)."""
     seed: int = 0
 
     def validate(self) -> None:
@@ -39,6 +42,8 @@ class AttackConfig:
             raise DoriError(f"lr: must be > 0, got {self.lr}")
         if self.pairs < 1:
             raise DoriError(f"pairs: must be >= 1, got {self.pairs}")
+        if self.check_every < 1 or self.check_confirm < 1:
+            raise DoriError(f"check_every, check_confirm: must be >= 1, got {self.check_every}, {self.check_confirm}")
         if any(s < 0 or s > self.steps for s in self.record_at):
             raise DoriError(f"record_at: every step must be in [0, {self.steps}], got {self.record_at}")
 
@@ -148,6 +153,7 @@ class EmbeddingAttack:
         active = torch.ones(n, dtype=torch.bool)
         stopped_at = [cfg.steps] * n
         evals = np.zeros(n, dtype=int)
+        passes = np.zeros(n, dtype=int)
         mr_by_step = [dict() for _ in range(n)]
         sscd_by_step = [dict() for _ in range(n)]
         first_loss = np.full(n, np.nan)
@@ -183,7 +189,9 @@ class EmbeddingAttack:
                     checks = self.early_check(y.detach()[idx], [which[i] for i in idx])
                     evals[idx] += self.early_check.cost
                     for j, i in enumerate(idx):
-                        if checks[j] > self.success.descriptor.threshold + cfg.check_margin:
+                        passed = checks[j] > self.success.descriptor.threshold + cfg.check_margin
+                        passes[i] = passes[i] + 1 if passed else 0
+                        if passes[i] >= cfg.check_confirm:
                             active[i] = False
                             stopped_at[i] = step
                 if step in cfg.record_at:
