@@ -132,7 +132,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--restarts", type=int, default=2)
     parser.add_argument("--check-seeds", type=int, default=2)
-    parser.add_argument("--check-confirm", type=int, default=1, help="consecutive passing checks before a trigger stops")
+    parser.add_argument("--check-confirm", type=int, default=2, help="consecutive passing checks before a trigger stops")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -305,7 +305,7 @@ def attack(
     restarts: Annotated[int, typer.Option(help="Triggers per prompt.")] = 1,
     seeds: Annotated[int, typer.Option("--seeds", help="Images per trigger for the success check.")] = 10,
     early_stop: Annotated[bool, typer.Option(help="Stop a trigger once a 5-step sample from it replicates (not in the paper).")] = False,
-    check_confirm: Annotated[int, typer.Option(help="With --early-stop: consecutive passing checks (5 steps apart) before stopping.")] = 1,
+    check_confirm: Annotated[int, typer.Option(help="With --early-stop: consecutive passing checks (5 steps apart) before stopping.")] = 2,
     constraint: Annotated[str, typer.Option(help="none, l2 (relative radius) or linf.")] = "none",
     radius: Annotated[float | None, typer.Option(help="Radius of the --constraint ball.")] = None,
     batch_size: Annotated[int, typer.Option(help="Triggers optimised together.")] = 8,

@@ -30,7 +30,7 @@ class AttackConfig:
     check_every: int = 5
     check_margin: float = 0.1
     """The early check must clear the replication threshold by this much."""
-    check_confirm: int = 1
+    check_confirm: int = 2
     """Consecutive passing checks before a trigger stops (2: it keeps optimising ``check_every`` more
     steps after the first pass and must pass again, which weeds out triggers that only just pass)."""
     seed: int = 0

@@ -11,7 +11,7 @@ from .parts import DiffusionLoss, FromPrompt, L2Ball, LinfBall, NoConstraint, Re
 
 def dori_kowalczuk2025(pipe, descriptor, references: list[np.ndarray], *, initializer=None, seeds: list[int] | None = None,
                        generation: GenerationConfig | None = None, config: AttackConfig | None = None,
-                       constraint: str | None = None, radius: float | None = None, check_seeds: int = 1,
+                       constraint: str | None = None, radius: float | None = None, check_seeds: int = 2,
                        check_steps: int = 5) -> EmbeddingAttack:
     """Dori / DoRI (Kowalczuk, Hintersdorf, Struppek, Kersting, Dziedzic, Boenisch; arXiv 2507.16880, ICML 2026).
 
