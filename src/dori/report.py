@@ -149,9 +149,10 @@ def _table1(rows: list[dict]) -> dict:
         similarity = mean if DASH in (mean, std) else f"{mean} \u00b1 {std}"
         values = row.get("utility") if isinstance(row.get("utility"), dict) else {}
         body.append([format_value(row.get("name")), format_value(row.get("n")), similarity,
-                     format_value(row.get("mr")), format_value(row["paper_mr"]) if "paper_mr" in row else "",
+                     format_value(row.get("mr")), format_value(row["mr_gallery"]) if "mr_gallery" in row else "",
+                     format_value(row["paper_mr"]) if "paper_mr" in row else "",
                      *(format_value(values[k]) if k in values else "" for k in utility)])
-    return _table(["setting", "n", "similarity mean \u00b1 std", "MR", "paper MR", *utility], body)
+    return _table(["setting", "n", "similarity mean \u00b1 std", "MR", "MR, any memorized photo", "paper MR", *utility], body)
 
 
 def _summary_section(run_dir: Path) -> dict | None:
