@@ -160,24 +160,29 @@ def test_both_mitigations_cut_replication_on_the_testbed(testbed_pipe, tmp_path,
     memorized = load_prompt_set("testbed:memorized", model_folder=folder)
     seeds = list(range(100, 108))
 
-    def mr(records, *mitigations) -> float:
-        hits = []
+    def hits(records, *mitigations) -> dict[str, np.ndarray]:
+        """Per memorized photo, which seeds' images replicate it."""
+        out = {}
         for record in records:
             with mitigated(testbed_pipe, *mitigations, prompt=record.prompt):
                 images = generate(testbed_pipe, seeds, [record.prompt] * len(seeds)).images
             scores = score_images(descriptor, images, [memorized.references[record.id]] * len(seeds))
-            hits.extend(scores.sscd_orig > descriptor.threshold)
-        return float(np.mean(hits))
+            out[record.id] = scores.sscd_orig > descriptor.threshold
+        return out
+
+    def mr(by_photo: dict[str, np.ndarray], ids=None) -> float:
+        return float(np.mean([by_photo[i] for i in (ids or by_photo)]))
 
     records = memorized.records
     prompts = [r.prompt for r in records]
     nemo = NeMo.localize(testbed_pipe, prompts, NeMoConfig(), statistics_prompts=statistics_prompts(None, str(folder)))
     flagged = [r for r, res in zip(records, nemo.results, strict=True) if res.memorized]
     wanda = Wanda.calibrate(testbed_pipe, prompts, WandaConfig(), scope="per-prompt")
-    before = mr(records)
+    plain = hits(records)
+    before = mr(plain)
     assert before >= 0.9
     assert len(flagged) >= 3 and all(res.n_neurons() <= 64 for res in nemo.results)  # of 320 value neurons
-    assert mr(flagged, nemo) <= mr(flagged) / 3
-    assert mr(records, wanda) <= before / 2
+    assert mr(hits(flagged, nemo)) <= mr(plain, [r.id for r in flagged]) / 3
+    assert mr(hits(records, wanda)) <= before / 2
     assert all(v < 0.05 for p in prompts for v in wanda.sparsity_per_layer(p).values())
-    assert mr(records) == before
+    assert mr(hits(records)) == before

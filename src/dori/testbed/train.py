@@ -378,10 +378,10 @@ def train_testbed(out: str | Path, config: TestbedTrainConfig | None = None,
     stages = [_Stage("unet", config.unet_steps, config.unet_lr, config.warmup_steps, l1=config.activation_l1)]
     if config.sparsify_steps:
         stages.append(_Stage("sparsify", config.sparsify_steps, config.sparsify_lr, 20, sparsity=config.sparsify_weight))
-    for stage in stages:
-        ckpt = _Checkpoints(out / "checkpoints", stage.name)
-        if stage.name == "unet" and config.sparsify_steps and _Checkpoints(out / "checkpoints", "sparsify").latest():
-            continue  # the sparsify stage's checkpoints hold the weights from here on
+    ckpts = [_Checkpoints(out / "checkpoints", stage.name) for stage in stages]
+    # resume at the last stage that has a checkpoint: it holds the weights of every stage before it
+    first = max((i for i, ckpt in enumerate(ckpts) if ckpt.latest()), default=0)
+    for stage, ckpt in zip(stages[first:], ckpts[first:], strict=True):
         _train_unet(components, latents, token_ids, index, empty_ids, config, stage, ckpt, progress)
     t_total = time.perf_counter() - t0
 
