@@ -108,6 +108,24 @@ def test_testbed_build_and_info(tmp_path):
     assert bad.exit_code == 2 and "another config" in _text(bad)
 
 
+def test_ablate_writes_a_mitigation_that_evaluate_applies(tmp_path):
+    out = tmp_path / "ffn"
+    result = runner.invoke(app, ["ablate", "--layer", "*ff.net.2", "--out", str(out)])
+    assert result.exit_code == 0, _text(result)
+    assert "mid_block.attentions.0.transformer_blocks.0.ff.net.2" in result.output
+    assert json.loads((tmp_path / "ffn.json").read_text()) == {"kind": "ablation", "scope": "set",
+                                                                "layers": ["*ff.net.2"], "factor": 0.0}
+    again = runner.invoke(app, ["ablate", "--out", str(out)])
+    assert again.exit_code == 2 and "--overwrite" in _text(again)
+    bad = runner.invoke(app, ["ablate", "--layer", "*no.such", "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "layers" in _text(bad) and not (tmp_path / "bad.safetensors").exists()
+    run = tmp_path / "run"
+    evaluated = runner.invoke(app, ["evaluate", "--prompts", "testbed:memorized", "--limit", "1", "--seeds", "1",
+                                    "--steps", "2", "--mitigation", str(tmp_path / "ffn.safetensors"), "--out", str(run)])
+    assert evaluated.exit_code == 0, _text(evaluated)
+    assert json.loads((run / "manifest.json").read_text())["config"]["mitigations_resolved"][0]["name"] == "ablation"
+
+
 def test_finetune_command_runs_and_refuses_bad_input(tmp_path):
     from PIL import Image
 

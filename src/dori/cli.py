@@ -290,6 +290,40 @@ def prune(
     console.print(f"mitigation: [bold]{path}[/]" + (f"; pruned pipeline: [bold]{bake}[/]" if bake else ""))
 
 
+@app.command("ablate")
+@handle_errors
+def ablate(
+    layer: Annotated[list[str] | None, typer.Option("--layer", "-l", help="Glob of UNet linears to ablate; repeatable (default '*ff.net.2', Wanda's layers; '*attn2.to_v' for NeMo's).")] = None,
+    factor: Annotated[float, typer.Option(help="Scale of their weights (0 zeroes them).")] = 0.0,
+    model: Model = "testbed",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Mitigation file to write (.safetensors plus a .json sidecar).")] = Path("ablation.safetensors"),
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing file.")] = False,
+    verbose: Verbose = False,
+) -> None:
+    """Whole-layer ablation: what is left when every weight a pruning method could touch is gone (a diagnostic for dori evaluate --mitigation)."""
+    _setup(verbose)
+    from .errors import DoriError
+    from .mitigations.ablation import LayerAblation
+    from .models import load_pipeline
+
+    ablation = LayerAblation(tuple(layer or ("*ff.net.2",)), factor)
+    path = out.with_suffix(".safetensors")
+    if path.exists() and not overwrite:
+        raise DoriError(f"out: {path} exists; pass --overwrite to replace it")
+    layers = ablation.matched(load_pipeline(model))
+    ablation.save(path)
+    from rich.table import Table
+
+    table = Table(title=f"Layers scaled by {factor:g} on {model}")
+    table.add_column("layer")
+    table.add_column("weights", justify="right")
+    for name, module in layers.items():
+        table.add_row(name, f"{module.weight.numel():,}")
+    console = _console()
+    console.print(table)
+    console.print(f"mitigation: [bold]{path}[/] (use with dori evaluate --mitigation)")
+
+
 # -- attack -------------------------------------------------------------------------------------------
 @app.command("attack")
 @handle_errors

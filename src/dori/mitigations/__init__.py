@@ -1,4 +1,5 @@
-"""Mitigations that assume memorization is local: NeMo (value neurons) and Wanda (FFN weights)."""
+"""Mitigations that assume memorization is local: NeMo (value neurons) and Wanda (FFN weights),
+and the whole-layer ablation that bounds what either can do."""
 
 from .base import Handle, Mitigation, load_mitigation, mitigated
 

@@ -103,4 +103,8 @@ def load_mitigation(path: str | Path) -> Mitigation:
         from .wanda import Wanda
 
         return Wanda.load(path)
-    raise DoriError(f"mitigation: {meta} has unknown kind {kind!r} (expected nemo or wanda)")
+    if kind == "ablation":
+        from .ablation import LayerAblation
+
+        return LayerAblation.load(path)
+    raise DoriError(f"mitigation: {meta} has unknown kind {kind!r} (expected nemo, wanda or ablation)")
