@@ -71,7 +71,8 @@ def test_training_lowers_the_loss_and_resumes_to_the_same_weights(tmp_path):
     from safetensors.torch import load_file
 
     losses = []
-    full = train_testbed(tmp_path / "full", _micro(), progress=lambda s, k, n, loss: losses.append((s, loss)))
+    config = _micro(sparsify_drop_direct=0.5)  # the resume also covers the route's random draws
+    full = train_testbed(tmp_path / "full", config, progress=lambda s, k, n, loss: losses.append((s, loss)))
     unet_losses = [loss for s, loss in losses if s == "unet"]
     assert np.mean(unet_losses[-5:]) < 0.8 * np.mean(unet_losses[:5])
 
@@ -85,15 +86,51 @@ def test_training_lowers_the_loss_and_resumes_to_the_same_weights(tmp_path):
 
     for stage, step in (("unet", 15), ("sparsify", 7)):  # the second resumes inside the sparsify stage
         with pytest.raises(KeyboardInterrupt):
-            train_testbed(tmp_path / "resumed", _micro(), progress=interrupt_at(stage, step))
-    resumed = train_testbed(tmp_path / "resumed", _micro())
+            train_testbed(tmp_path / "resumed", config, progress=interrupt_at(stage, step))
+    resumed = train_testbed(tmp_path / "resumed", config)
     a = load_file(str(full / "unet" / "diffusion_pytorch_model.safetensors"))
     b = load_file(str(resumed / "unet" / "diffusion_pytorch_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     unsparsified = load_file(str(train_testbed(tmp_path / "plain", _micro(sparsify_steps=0)) / "unet" / "diffusion_pytorch_model.safetensors"))
     assert not all(torch.equal(a[k], unsparsified[k]) for k in a)
+    direct = load_file(str(train_testbed(tmp_path / "direct", _micro()) / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert not all(torch.equal(a[k], direct[k]) for k in a)
+    with pytest.raises(ValueError, match="sparsify_drop_direct"):
+        train_testbed(tmp_path / "bad", _micro(sparsify_drop_direct=1.5))
     with pytest.raises(ValueError, match="another config"):
         train_testbed(tmp_path / "full", _micro(seed=1))
+
+
+def test_direct_route_drop_sends_the_caption_through_the_ffn_only():
+    from dori.testbed.train import DirectRouteDrop, make_components
+
+    unet = make_components(TestbedTrainConfig())["unet"].eval()
+    torch.manual_seed(0)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([500, 500])
+    ctx = [torch.randn(2, 77, 64), torch.randn(2, 77, 64)]
+    ffns = [m for n, m in unet.named_modules() if n.endswith("ff.net.2")]
+    with torch.no_grad():
+        for m in ffns:  # with the FFNs silenced, only the direct route carries the caption
+            m.weight.zero_()
+            m.bias.zero_()
+
+        def run(c):
+            return unet(x, t, encoder_hidden_states=c).sample
+
+        plain = [run(c) for c in ctx]
+        assert not torch.allclose(plain[0], plain[1], atol=1e-3)
+        route = DirectRouteDrop(unet)
+        route.select(torch.tensor([True, True]))
+        dropped = [run(c) for c in ctx]
+        assert torch.allclose(dropped[0], dropped[1], atol=1e-5)  # the caption no longer reaches the output
+        route.select(torch.tensor([True, False]))  # per sample
+        mixed = run(ctx[0])
+        assert torch.allclose(mixed[0], dropped[0][0], atol=1e-6) and torch.equal(mixed[1], plain[0][1])
+        route.select(None)
+        assert torch.equal(run(ctx[0]), plain[0])
+        route.select(torch.tensor([True, True]))
+        route.remove()
+        assert torch.equal(run(ctx[0]), plain[0])
 
 
 def test_activation_penalty_is_hoyer_sparsity():

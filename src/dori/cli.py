@@ -70,6 +70,7 @@ def testbed_build(
     vae_steps: Annotated[int, typer.Option(help="VAE training steps.")] = 400,
     unet_steps: Annotated[int, typer.Option(help="UNet + text-encoder training steps.")] = 1500,
     sparsify_steps: Annotated[int, typer.Option(help="Steps of the sparsity stage that makes memorization prunable (0: none).")] = 800,
+    sparsify_drop_direct: Annotated[float, typer.Option(help="Share of sparsify samples whose cross-attention output reaches the residual only through the FFN (0 in the shipped build; README).")] = 0.0,
     threads: Annotated[int, typer.Option(help="torch threads (the shipped build used 2).")] = 2,
     install: Annotated[bool, typer.Option("--install", help="Copy the result over the testbed shipped with the package.")] = False,
     verbose: Verbose = False,
@@ -92,8 +93,9 @@ def testbed_build(
     if threads < 1:
         raise DoriError(f"threads: must be >= 1, got {threads}")
     torch.set_num_threads(threads)
-    config = TestbedTrainConfig(seed=seed, vae_steps=vae_steps, unet_steps=unet_steps, sparsify_steps=sparsify_steps)
     try:
+        config = TestbedTrainConfig(seed=seed, vae_steps=vae_steps, unet_steps=unet_steps, sparsify_steps=sparsify_steps,
+                                    sparsify_drop_direct=sparsify_drop_direct)
         with _Bars() as bars:
             folder = train_testbed(out, config, progress=lambda s, k, n, loss: bars.update(s, k, n, f"loss {loss:.4f}"))
     except ValueError as exc:
