@@ -86,16 +86,13 @@ def testbed_build(
     from .testbed.check import calibrate_folder
     from .testbed.train import TestbedTrainConfig, train_testbed
 
-    if vae_steps < 1 or unet_steps < 1:
-        raise DoriError("vae_steps, unet_steps: must be >= 1")
-    if sparsify_steps < 0:
-        raise DoriError(f"sparsify_steps: must be >= 0, got {sparsify_steps}")
     if threads < 1:
         raise DoriError(f"threads: must be >= 1, got {threads}")
     torch.set_num_threads(threads)
-    try:
+    try:  # the config's own validation names the bad field; train_testbed raises ValueError for a mismatched --out
         config = TestbedTrainConfig(seed=seed, vae_steps=vae_steps, unet_steps=unet_steps, sparsify_steps=sparsify_steps,
                                     sparsify_drop_direct=sparsify_drop_direct)
+        config.validate()
         with _Bars() as bars:
             folder = train_testbed(out, config, progress=lambda s, k, n, loss: bars.update(s, k, n, f"loss {loss:.4f}"))
     except ValueError as exc:
