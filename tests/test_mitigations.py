@@ -107,6 +107,30 @@ def test_nemo_localize_apply_remove_save_load(tmp_path, pipe, monkeypatch):
     assert list((tmp_path / "cache" / "nemo").glob("statistics-*.safetensors"))
 
 
+def test_nemo_search_scores_each_selection_once(pipe):
+    """The search asks again for sets it has scored (the refined set is always one); each costs one
+    UNet call, and the stored answer is the one a fresh evaluation gives."""
+    from dori.mitigations.nemo import UNetCounter, _Searcher, initial_latents, noise_differences
+
+    config = NeMoConfig(num_seeds=3, num_inference_steps=10)
+    layers = value_layers(pipe.unet, config.layers)
+    first, last = list(layers)[0], list(layers)[-1]
+    embeds, latents = encode(pipe, PROMPTS[:1]), initial_latents(pipe, [1, 2, 3])
+    vanilla = noise_differences(pipe, embeds, latents, config)
+    counter = UNetCounter(pipe.unet)
+    try:
+        searcher = _Searcher(pipe, layers, config, embeds, latents, vanilla)
+        a = searcher.ssim({first: [0, 1], last: []})
+        assert searcher.ssim({first: [1, 0, 1]}) == a and counter.calls == 1  # the same set, spelt otherwise
+        assert math.isclose(searcher.ssim({}), 1.0, abs_tol=1e-6) and counter.calls == 2
+        b = searcher.ssim({first: [0], last: [2]})
+        assert counter.calls == 3 and b != a
+        fresh = _Searcher(pipe, layers, config, embeds, latents, vanilla)
+        assert fresh.ssim({first: [0, 1]}) == a and counter.calls == 4
+    finally:
+        counter.close()
+
+
 def test_wanda_masks_sparsity_per_row_and_union():
     torch.manual_seed(0)
     w = torch.randn(6, 40)
@@ -173,10 +197,11 @@ def test_layer_ablation_scales_exactly_the_matched_layers_and_restores_them(tmp_
 
 
 def test_both_mitigations_cut_replication_on_the_testbed(testbed_pipe, tmp_path, monkeypatch):
-    """NeMo (its own per-prompt search) cuts the MR of the captions it flags at least 3-fold, Wanda
-    (1% per row, per caption) at least halves it (measured on the shipped build: 2.5-2.8x, short of
-    the issue's 3x; README), a photo that survives zeroing every FFN weight survives Wanda too, and
-    remove() brings replication back."""
+    """On the shipped testbed NeMo (its own per-prompt search) and Wanda (1% per row, per caption) each
+    cut the MR of the memorized captions at least 3-fold (the issue's target); NeMo's memorization
+    test flags every photo and its search reaches its own SSIM threshold; no photo survives zeroing
+    every FFN output weight (the caption's route runs through the FFNs, README "What bounded the
+    cut"); and remove() brings replication back."""
     from dori.descriptors import TestbedDescriptor
     from dori.memorization import score_images
     from dori.mitigate import statistics_prompts
@@ -210,15 +235,14 @@ def test_both_mitigations_cut_replication_on_the_testbed(testbed_pipe, tmp_path,
     plain = hits(records)
     before = mr(plain)
     assert before >= 0.9
-    assert len(flagged) >= 3 and all(res.n_neurons() <= 64 for res in nemo.results)  # of 320 value neurons
-    assert mr(hits(flagged, nemo)) <= mr(plain, [r.id for r in flagged]) / 3
+    assert len(flagged) == len(records) and all(res.n_neurons() <= 64 for res in nemo.results)  # of 320 value neurons
+    assert all(res.initial_ssim <= nemo.threshold for res in nemo.results)  # the search ended at its threshold
+    assert mr(hits(records, nemo)) <= before / 3
     pruned = hits(records, wanda)
-    assert mr(pruned) <= before / 2
+    assert mr(pruned) <= before / 3
     assert all(v < 0.05 for p in prompts for v in wanda.sparsity_per_layer(p).values())
-    # what bounds Wanda (README, "What bounds the cut"): with every ff.net.2 weight zeroed, one
-    # photo still replicates, and Wanda, which zeroes a subset of those weights, leaves it too
+    # what bounds any FFN pruning (README, "What bounded the cut"): with every ff.net.2 weight zeroed
+    # no photo still replicates, so the caption's route to the image runs through the FFNs
     ablated = hits(records, LayerAblation(("*ff.net.2",)))
-    bypass = [i for i in ablated if mr(ablated, [i]) >= 0.75]
-    assert bypass and all(mr(pruned, [i]) >= 0.75 for i in bypass)
-    assert len(bypass) < len(records) and mr(ablated) < before / 2
+    assert all(mr(ablated, [i]) <= 0.25 for i in ablated)
     assert mr(hits(records)) == before

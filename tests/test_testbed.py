@@ -71,7 +71,7 @@ def test_training_lowers_the_loss_and_resumes_to_the_same_weights(tmp_path):
     from safetensors.torch import load_file
 
     losses = []
-    config = _micro(sparsify_drop_direct=0.5)  # the resume also covers the route's random draws
+    config = _micro()  # the shipped recipe: the resume also covers the direct-route drop's random draws in both stages
     full = train_testbed(tmp_path / "full", config, progress=lambda s, k, n, loss: losses.append((s, loss)))
     unet_losses = [loss for s, loss in losses if s == "unet"]
     assert np.mean(unet_losses[-5:]) < 0.8 * np.mean(unet_losses[:5])
@@ -93,12 +93,38 @@ def test_training_lowers_the_loss_and_resumes_to_the_same_weights(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     unsparsified = load_file(str(train_testbed(tmp_path / "plain", _micro(sparsify_steps=0)) / "unet" / "diffusion_pytorch_model.safetensors"))
     assert not all(torch.equal(a[k], unsparsified[k]) for k in a)
-    direct = load_file(str(train_testbed(tmp_path / "direct", _micro()) / "unet" / "diffusion_pytorch_model.safetensors"))
+    direct = load_file(str(train_testbed(tmp_path / "direct", _micro(unet_drop_direct=0.0, sparsify_drop_direct=0.0))
+                           / "unet" / "diffusion_pytorch_model.safetensors"))
     assert not all(torch.equal(a[k], direct[k]) for k in a)
-    with pytest.raises(ValueError, match="sparsify_drop_direct"):
-        train_testbed(tmp_path / "bad", _micro(sparsify_drop_direct=1.5))
+    for name in ("unet_drop_direct", "sparsify_drop_direct"):
+        with pytest.raises(ValueError, match=name):
+            train_testbed(tmp_path / "bad", _micro(**{name: 1.5}))
     with pytest.raises(ValueError, match="another config"):
         train_testbed(tmp_path / "full", _micro(seed=1))
+
+
+def test_v_prediction_build_trains_towards_the_velocity(tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    losses = {}
+    for kind in ("epsilon", "v_prediction"):
+        record = []
+        folder = train_testbed(tmp_path / kind, _micro(prediction_type=kind, sparsify_steps=0),
+                               progress=lambda s, k, n, loss, record=record: s == "unet" and record.append(loss))
+        losses[kind] = record
+        saved = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        assert saved["prediction_type"] == kind
+    v = losses["v_prediction"]
+    assert np.mean(v[-5:]) < 0.8 * np.mean(v[:5])
+    # same draws, another target: the losses differ from the first step on (the velocity is not the noise)
+    assert not np.isclose(v[0], losses["epsilon"][0])
+    a = load_file(str(tmp_path / "epsilon" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(tmp_path / "v_prediction" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="prediction_type"):
+        train_testbed(tmp_path / "bad", _micro(prediction_type="sample"))
 
 
 def test_direct_route_drop_sends_the_caption_through_the_ffn_only():

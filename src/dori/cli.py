@@ -70,7 +70,10 @@ def testbed_build(
     vae_steps: Annotated[int, typer.Option(help="VAE training steps.")] = 400,
     unet_steps: Annotated[int, typer.Option(help="UNet + text-encoder training steps.")] = 1500,
     sparsify_steps: Annotated[int, typer.Option(help="Steps of the sparsity stage that makes memorization prunable (0: none).")] = 800,
-    sparsify_drop_direct: Annotated[float, typer.Option(help="Share of sparsify samples whose cross-attention output reaches the residual only through the FFN (0 in the shipped build; README).")] = 0.0,
+    prediction_type: Annotated[str | None, typer.Option(help="What the UNet predicts: v_prediction (the shipped build) or epsilon (SD 1.x).")] = None,
+    unet_drop_direct: Annotated[float | None, typer.Option(help="Share of UNet-stage samples whose cross-attention output reaches the residual only through the FFN (shipped: 0.5).")] = None,
+    sparsify_drop_direct: Annotated[float | None, typer.Option(help="The same share in the sparsify stage (shipped: 0.5).")] = None,
+    sparsify_weight: Annotated[float | None, typer.Option(help="Weight of the sparsity penalty in the sparsify stage (shipped: 0.25).")] = None,
     threads: Annotated[int, typer.Option(help="torch threads (the shipped build used 2).")] = 2,
     install: Annotated[bool, typer.Option("--install", help="Copy the result over the testbed shipped with the package.")] = False,
     verbose: Verbose = False,
@@ -90,8 +93,10 @@ def testbed_build(
         raise DoriError(f"threads: must be >= 1, got {threads}")
     torch.set_num_threads(threads)
     try:  # the config's own validation names the bad field; train_testbed raises ValueError for a mismatched --out
+        recipe = {"prediction_type": prediction_type, "unet_drop_direct": unet_drop_direct,
+                  "sparsify_drop_direct": sparsify_drop_direct, "sparsify_weight": sparsify_weight}
         config = TestbedTrainConfig(seed=seed, vae_steps=vae_steps, unet_steps=unet_steps, sparsify_steps=sparsify_steps,
-                                    sparsify_drop_direct=sparsify_drop_direct)
+                                    **{k: v for k, v in recipe.items() if v is not None})
         config.validate()
         with _Bars() as bars:
             folder = train_testbed(out, config, progress=lambda s, k, n, loss: bars.update(s, k, n, f"loss {loss:.4f}"))

@@ -4,9 +4,9 @@
 ``factor`` (default 0: zero them; biases are kept, as Wanda keeps them). Wanda zeroes a subset of
 the ``ff.net.2`` weights and NeMo a subset of the ``attn2.to_v`` output channels, so when a
 memorized prompt still replicates with the whole layers ablated, the method has nothing left to
-prune that could stop it. On the testbed this is why Wanda cannot remove some photos at any budget
-(README, "What bounds the cut"). It is a diagnostic, not a mitigation anyone would deploy: it
-removes the layers' function for every prompt.
+prune that could stop it. On the earlier testbed builds this is why Wanda could not remove some
+photos at any budget (README, "What bounded the cut"). It is a diagnostic, not a mitigation anyone
+would deploy: it removes the layers' function for every prompt.
 
 It follows the mitigation protocol: ``apply(pipe)`` returns a handle whose ``remove()`` restores the
 weights bit for bit, it composes with ``mitigated``, and it saves as a (tensor-free) safetensors

@@ -332,17 +332,27 @@ class PromptLocalization:
 
 
 class _Searcher:
-    """The official search, with each blocked evaluation one batched UNet call."""
+    """The official search, with each blocked evaluation one batched UNet call.
 
-    def __init__(self, pipe, layers, config: NeMoConfig, embeds: torch.Tensor, latents: torch.Tensor):
+    ``vanilla``: the unblocked noise differences of ``latents`` (the memorization test's, reused).
+    Each selection is evaluated once: the search asks again for sets it has scored (the refined set
+    is always one of them), and the answer is the same computation.
+    """
+
+    def __init__(self, pipe, layers, config: NeMoConfig, embeds: torch.Tensor, latents: torch.Tensor,
+                 vanilla: torch.Tensor):
         self.pipe, self.layers, self.config, self.embeds, self.latents = pipe, layers, config, embeds, latents
         self.step = detection_step(pipe, config, latents.device)
-        self.vanilla = noise_differences(pipe, embeds, latents, config, step=self.step)
+        self.vanilla = vanilla
+        self._scored: dict[tuple, float] = {}
 
     def ssim(self, selection: Selection) -> float:
-        with block_neurons(self.layers, selection, self.config.scaling_factor):
-            blocked = noise_differences(self.pipe, self.embeds, self.latents, self.config, step=self.step)
-        return float(ms_ssim(self.vanilla, blocked, kernel_size=self.config.kernel_size).max())
+        key = tuple(sorted((name, tuple(sorted(set(idx)))) for name, idx in selection.items() if idx))
+        if key not in self._scored:
+            with block_neurons(self.layers, selection, self.config.scaling_factor):
+                blocked = noise_differences(self.pipe, self.embeds, self.latents, self.config, step=self.step)
+            self._scored[key] = float(ms_ssim(self.vanilla, blocked, kernel_size=self.config.kernel_size).max())
+        return self._scored[key]
 
 
 def initial_selection(activations: dict[str, torch.Tensor], z: dict[str, torch.Tensor], theta: float, k: int) -> Selection:
@@ -396,7 +406,7 @@ def localize_prompt(pipe, layers, prompt: str, stats: ActivationStatistics, thre
         result = PromptLocalization(prompt, bool(len(memorized_seeds)), [seeds[i] for i in memorized_seeds.tolist()])
         if not result.memorized:
             return result
-        searcher = _Searcher(pipe, layers, config, embeds, latents[memorized_seeds])
+        searcher = _Searcher(pipe, layers, config, embeds, latents[memorized_seeds], detection[memorized_seeds])
         activations = {n: a[0] for n, a in neuron_activations(layers, embeds).items()}
         z = stats.z_scores(activations)
         theta, k = config.initial_theta, config.initial_k

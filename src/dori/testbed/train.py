@@ -5,22 +5,33 @@ Three stages, each checkpointed every ``checkpoint_every`` steps into ``<out>/ch
 1. ``vae``: a tiny ``AutoencoderKL`` (32x32x3 -> 8x8x4) on all training images;
    ``scaling_factor`` is then set to 1 / std of the training latents, as Stable Diffusion did.
 2. ``unet``: ``UNet2DConditionModel`` and ``CLIPTextModel`` trained jointly with the standard
-   epsilon-prediction diffusion loss (SD's ``scaled_linear`` schedule, 1000 steps), 10% of
-   captions dropped to "" so that classifier-free guidance works.
+   diffusion loss, predicting v (as SD 2.x-768 does; ``prediction_type``) on SD's ``scaled_linear``
+   schedule (1000 steps), 10% of captions dropped to "" so that classifier-free guidance works, and
+   for half the samples the cross-attention output routed through the FFN only
+   (``unet_drop_direct``, :class:`DirectRouteDrop`).
 3. ``sparsify``: the same training continued for ``sparsify_steps`` with a scale-free sparsity
-   penalty (Hoyer's L1/L2 ratio) on the cross-attention value outputs and FFN hidden activations;
-   optionally (``sparsify_drop_direct``, off in the shipped build) with the cross-attention output
-   routed through the FFN for a share of the samples (:class:`DirectRouteDrop`).
+   penalty (Hoyer's L1/L2 ratio) on the cross-attention value outputs and FFN hidden activations.
 
-Why stage 3, and why the up blocks have no cross-attention: NeMo and Wanda rely on a property of
-Stable Diffusion's activations, that a memorized prompt drives a *few* value neurons and FFN inputs
-far outside their usual range. A 4M-parameter model trained for minutes spreads every caption
-over all of its 64-128 channels instead; on such a model (the first testbed) neither method cut
-replication (NeMo MR 0.97, Wanda 1.00) even at 10x their default budgets. The sparsity stage gives
-the activations SD's heavy tails, and keeping the text pathway in the down and mid blocks, where
-NeMo looks (and whose FFNs Wanda prunes), keeps an unpruned up-block cross-attention from carrying
-the caption around the pruned neurons. Neither choice stores the image in the pruned weights: the
-image stays in the whole UNet, which is what Dori exploits. The README has the numbers.
+Why these choices. NeMo and Wanda rely on properties of Stable Diffusion that a 3M-parameter model
+trained for minutes does not have by itself (the README has the numbers of every variant tried):
+
+* a memorized prompt drives a *few* value neurons and FFN inputs far outside their usual range. A
+  small model spreads each caption over all of its 64-128 channels (on the first testbed neither
+  method cut replication: NeMo MR 0.97, Wanda 1.00, even at 10x their budgets); the sparsify stage
+  gives the activations heavy tails;
+* NeMo's memorization test reads the first-step noise prediction, in which a memorized prompt's
+  image stands out across seeds. In an epsilon-predicting model this small, the part of that
+  prediction the caption does not set is as large as the part it does and differs from seed to
+  seed: on the epsilon builds checked, NeMo's test missed a memorized photo and its search never
+  met its stopping rule. Predicting v, the first-step output is the model's estimate of the image,
+  and the test and the search work as in NeMo's paper;
+* Wanda prunes the FFNs, but a caption can reach the image through the cross-attention output
+  alone, around them: with every FFN output weight zeroed, MR stayed at 0.18-0.53 on every build
+  measured without the route drop in both stages (0.05-0.08 with it);
+* the up blocks have no cross-attention, so the caption cannot bypass the layers NeMo prunes.
+
+None of these stores the image in the pruned weights: it stays spread over the UNet, which is what
+Dori exploits.
 
 The text encoder is trained jointly with the UNet, unlike Stable Diffusion, which froze a
 pre-trained CLIP text encoder. No pre-trained CLIP weights can be had offline, and a frozen *random*
@@ -84,11 +95,18 @@ class TestbedTrainConfig:
     scale-free sparsity penalty on the value outputs and FFN hidden activations (see
     :func:`activation_penalty`), from a fresh ``sparsify_lr`` warm-up and cosine schedule."""
     sparsify_lr: float = 5e-4
-    sparsify_weight: float = 0.05
-    sparsify_drop_direct: float = 0.0
-    """Share of the samples of each sparsify step for which the cross-attention output reaches the
-    residual stream only through the FFN (:class:`DirectRouteDrop`); 0 in the shipped build. At 0.5
-    Wanda cut 3.0x / 3.1x / 1.9x on build seeds 0 / 1 / 2 instead of 2.5x / 1.8x / 1.0x (README)."""
+    sparsify_weight: float = 0.25
+    prediction_type: str = "v_prediction"
+    """What the UNet predicts: ``"v_prediction"`` (as SD 2.x-768; the shipped build) or ``"epsilon"``
+    (SD 1.x). In an epsilon-predicting model this small, the first-step noise prediction that
+    NeMo's memorization test reads is dominated by a seed-dependent part the caption does not set
+    (README)."""
+    unet_drop_direct: float = 0.5
+    """Share of the samples of each ``unet``-stage step for which the cross-attention output reaches the
+    residual stream only through the FFN (:class:`DirectRouteDrop`), so that the caption's route runs
+    through the FFNs Wanda prunes."""
+    sparsify_drop_direct: float = 0.5
+    """The same share in the ``sparsify`` stage."""
 
     def validate(self) -> None:
         for name in ("vae_steps", "unet_steps", "vae_batch_size", "unet_batch_size", "checkpoint_every"):
@@ -96,8 +114,11 @@ class TestbedTrainConfig:
                 raise ValueError(f"TestbedTrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.sparsify_steps < 0 or self.sparsify_weight < 0 or self.activation_l1 < 0:
             raise ValueError("TestbedTrainConfig.sparsify_steps, sparsify_weight and activation_l1 must be >= 0")
-        if not 0.0 <= self.sparsify_drop_direct <= 1.0:
-            raise ValueError(f"TestbedTrainConfig.sparsify_drop_direct must be in [0, 1], got {self.sparsify_drop_direct}")
+        for name in ("unet_drop_direct", "sparsify_drop_direct"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"TestbedTrainConfig.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"TestbedTrainConfig.prediction_type must be 'epsilon' or 'v_prediction', got {self.prediction_type!r}")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         self.data.validate()
@@ -163,7 +184,7 @@ def make_components(config: TestbedTrainConfig, tokenizer=None) -> dict:
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
-        prediction_type="epsilon",
+        prediction_type=config.prediction_type,
     )
     return {
         "unet": unet,
@@ -282,7 +303,7 @@ class _Stage:
 
 class DirectRouteDrop:
     """Training-time hooks: for the selected samples, each transformer block's cross-attention output
-    reaches the residual stream only through the block's FFN.
+    reaches the residual stream only through the block's FFN (the block is unchanged at inference).
 
     A ``BasicTransformerBlock`` (layer norm) adds ``a = attn2(norm2(h))`` to ``h``, then
     ``ff(norm3(h + a))``. For a selected sample the ``ff`` hook subtracts ``a`` again, so the block
@@ -376,7 +397,8 @@ def _train_unet(components: dict, latents: torch.Tensor, token_ids: torch.Tensor
         noisy = noise_scheduler.add_noise(x0, noise, t)
         context = text_encoder(ids)[0]
         pred = unet(noisy, t, encoder_hidden_states=context).sample
-        loss = F.mse_loss(pred, noise)
+        target = noise if config.prediction_type == "epsilon" else noise_scheduler.get_velocity(x0, noise, t)
+        loss = F.mse_loss(pred, target)
         if penalties:
             loss = loss + torch.stack(penalties).mean()
             penalties.clear()
@@ -439,7 +461,8 @@ def train_testbed(out: str | Path, config: TestbedTrainConfig | None = None,
     token_ids = tokenizer([it.caption for it in items], padding="max_length", truncation=True, return_tensors="pt").input_ids
     empty_ids = tokenizer([""], padding="max_length", return_tensors="pt").input_ids[0]
     index = torch.from_numpy(training_index(items))
-    stages = [_Stage("unet", config.unet_steps, config.unet_lr, config.warmup_steps, l1=config.activation_l1)]
+    stages = [_Stage("unet", config.unet_steps, config.unet_lr, config.warmup_steps, l1=config.activation_l1,
+                     drop_direct=config.unet_drop_direct)]
     if config.sparsify_steps:
         stages.append(_Stage("sparsify", config.sparsify_steps, config.sparsify_lr, 20, sparsity=config.sparsify_weight,
                              drop_direct=config.sparsify_drop_direct))
