@@ -109,7 +109,8 @@ def test_nemo_localize_apply_remove_save_load(tmp_path, pipe, monkeypatch):
 
 def test_nemo_search_scores_each_selection_once(pipe):
     """The search asks again for sets it has scored (the refined set is always one); each costs one
-    UNet call, and the stored answer is the one a fresh evaluation gives."""
+    UNet call, and the stored answer is the one a fresh evaluation gives; prefetch scores several
+    sets in one call, each as on its own."""
     from dori.mitigations.nemo import UNetCounter, _Searcher, initial_latents, noise_differences
 
     config = NeMoConfig(num_seeds=3, num_inference_steps=10)
@@ -127,6 +128,16 @@ def test_nemo_search_scores_each_selection_once(pipe):
         assert counter.calls == 3 and b != a
         fresh = _Searcher(pipe, layers, config, embeds, latents, vanilla)
         assert fresh.ssim({first: [0, 1]}) == a and counter.calls == 4
+        # several sets in one call (the initial selection's levels), each scored as on its own
+        sets = [{first: [0, 1]}, {first: [3]}, {last: [2, 5]}, {first: [1], last: [0]}, {first: [3]}]
+        batched = _Searcher(pipe, layers, config, embeds, latents, vanilla)
+        batched.prefetch(sets)
+        assert counter.calls == 5
+        values = [batched.ssim(s) for s in sets]
+        assert counter.calls == 5 and values[1] == values[4]
+        single = [fresh.ssim(s) for s in sets]  # {first: [0, 1]} is stored already: 3 new calls
+        assert counter.calls == 8
+        np.testing.assert_allclose(values, single, atol=1e-5)
     finally:
         counter.close()
 

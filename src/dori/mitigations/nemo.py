@@ -21,13 +21,15 @@ shrinks its window and scales for latents smaller than 11x11 (see :mod:`dori.ssi
 guidance, if enabled, splits ``[uncond, cond]`` the right way round (the official code swaps them).
 
 Speed (``benchmarks/nemo.py``): activations depend only on the text embedding, so neurons are scored
-with no UNet pass; the unblocked noise differences are computed once; every blocked evaluation is
-one UNet call with all seeds batched.
+with no UNet pass; the unblocked noise differences are the memorization test's; every blocked
+evaluation is one UNet call with all seeds batched, each neuron set is scored once, and the initial
+selection's next ``search_batch`` levels share one call.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import math
 import os
@@ -71,8 +73,14 @@ class NeMoConfig:
     """How many of the non-memorized prompts calibrate the SSIM threshold (evenly spaced); the
     activation statistics use all of them (they need no UNet pass)."""
     kernel_size: int = 11
+    search_batch: int = 8
+    """Initial-selection levels (theta, k) scored per UNet call: the levels the schedule would visit
+    next are scored together, each with its own seeds' channel masks, and the search reads them in
+    order; the selection is the one of scoring them one by one (1: one level per call)."""
 
     def validate(self) -> None:
+        if self.search_batch < 1:
+            raise DoriError(f"search_batch: must be >= 1, got {self.search_batch}")
         if self.num_seeds < 2:
             raise DoriError(f"num_seeds: NeMo compares seeds pairwise, need >= 2, got {self.num_seeds}")
         if self.num_inference_steps < 1 or not 0 <= self.detection_step < self.num_inference_steps:
@@ -346,13 +354,48 @@ class _Searcher:
         self.vanilla = vanilla
         self._scored: dict[tuple, float] = {}
 
+    @staticmethod
+    def _key(selection: Selection) -> tuple:
+        return tuple(sorted((name, tuple(sorted(set(idx)))) for name, idx in selection.items() if idx))
+
     def ssim(self, selection: Selection) -> float:
-        key = tuple(sorted((name, tuple(sorted(set(idx)))) for name, idx in selection.items() if idx))
+        key = self._key(selection)
         if key not in self._scored:
             with block_neurons(self.layers, selection, self.config.scaling_factor):
                 blocked = noise_differences(self.pipe, self.embeds, self.latents, self.config, step=self.step)
             self._scored[key] = float(ms_ssim(self.vanilla, blocked, kernel_size=self.config.kernel_size).max())
         return self._scored[key]
+
+    def prefetch(self, selections: list[Selection]) -> None:
+        """Score the not yet scored ``selections`` in one UNet call (each on all seeds)."""
+        todo: dict[tuple, Selection] = {}
+        for selection in selections:
+            key = self._key(selection)
+            if key not in self._scored:
+                todo.setdefault(key, selection)
+        if len(todo) < 2:
+            for selection in todo.values():
+                self.ssim(selection)
+            return
+        n, seeds = len(todo), len(self.latents)
+        masks = {}
+        for name, layer in self.layers.items():
+            mask = torch.ones(n, layer.out_features, device=self.latents.device, dtype=self.latents.dtype)
+            for row, selection in enumerate(todo.values()):
+                if selection.get(name):
+                    mask[row, sorted(set(selection[name]))] = self.config.scaling_factor
+            if (mask != 1).any():
+                masks[name] = mask.repeat_interleave(seeds, dim=0)[:, None, :]
+        handles = [self.layers[name].register_forward_hook(lambda _m, _a, out, mask=mask: out * mask.to(out.dtype))
+                   for name, mask in masks.items()]
+        try:
+            blocked = noise_differences(self.pipe, self.embeds, self.latents.repeat(n, 1, 1, 1), self.config, step=self.step)
+        finally:
+            for handle in handles:
+                handle.remove()
+        values = ms_ssim(self.vanilla.repeat(n, 1, 1, 1), blocked, kernel_size=self.config.kernel_size).view(n, seeds)
+        for key, value in zip(todo, values.max(dim=1).values.tolist(), strict=True):
+            self._scored[key] = float(value)
 
 
 def initial_selection(activations: dict[str, torch.Tensor], z: dict[str, torch.Tensor], theta: float, k: int) -> Selection:
@@ -411,8 +454,18 @@ def localize_prompt(pipe, layers, prompt: str, stats: ActivationStatistics, thre
         z = stats.z_scores(activations)
         theta, k = config.initial_theta, config.initial_k
         max_k = max(layer.out_features for layer in layers.values())
-        refinement_threshold = threshold
+        schedule = [(theta, k)]  # the levels the loop visits while every level fails
         while True:
+            t_next = schedule[-1][0] - config.theta_step if schedule[-1][0] > config.min_theta else schedule[-1][0]
+            k_next = schedule[-1][1] + 1
+            if math.isclose(t_next, config.min_theta) or t_next < config.min_theta or k_next >= max_k:
+                break
+            schedule.append((t_next, k_next))
+        refinement_threshold = threshold
+        for level in itertools.count():
+            if level % config.search_batch == 0:
+                searcher.prefetch([initial_selection(activations, z, t, kk)
+                                   for t, kk in schedule[level : level + config.search_batch]])
             selection = initial_selection(activations, z, theta, k)
             ssim = searcher.ssim(selection)
             result.theta, result.k = theta, k
