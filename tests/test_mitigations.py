@@ -140,6 +140,8 @@ def test_nemo_search_scores_each_selection_once(pipe):
         np.testing.assert_allclose(values, single, atol=1e-5)
     finally:
         counter.close()
+    with pytest.raises(DoriError, match="search_batch"):
+        NeMoConfig(search_batch=0).validate()
 
 
 def test_wanda_masks_sparsity_per_row_and_union():

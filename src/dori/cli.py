@@ -219,6 +219,7 @@ def localize(
     ssim_threshold: Annotated[float | None, typer.Option(help="Fixed SSIM threshold (default: calibrated per model; 0.428 for SD 1.4).")] = None,
     min_theta: Annotated[float, typer.Option(help="Lowest z-score threshold of the initial selection.")] = 1.0,
     layers: Annotated[list[str] | None, typer.Option("--layers", help="Value-layer globs (default: down and mid blocks' attn2.to_v).")] = None,
+    search_batch: Annotated[int, typer.Option(help="Initial-selection levels scored per UNet call (the UNet batch is this times the memorized-looking seeds; lower it if memory is short, 1: one level per call).")] = 8,
     limit: Limit = None,
     device: Device = "cpu",
     out: Out = None,
@@ -232,7 +233,7 @@ def localize(
     from .models import load_pipeline
 
     kwargs = {"layers": tuple(layers)} if layers else {}
-    config = NeMoConfig(num_seeds=seeds, ssim_threshold=ssim_threshold, min_theta=min_theta, **kwargs)
+    config = NeMoConfig(num_seeds=seeds, ssim_threshold=ssim_threshold, min_theta=min_theta, search_batch=search_batch, **kwargs)
     config.validate()
     pipe = load_pipeline(model, device=device)
     with _Bars() as bars:

@@ -76,7 +76,9 @@ class NeMoConfig:
     search_batch: int = 8
     """Initial-selection levels (theta, k) scored per UNet call: the levels the schedule would visit
     next are scored together, each with its own seeds' channel masks, and the search reads them in
-    order; the selection is the one of scoring them one by one (1: one level per call)."""
+    order, so it takes the path of scoring them one by one. The UNet batch is this times the
+    memorized-looking seeds (80 at the defaults): lower it where memory is short (1: one level per
+    call)."""
 
     def validate(self) -> None:
         if self.search_batch < 1:
