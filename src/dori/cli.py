@@ -37,6 +37,18 @@ def _fmt(value: float, digits: int = 2) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
+def _layer_table(title: str, column: str, values: dict[str, str]):
+    """A two-column table: layer name and one right-aligned value per layer."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("layer")
+    table.add_column(column, justify="right")
+    for name, value in values.items():
+        table.add_row(name, value)
+    return table
+
+
 def _rows_table(rows: list[dict], title: str, threshold: float | None = None):
     from rich.table import Table
 
@@ -283,15 +295,9 @@ def prune(
     with _Bars() as bars:
         path, wanda = run_prune(pipe, prompts, config, out, scope=scope, limit=limit, overwrite=overwrite, bake=bake,
                                 progress=bars.callback("calibrate"))
-    from rich.table import Table
-
-    table = Table(title=f"Wanda sparsity per layer (r = {sparsity})")
-    table.add_column("layer")
-    table.add_column("zeroed weights", justify="right")
-    for name, value in wanda.sparsity_per_layer().items():
-        table.add_row(name, f"{100 * value:.2f}%")
     console = _console()
-    console.print(table)
+    console.print(_layer_table(f"Wanda sparsity per layer (r = {sparsity})", "zeroed weights",
+                               {name: f"{100 * value:.2f}%" for name, value in wanda.sparsity_per_layer().items()}))
     console.print(f"mitigation: [bold]{path}[/]" + (f"; pruned pipeline: [bold]{bake}[/]" if bake else ""))
 
 
@@ -317,15 +323,9 @@ def ablate(
         raise DoriError(f"out: {path} exists; pass --overwrite to replace it")
     layers = ablation.matched(load_pipeline(model))
     ablation.save(path)
-    from rich.table import Table
-
-    table = Table(title=f"Layers scaled by {factor:g} on {model}")
-    table.add_column("layer")
-    table.add_column("weights", justify="right")
-    for name, module in layers.items():
-        table.add_row(name, f"{module.weight.numel():,}")
     console = _console()
-    console.print(table)
+    console.print(_layer_table(f"Layers scaled by {factor:g} on {model}", "weights",
+                               {name: f"{module.weight.numel():,}" for name, module in layers.items()}))
     console.print(f"mitigation: [bold]{path}[/] (use with dori evaluate --mitigation)")
 
 

@@ -137,3 +137,14 @@ def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
     """Text-encoder outputs ``(N, tokens, dim)`` of ``prompts`` (no guidance, no gradient)."""
     with torch.no_grad():
         return pipe.encode_prompt(list(prompts), pipe.unet.device, 1, False)[0]
+
+
+def diffusion_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The regression target of the diffusion loss for ``scheduler``'s prediction type: the noise
+    (epsilon, SD 1.x) or the velocity (v_prediction, SD 2.x-768)."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(x0, noise, t)
+    raise DoriError(f"scheduler: prediction_type {kind!r} is not supported (epsilon or v_prediction)")

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DoriError
+from ..models import diffusion_target
 
 
 def item_generator(*keys: object) -> torch.Generator:
@@ -52,9 +53,9 @@ class DiffusionLoss:
         self.device, self.dtype = pipe.unet.device, pipe.unet.dtype
         self.pairs = pairs
         self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        self.prediction_type = self.scheduler.config.prediction_type
-        if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise DoriError(f"scheduler: prediction_type {self.prediction_type!r} is not supported by the attack")
+        kind = self.scheduler.config.prediction_type
+        if kind not in ("epsilon", "v_prediction"):  # fail at construction, not in the first step
+            raise DoriError(f"scheduler: prediction_type {kind!r} is not supported by the attack")
 
     def inputs(self, y: torch.Tensor, targets: torch.Tensor,
                generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -67,7 +68,7 @@ class DiffusionLoss:
         t = torch.cat([torch.randint(0, self.scheduler.config.num_train_timesteps, (p,), generator=g) for g in generators])
         t = t.to(device)
         noisy = self.scheduler.add_noise(x0, noise, t)
-        target = noise if self.prediction_type == "epsilon" else self.scheduler.get_velocity(x0, noise, t)
+        target = diffusion_target(self.scheduler, x0, noise, t)
         return noisy, t, y.to(dtype).repeat_interleave(p, dim=0), target
 
     def reduce(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,6 @@ selection's next ``search_batch`` levels share one call.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import logging
 import math
 import os
@@ -361,23 +360,18 @@ class _Searcher:
         return tuple(sorted((name, tuple(sorted(set(idx)))) for name, idx in selection.items() if idx))
 
     def ssim(self, selection: Selection) -> float:
-        key = self._key(selection)
-        if key not in self._scored:
-            with block_neurons(self.layers, selection, self.config.scaling_factor):
-                blocked = noise_differences(self.pipe, self.embeds, self.latents, self.config, step=self.step)
-            self._scored[key] = float(ms_ssim(self.vanilla, blocked, kernel_size=self.config.kernel_size).max())
-        return self._scored[key]
+        self.prefetch([selection])
+        return self._scored[self._key(selection)]
 
     def prefetch(self, selections: list[Selection]) -> None:
-        """Score the not yet scored ``selections`` in one UNet call (each on all seeds)."""
+        """Score the not yet scored ``selections`` in one UNet call, each on all seeds with its own
+        channel masks (the scaling :func:`block_neurons` applies)."""
         todo: dict[tuple, Selection] = {}
         for selection in selections:
             key = self._key(selection)
             if key not in self._scored:
                 todo.setdefault(key, selection)
-        if len(todo) < 2:
-            for selection in todo.values():
-                self.ssim(selection)
+        if not todo:
             return
         n, seeds = len(todo), len(self.latents)
         masks = {}
@@ -454,32 +448,32 @@ def localize_prompt(pipe, layers, prompt: str, stats: ActivationStatistics, thre
         searcher = _Searcher(pipe, layers, config, embeds, latents[memorized_seeds], detection[memorized_seeds])
         activations = {n: a[0] for n, a in neuron_activations(layers, embeds).items()}
         z = stats.z_scores(activations)
-        theta, k = config.initial_theta, config.initial_k
         max_k = max(layer.out_features for layer in layers.values())
-        schedule = [(theta, k)]  # the levels the loop visits while every level fails
+
+        def exhausted(theta: float, k: int) -> bool:
+            return math.isclose(theta, config.min_theta) or theta < config.min_theta or k >= max_k
+
+        # the levels the official loop visits while each fails: theta down to min_theta, k up by 1
+        schedule = [(config.initial_theta, config.initial_k)]
         while True:
-            t_next = schedule[-1][0] - config.theta_step if schedule[-1][0] > config.min_theta else schedule[-1][0]
-            k_next = schedule[-1][1] + 1
-            if math.isclose(t_next, config.min_theta) or t_next < config.min_theta or k_next >= max_k:
+            theta, k = schedule[-1]
+            theta, k = (theta - config.theta_step if theta > config.min_theta else theta), k + 1
+            if exhausted(theta, k):
                 break
-            schedule.append((t_next, k_next))
+            schedule.append((theta, k))
         refinement_threshold = threshold
-        for level in itertools.count():
+        for level, (theta, k) in enumerate(schedule):
             if level % config.search_batch == 0:
-                searcher.prefetch([initial_selection(activations, z, t, kk)
-                                   for t, kk in schedule[level : level + config.search_batch]])
+                searcher.prefetch([initial_selection(activations, z, *lv) for lv in schedule[level : level + config.search_batch]])
             selection = initial_selection(activations, z, theta, k)
             ssim = searcher.ssim(selection)
             result.theta, result.k = theta, k
-            if ssim > threshold:
-                if theta > config.min_theta:
-                    theta -= config.theta_step
-                k += 1
-            if math.isclose(theta, config.min_theta) or theta < config.min_theta or k >= max_k:
-                refinement_threshold = ssim
-                break
             if ssim <= threshold:
+                if exhausted(theta, k):  # only an initial level at the limit: the official loop checks it first
+                    refinement_threshold = ssim
                 break
+        else:  # every level failed: refine against the SSIM reached, as the official code does
+            refinement_threshold = ssim
         result.initial, result.initial_ssim = selection, ssim
         refined = refine(searcher, selection, refinement_threshold) if config.refine else selection
         result.refined, result.refined_ssim = refined, searcher.ssim(refined)

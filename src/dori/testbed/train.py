@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from ..models import diffusion_target
 from .data import CaptionedImage, TestbedDataConfig, build_dataset, training_index
 
 logger = logging.getLogger(__name__)
@@ -397,8 +398,7 @@ def _train_unet(components: dict, latents: torch.Tensor, token_ids: torch.Tensor
         noisy = noise_scheduler.add_noise(x0, noise, t)
         context = text_encoder(ids)[0]
         pred = unet(noisy, t, encoder_hidden_states=context).sample
-        target = noise if config.prediction_type == "epsilon" else noise_scheduler.get_velocity(x0, noise, t)
-        loss = F.mse_loss(pred, target)
+        loss = F.mse_loss(pred, diffusion_target(noise_scheduler, x0, noise, t))
         if penalties:
             loss = loss + torch.stack(penalties).mean()
             penalties.clear()
