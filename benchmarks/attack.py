@@ -22,10 +22,11 @@ import numpy as np
 import torch
 
 from dori.attack import AttackConfig, AttackItem, DiffusionLoss, RandomNormal, dori_kowalczuk2025
-from dori.attack.parts import encode_images, item_generator
-from dori.descriptors import TestbedDescriptor, to_tensor
-from dori.models import load_pipeline
-from dori.prompts import load_prompt_set
+from dori.descriptors import TestbedDescriptor
+from dori.images import to_tensor
+from dori.models import encode_images, load_pipeline, testbed_folder
+from dori.prompts import prompts_for
+from dori.seeding import item_generator
 
 
 def sync(device: str) -> None:
@@ -68,9 +69,8 @@ def loop_time(pipe, targets, y0, steps: int, pairs: int, device: str) -> float:
 
 def testbed(args) -> None:
     pipe = load_pipeline("testbed")
-    folder = pipe.dori_model["location"]
-    descriptor = TestbedDescriptor.from_folder(folder)
-    prompt_set = load_prompt_set("testbed:memorized", model_folder=folder)
+    descriptor = TestbedDescriptor.from_folder(testbed_folder(pipe))
+    prompt_set = prompts_for(pipe, "testbed:memorized")
     refs = [prompt_set.references[r.id] for r in prompt_set.records]
     targets = encode_images(pipe, to_tensor(np.stack(refs)))
     items = [AttackItem(r.id, r.prompt, i, k) for k in range(args.restarts) for i, r in enumerate(prompt_set.records)]

@@ -19,7 +19,7 @@ import torch
 
 from dori.generation import GenerationConfig, generate
 from dori.models import load_pipeline
-from dori.prompts import load_prompt_set
+from dori.prompts import prompts_for
 
 
 def main() -> None:
@@ -37,8 +37,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     pipe = load_pipeline(args.model, device=args.device)
-    folder = pipe.dori_model["location"]
-    records = load_prompt_set(args.prompts, model_folder=folder).records
+    records = prompts_for(pipe, args.prompts).records
     records = records[:: max(1, len(records) // args.n_prompts)][: args.n_prompts]
     prompts = [r.prompt for r in records for _ in range(args.seeds)]
     seeds = [s for _ in records for s in range(args.seeds)]

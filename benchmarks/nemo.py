@@ -23,23 +23,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from dori.mitigate import statistics_prompts
+from dori.hooks import counting_calls, hooked
 from dori.mitigations.nemo import (
     ActivationStatistics,
     NeMoConfig,
-    UNetCounter,
     block_neurons,
     calibrate_ssim_threshold,
     encode,
-    initial_latents,
     initial_selection,
     localize_prompt,
     max_pairwise_ssim,
     noise_differences,
+    statistics_prompts,
     value_layers,
 )
-from dori.models import load_pipeline
-from dori.prompts import load_prompt_set
+from dori.models import initial_latents, load_pipeline
+from dori.prompts import prompts_for
 from dori.ssim import ms_ssim
 
 
@@ -49,21 +48,15 @@ def reference_localize(pipe, layers, prompt, stats, threshold, config):
     embeds = encode(pipe, [prompt])
 
     def diffs(selection=None):
-        handle = block_neurons(layers, selection or {}, config.scaling_factor)
-        try:
+        with block_neurons(pipe.unet, selection or {}, config.scaling_factor):
             return torch.cat([noise_differences(pipe, embeds, initial_latents(pipe, [s]), config) for s in seeds])
-        finally:
-            handle.remove()
 
     def activations_via_unet():
         captured = {}
-        hooks = [layer.register_forward_hook(lambda m, a, out, n=name: captured.__setitem__(n, out.abs().mean(1)[0].float()))
-                 for name, layer in layers.items()]
-        try:
+        with hooked(pipe.unet, "reference-activations") as hooks:
+            for name in layers:
+                hooks.forward(name, lambda m, a, out, n=name: captured.__setitem__(n, out.abs().mean(1)[0].float()))
             noise_differences(pipe, embeds, initial_latents(pipe, seeds[:1]), config)
-        finally:
-            for h in hooks:
-                h.remove()
         return captured
 
     unblocked = diffs()
@@ -115,26 +108,23 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     pipe = load_pipeline(args.model)
-    folder = pipe.dori_model["location"]
     config = NeMoConfig(min_theta=args.min_theta)
     layers = value_layers(pipe.unet, config.layers)
-    non_memorized = statistics_prompts(None, folder)
+    non_memorized = statistics_prompts(None, pipe)
     stats = ActivationStatistics.compute(pipe, layers, non_memorized)
     threshold = calibrate_ssim_threshold(pipe, layers, non_memorized, config)
-    records = load_prompt_set(args.prompts, model_folder=folder).subset(args.limit).records
+    records = prompts_for(pipe, args.prompts, limit=args.limit).records
     print(f"model {args.model}  {len(layers)} value layers  SSIM threshold {threshold:.3f}  threads {torch.get_num_threads()}")
     totals = {"dori": [0, 0.0], "reference": [0, 0.0]}
     for record in records:
-        counter = UNetCounter(pipe.unet)
-        t0 = time.perf_counter()
-        ours = localize_prompt(pipe, layers, record.prompt, stats, threshold, config)
-        t_ours, calls_ours = time.perf_counter() - t0, counter.calls
-        counter.close()
-        counter = UNetCounter(pipe.unet)
-        t0 = time.perf_counter()
-        ref = reference_localize(pipe, layers, record.prompt, stats, threshold, config)
-        t_ref, calls_ref = time.perf_counter() - t0, counter.calls
-        counter.close()
+        with counting_calls(pipe.unet) as counter:
+            t0 = time.perf_counter()
+            ours = localize_prompt(pipe, layers, record.prompt, stats, threshold, config)
+            t_ours, calls_ours = time.perf_counter() - t0, counter.calls
+        with counting_calls(pipe.unet) as counter:
+            t0 = time.perf_counter()
+            ref = reference_localize(pipe, layers, record.prompt, stats, threshold, config)
+            t_ref, calls_ref = time.perf_counter() - t0, counter.calls
         same = {n: v for n, v in ours.refined.items() if v} == {n: sorted(v) for n, v in ref.items() if v}
         totals["dori"][0] += calls_ours
         totals["dori"][1] += t_ours

@@ -257,9 +257,9 @@ def test_cli_commands_and_errors(tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from dori import cli_analyze
+    from dori.cli import analyze as cli_analyze
 
-    root = typer.Typer()  # registered as in dori.cli: app.add_typer(cli_analyze.app, name="analyze")
+    root = typer.Typer()  # registered as in dori.cli: app.add_typer(analyze.app, name="analyze")
     root.add_typer(cli_analyze.app, name="analyze")
     runner = CliRunner()
     for command in ("scatter", "activations", "weights"):

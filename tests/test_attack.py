@@ -3,12 +3,15 @@ import pytest
 import torch
 
 from dori.attack import AttackConfig, AttackItem, DiffusionLoss, L2Ball, LinfBall, RandomNormal, dori_kowalczuk2025
-from dori.attack.parts import FromPrompt, encode_images, item_generator
+from dori.attack.parts import FromPrompt
 from dori.attack.run import AttackRunConfig, load_triggers, run_attack
-from dori.descriptors import TestbedDescriptor, to_tensor
+from dori.descriptors import TestbedDescriptor
 from dori.errors import DoriError
-from dori.models import testbed_path
+from dori.images import to_tensor
+from dori.models import encode_images
+from dori.models import testbed_path as shipped_testbed
 from dori.prompts import load_prompt_set
+from dori.seeding import item_generator
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +19,7 @@ def setting(testbed_pipe):
     prompt_set = load_prompt_set("testbed:memorized").subset(2)
     refs = [prompt_set.references[r.id] for r in prompt_set.records]
     targets = encode_images(testbed_pipe, to_tensor(np.stack(refs)))
-    return prompt_set, refs, targets, TestbedDescriptor.from_folder(testbed_path())
+    return prompt_set, refs, targets, TestbedDescriptor.from_folder(shipped_testbed())
 
 
 def test_loss_falls_and_gradients_reach_the_embedding_only(testbed_pipe, setting):

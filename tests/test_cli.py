@@ -113,17 +113,45 @@ def test_ablate_writes_a_mitigation_that_evaluate_applies(tmp_path):
     result = runner.invoke(app, ["ablate", "--layer", "*ff.net.2", "--out", str(out)])
     assert result.exit_code == 0, _text(result)
     assert "mid_block.attentions.0.transformer_blocks.0.ff.net.2" in result.output
-    assert json.loads((tmp_path / "ffn.json").read_text()) == {"kind": "ablation", "scope": "set",
-                                                                "layers": ["*ff.net.2"], "factor": 0.0}
-    again = runner.invoke(app, ["ablate", "--out", str(out)])
+    sidecar = json.loads((out / "ablation.json").read_text())
+    assert sidecar["method"] == "ablation" and sidecar["kind"] == "hook"
+    assert sidecar["config"] == {"layers": ["*ff.net.2"], "factor": 0.0}
+    again = runner.invoke(app, ["ablate", "--layer", "*attn2.to_v", "--out", str(out)])
     assert again.exit_code == 2 and "--overwrite" in _text(again)
     bad = runner.invoke(app, ["ablate", "--layer", "*no.such", "--out", str(tmp_path / "bad")])
-    assert bad.exit_code == 2 and "layers" in _text(bad) and not (tmp_path / "bad.safetensors").exists()
+    assert bad.exit_code == 2 and "layers" in _text(bad) and not (tmp_path / "bad").exists()
     run = tmp_path / "run"
     evaluated = runner.invoke(app, ["evaluate", "--prompts", "testbed:memorized", "--limit", "1", "--seeds", "1",
-                                    "--steps", "2", "--mitigation", str(tmp_path / "ffn.safetensors"), "--out", str(run)])
+                                    "--steps", "2", "--mitigation", str(out / "ablation.safetensors"), "--out", str(run)])
     assert evaluated.exit_code == 0, _text(evaluated)
-    assert json.loads((run / "manifest.json").read_text())["config"]["mitigations_resolved"][0]["name"] == "ablation"
+    assert json.loads((run / "manifest.json").read_text())["resolved"]["mitigations"][0]["name"] == "ablation"
+
+
+def test_mitigate_fits_any_registered_method_with_its_own_options(tmp_path):
+    listed = runner.invoke(app, ["mitigate", "--list"])
+    assert listed.exit_code == 0 and all(m in listed.output for m in ("nemo", "wanda", "ablation", "adversarial-ft"))
+    options = runner.invoke(app, ["mitigate", "wanda", "--options"])
+    assert options.exit_code == 0 and "--sparsity" in options.output and "--timesteps" in options.output
+    out = tmp_path / "half"
+    result = runner.invoke(app, ["mitigate", "ablation", "--factor", "0.5", "--layers", "*attn2.to_v", "--out", str(out)])
+    assert result.exit_code == 0, _text(result)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["settings"] == {"layers": ["*attn2.to_v"], "factor": 0.5}
+    unknown = runner.invoke(app, ["mitigate", "ablation", "--facter", "0.5", "--out", str(tmp_path / "x")])
+    assert unknown.exit_code == 2 and "--facter" in _text(unknown) and "--factor" in _text(unknown)
+    assert not (tmp_path / "x").exists()
+    wrong = runner.invoke(app, ["mitigate", "no-such-method"])
+    assert wrong.exit_code == 2 and "nemo" in _text(wrong)
+    # the manifest given back as --config fits the same thing again; the command line still wins
+    again = runner.invoke(app, ["mitigate", "ablation", "--config", str(out / "manifest.json"), "--out",
+                                str(tmp_path / "again")])
+    assert again.exit_code == 0, _text(again)
+    assert json.loads((tmp_path / "again" / "manifest.json").read_text())["config_hash"] == manifest["config_hash"]
+    other = runner.invoke(app, ["mitigate", "ablation", "--config", str(out / "manifest.json"), "--factor", "0.25",
+                                "--out", str(tmp_path / "other")])
+    assert other.exit_code == 0, _text(other)
+    settings = json.loads((tmp_path / "other" / "manifest.json").read_text())["config"]["settings"]
+    assert settings == {"layers": ["*attn2.to_v"], "factor": 0.25}
 
 
 def test_finetune_command_runs_and_refuses_bad_input(tmp_path):
@@ -140,8 +168,34 @@ def test_finetune_command_runs_and_refuses_bad_input(tmp_path):
     result = runner.invoke(app, ["finetune", "--limit", "1", "--epochs", "1", "--steps-per-epoch", "2", "--inner-steps",
                                  "2", "--surrogate", str(surrogates), "--out", str(tmp_path / "ft")])
     assert result.exit_code == 0, _text(result)
-    assert (tmp_path / "ft" / "pipeline" / "unet" / "config.json").is_file()
+    assert (tmp_path / "ft" / "finetune" / "pipeline" / "unet" / "config.json").is_file()
+    assert (tmp_path / "ft" / "adversarial-ft.safetensors").is_file()
     assert "fine-tuned pipeline" in result.output
+
+
+def test_config_file_then_command_line_and_show_config(tmp_path):
+    import yaml
+
+    shown = runner.invoke(app, ["attack", "--show-config"])
+    assert shown.exit_code == 0, _text(shown)
+    from dori.attack.run import AttackRunConfig
+    from dori.config_files import to_dict
+
+    defaults = yaml.safe_load(shown.output)
+    assert {k: v for k, v in defaults.items() if k not in ("model", "device", "dtype")} == to_dict(AttackRunConfig())
+    (tmp_path / "attack.yaml").write_text("model: testbed\nnum_seeds: 3\nattack:\n  steps: 7\n  lr: 0.05\n")
+    merged = yaml.safe_load(runner.invoke(app, ["attack", "--config", str(tmp_path / "attack.yaml"), "--steps", "9",
+                                                "--show-config"]).output)
+    assert merged["num_seeds"] == 3 and merged["attack"]["lr"] == 0.05 and merged["attack"]["steps"] == 9
+    (tmp_path / "bad.yaml").write_text("attack:\n  stepz: 7\n")
+    bad = runner.invoke(app, ["attack", "--config", str(tmp_path / "bad.yaml")])
+    assert bad.exit_code == 2 and "stepz" in _text(bad) and "steps" in _text(bad)
+    for verb in (["evaluate"], ["localize"], ["prune"], ["ablate"], ["finetune"], ["demo"], ["analyze", "scatter"]):
+        result = runner.invoke(app, [*verb, "--show-config"])
+        assert result.exit_code == 0 and "model: testbed" in result.output, (verb, _text(result))
+    for verb in (["analyze", "activations"], ["analyze", "weights"]):  # model: that of the triggers' run
+        result = runner.invoke(app, [*verb, "--show-config"])
+        assert result.exit_code == 0 and "model: null" in result.output and "triggers:" in result.output
 
 
 def test_report_command_writes_one_page(tmp_path):

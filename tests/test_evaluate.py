@@ -8,6 +8,7 @@ import time
 import pandas as pd
 import pytest
 
+from dori.descriptors import DescriptorConfig
 from dori.errors import DoriError
 from dori.evaluate import EvaluateConfig, run_evaluate
 from dori.generation import GenerationConfig
@@ -24,17 +25,27 @@ def setup(tmp_path_factory, sd1_folder):
     return {"model": str(sd1_folder), "prompts": str(csv), "references": str(refs), "descriptor": str(sscd)}
 
 
+@pytest.fixture(scope="module")
+def pipe(setup):
+    from dori.models import load_pipeline
+
+    return load_pipeline(setup["model"])
+
+
 def config_for(setup, **kw):
-    return EvaluateConfig(num_seeds=3, generation=GenerationConfig(num_inference_steps=3, batch_size=4), **setup, **kw)
+    return EvaluateConfig(num_seeds=3, generation=GenerationConfig(num_inference_steps=3, batch_size=4),
+                          prompts=setup["prompts"], references=setup["references"],
+                          descriptor=DescriptorConfig(setup["descriptor"]), **kw)
 
 
-def test_records_summary_and_per_prompt_table(tmp_path, setup):
-    result = run_evaluate(config_for(setup), tmp_path / "run")
+def test_records_summary_and_per_prompt_table(tmp_path, setup, pipe):
+    result = run_evaluate(pipe, config_for(setup), tmp_path / "run")
     assert len(result.records) == 9 and {r["key"] for r in result.records} == {f"p{i}#{s}" for i in range(3) for s in range(3)}
     assert all(-1 <= r["sscd_orig"] <= 1 and r["noise_norm_first"] > 0 for r in result.records)
     assert all((tmp_path / "run" / r["image"]).is_file() for r in result.records)
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
-    assert manifest["status"] == "done" and manifest["config"]["descriptor_resolved"]["kind"] == "sscd"
+    assert manifest["status"] == "done" and manifest["resolved"]["descriptor"]["kind"] == "sscd"
+    assert manifest["model"]["location"] == setup["model"] and manifest["config"]["prompts"] == setup["prompts"]
     table = pd.read_parquet(tmp_path / "run" / "prompts.parquet")
     assert list(table["n"]) == [3, 3, 3]
     assert (table["sscd_orig_max"] >= table["sscd_orig_median"]).all()
@@ -42,13 +53,13 @@ def test_records_summary_and_per_prompt_table(tmp_path, setup):
     assert row["n"] == 9 and 0 <= row["mr"] <= 1
 
 
-def test_rerun_adds_nothing_and_other_config_refuses(tmp_path, setup):
-    first = run_evaluate(config_for(setup), tmp_path / "run")
-    again = run_evaluate(config_for(setup), tmp_path / "run")
+def test_rerun_adds_nothing_and_other_config_refuses(tmp_path, setup, pipe):
+    first = run_evaluate(pipe, config_for(setup), tmp_path / "run")
+    again = run_evaluate(pipe, config_for(setup), tmp_path / "run")
     assert [r["key"] for r in again.records] == [r["key"] for r in first.records]
     assert sum(1 for _ in open(tmp_path / "run" / "records.rank0.jsonl")) == 9
     with pytest.raises(DoriError, match="another config"):
-        run_evaluate(config_for(setup, seed=5), tmp_path / "run")
+        run_evaluate(pipe, config_for(setup, seed=5), tmp_path / "run")
 
 
 def _cli(setup, out, *extra):
@@ -93,11 +104,11 @@ def test_two_processes_give_the_records_of_one(tmp_path, setup):
     pd.testing.assert_frame_equal(_records(tmp_path / "two"), _records(tmp_path / "one"), check_exact=False, atol=1e-5)
 
 
-def test_sscd_gen_against_a_baseline_run(tmp_path, setup):
-    run_evaluate(config_for(setup), tmp_path / "base")
-    same = run_evaluate(config_for(setup, baseline=str(tmp_path / "base")), tmp_path / "same")
+def test_sscd_gen_against_a_baseline_run(tmp_path, setup, pipe):
+    run_evaluate(pipe, config_for(setup), tmp_path / "base")
+    same = run_evaluate(pipe, config_for(setup, baseline=str(tmp_path / "base")), tmp_path / "same")
     assert all(r["sscd_gen"] > 0.99 for r in same.records)
     assert "sscd_gen_median" in pd.read_parquet(tmp_path / "same" / "prompts.parquet")
     with pytest.raises(DoriError, match="has no image for"):
-        run_evaluate(config_for(setup, baseline=str(tmp_path / "base"), seed=50), tmp_path / "other")
+        run_evaluate(pipe, config_for(setup, baseline=str(tmp_path / "base"), seed=50), tmp_path / "other")
     assert not (tmp_path / "other").exists()

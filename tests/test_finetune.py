@@ -32,7 +32,7 @@ def surrogate_folder(tmp_path_factory):
 
 
 def _config(surrogates, **changes) -> FinetuneConfig:
-    base = FinetuneConfig.testbed(limit=LIMIT, epochs=2, steps_per_epoch=2, images_per_step=2, checkpoint_every=1,
+    base = FinetuneConfig.testbed(epochs=2, steps_per_epoch=2, images_per_step=2, checkpoint_every=1,
                                   retain_batch_size=4, adv_pairs=2, inner=AttackConfig(steps=2, pairs=2, record_at=()),
                                   surrogate=str(surrogates))
     return base.replace(**changes)
@@ -44,10 +44,16 @@ def _fresh():
     return load_pipeline("testbed")
 
 
+def _memorized(limit: int = LIMIT):
+    from dori.prompts import load_prompt_set
+
+    return load_prompt_set("testbed:memorized").subset(limit)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, surrogate_folder):
     pipe = _fresh()
-    result = adversarial_finetune(pipe, _config(surrogate_folder), tmp_path_factory.mktemp("ft") / "run")
+    result = adversarial_finetune(pipe, _memorized(), _config(surrogate_folder), tmp_path_factory.mktemp("ft") / "run")
     return pipe, result
 
 
@@ -55,16 +61,18 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, surrogat
     pipe_a, result_a = uninterrupted
     config = _config(surrogate_folder)
 
-    def interrupt(step, total):
+    def interrupt(stage, step, total, info=""):
         if step == 3:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        adversarial_finetune(_fresh(), config, tmp_path / "run", progress=interrupt)
+        adversarial_finetune(_fresh(), _memorized(), config, tmp_path / "run", progress=interrupt)
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-000003"]
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["status"] == "interrupted"
     pipe_b = _fresh()
     seen = []
-    result_b = adversarial_finetune(pipe_b, config, tmp_path / "run", progress=lambda s, t: seen.append(s))
+    result_b = adversarial_finetune(pipe_b, _memorized(), config, tmp_path / "run",
+                                    progress=lambda stage, s, t, info="": seen.append(s))
     assert seen[0] == 3 and seen[-1] == 4  # it went on from the checkpoint, not from 0
     a, b = pipe_a.unet.state_dict(), pipe_b.unet.state_dict()
     assert a.keys() == b.keys()
@@ -77,7 +85,7 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, surrogat
 
 
 def test_l_adv_uses_fresh_triggers_against_the_current_weights(tmp_path, surrogate_folder, monkeypatch):
-    import dori.finetune.loop as loop
+    import dori.finetune.trainer as loop
 
     calls = []
     original = loop.optimize_embeddings
@@ -89,7 +97,7 @@ def test_l_adv_uses_fresh_triggers_against_the_current_weights(tmp_path, surroga
         return y, loss
 
     monkeypatch.setattr(loop, "optimize_embeddings", spy)
-    adversarial_finetune(_fresh(), _config(surrogate_folder, warm_start=False), tmp_path / "run")
+    adversarial_finetune(_fresh(), _memorized(), _config(surrogate_folder, warm_start=False), tmp_path / "run")
     assert len(calls) == 4  # one Dori run per fine-tuning step
     for (w0, _, y_prev), (w1, start, y_next) in zip(calls, calls[1:], strict=False):
         assert not torch.equal(w0, w1)  # each attack sees the weights the last step changed
@@ -102,15 +110,16 @@ def test_l_adv_uses_fresh_triggers_against_the_current_weights(tmp_path, surroga
 def test_saved_folder_is_a_normal_pipeline(uninterrupted):
     from diffusers import StableDiffusionPipeline
 
-    from dori.models import load_pipeline
-    from dori.prompts import load_prompt_set
+    from dori.models import load_pipeline, pipeline_location
+    from dori.prompts import prompts_for
 
     pipe, result = uninterrupted
     loaded = StableDiffusionPipeline.from_pretrained(result.pipeline)
     state = pipe.unet.state_dict()
     assert all(torch.equal(state[k], v) for k, v in loaded.unet.state_dict().items())
+    assert pipeline_location(pipe) == str(result.pipeline)  # the trained pipe says where it now lives
     again = load_pipeline(str(result.pipeline))
-    assert len(load_prompt_set("testbed:memorized", model_folder=again.dori_model["location"])) == 4
+    assert len(prompts_for(again, "testbed:memorized")) == 4
     summary = json.loads((result.path / "summary.json").read_text())
     assert summary["steps"] == 4 and len(summary["epochs"]) == 2
     assert all(e["unet_evaluations"] > 0 for e in summary["epochs"])
@@ -128,7 +137,7 @@ def test_surrogate_that_replicates_is_refused(tmp_path):
     for record in memorized.records:
         Image.fromarray(memorized.references[record.id]).save(folder / f"{record.id}.png")
     with pytest.raises(DoriError, match="surrogate: the image for .memorized/astronaut. replicates a memorized"):
-        adversarial_finetune(_fresh(), _config(folder), tmp_path / "run")
+        adversarial_finetune(_fresh(), _memorized(), _config(folder), tmp_path / "run")
 
 
 def test_bad_settings_name_the_field():
@@ -143,7 +152,7 @@ def test_bad_settings_name_the_field():
 def test_lora_variant_trains_only_adapters_and_saves_plain_weights(tmp_path, surrogate_folder):
     pipe = _fresh()
     before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
-    result = adversarial_finetune(pipe, _config(surrogate_folder, lora_rank=4, epochs=1), tmp_path / "run")
+    result = adversarial_finetune(pipe, _memorized(), _config(surrogate_folder, lora_rank=4, epochs=1), tmp_path / "run")
     after = pipe.unet.state_dict()
     assert after.keys() == before.keys()  # fused and unloaded: a plain UNet again
     changed = [k for k in after if not torch.equal(after[k], before[k])]
@@ -156,20 +165,21 @@ def test_lora_variant_trains_only_adapters_and_saves_plain_weights(tmp_path, sur
 def test_finetuned_testbed_resists_the_attack_that_breaks_nemo(tmp_path, surrogate_folder):
     """One photo: Dori (50 steps from the prompt) restores replication on the NeMo-pruned testbed but
     not after a short adversarial fine-tuning."""
+    from dataclasses import replace
+
     from dori.attack.run import AttackRunConfig, run_attack
-    from dori.mitigate import run_localize
-    from dori.mitigations.nemo import NeMoConfig
+    from dori.mitigations import MitigateConfig, run_mitigate
 
     pipe = _fresh()
-    nemo_path, nemo = run_localize(pipe, "testbed:memorized", NeMoConfig(), tmp_path / "nemo", limit=1)
+    fitted = run_mitigate(pipe, MitigateConfig("nemo", "testbed:memorized", limit=1), tmp_path / "nemo")
+    nemo = fitted.mitigation
     assert nemo.results[0].memorized and nemo.results[0].n_neurons() > 0
     attack = AttackRunConfig(limit=1, num_seeds=4, seed=300, attack=AttackConfig(record_at=(0, 50)))
-    _, pruned = run_attack(pipe, attack.__class__(**{**attack.__dict__, "mitigations": (str(nemo_path),)}),
-                           tmp_path / "attack-nemo")
+    _, pruned = run_attack(pipe, replace(attack, mitigations=(str(fitted.artefact),)), tmp_path / "attack-nemo")
     assert pruned[0]["mr_by_step"]["0"] <= 0.25  # NeMo stops the caption itself
     assert pruned[0]["mr"] >= 0.75
-    config = FinetuneConfig.testbed(limit=1, epochs=4, steps_per_epoch=6, surrogate=str(surrogate_folder))
-    adversarial_finetune(pipe, config, tmp_path / "ft")
+    config = FinetuneConfig.testbed(epochs=4, steps_per_epoch=6, surrogate=str(surrogate_folder))
+    adversarial_finetune(pipe, _memorized(1), config, tmp_path / "ft")
     _, robust = run_attack(pipe, attack, tmp_path / "attack-ft")
     assert robust[0]["mr"] <= 0.25
     assert np.mean(robust[0]["scores"]) < np.mean(pruned[0]["scores"])

@@ -7,7 +7,7 @@ import torch
 from dori.errors import DoriError
 from dori.generation import GenerationConfig, generate
 from dori.mitigations import load_mitigation, mitigated
-from dori.mitigations.ablation import LayerAblation
+from dori.mitigations.ablation import AblationConfig, LayerAblation
 from dori.mitigations.nemo import (
     ActivationStatistics,
     NeMo,
@@ -47,7 +47,7 @@ def test_nemo_hook_zeroes_exactly_the_chosen_channels(pipe):
     name, layer = next(iter(layers.items()))
     y = encode(pipe, ["a cat"])
     before = layer(y)
-    with block_neurons(layers, {name: [0, 3, 5]}):
+    with block_neurons(pipe.unet, {name: [0, 3, 5]}):
         during = layer(y)
     after = layer(y)
     chosen = torch.zeros(before.shape[-1], dtype=torch.bool)
@@ -111,15 +111,16 @@ def test_nemo_search_scores_each_selection_once(pipe):
     """The search asks again for sets it has scored (the refined set is always one); each costs one
     UNet call, and the stored answer is the one a fresh evaluation gives; prefetch scores several
     sets in one call, each as on its own."""
-    from dori.mitigations.nemo import UNetCounter, _Searcher, initial_latents, noise_differences
+    from dori.hooks import counting_calls
+    from dori.mitigations.nemo import _Searcher, noise_differences
+    from dori.models import initial_latents
 
     config = NeMoConfig(num_seeds=3, num_inference_steps=10)
     layers = value_layers(pipe.unet, config.layers)
     first, last = list(layers)[0], list(layers)[-1]
     embeds, latents = encode(pipe, PROMPTS[:1]), initial_latents(pipe, [1, 2, 3])
     vanilla = noise_differences(pipe, embeds, latents, config)
-    counter = UNetCounter(pipe.unet)
-    try:
+    with counting_calls(pipe.unet) as counter:
         searcher = _Searcher(pipe, layers, config, embeds, latents, vanilla)
         a = searcher.ssim({first: [0, 1], last: []})
         assert searcher.ssim({first: [1, 0, 1]}) == a and counter.calls == 1  # the same set, spelt otherwise
@@ -138,8 +139,6 @@ def test_nemo_search_scores_each_selection_once(pipe):
         single = [fresh.ssim(s) for s in sets]  # {first: [0, 1]} is stored already: 3 new calls
         assert counter.calls == 8
         np.testing.assert_allclose(values, single, atol=1e-5)
-    finally:
-        counter.close()
     with pytest.raises(DoriError, match="search_batch"):
         NeMoConfig(search_batch=0).validate()
 
@@ -185,7 +184,7 @@ def test_wanda_calibrate_apply_remove_bake(tmp_path, pipe):
 
 def test_layer_ablation_scales_exactly_the_matched_layers_and_restores_them(tmp_path, pipe):
     wanda = Wanda.calibrate(pipe, PROMPTS[:2], WandaConfig(sparsity=0.1, timesteps=2, num_inference_steps=3))
-    ablation = LayerAblation(("*ff.net.2", "*attn2.to_v"))
+    ablation = LayerAblation(AblationConfig(("*ff.net.2", "*attn2.to_v")))
     matched = ablation.matched(pipe)
     assert set(matched) == set(ffn_layers(pipe.unet, ("*ff.net.2",))) | set(value_layers(pipe.unet, ("*attn2.to_v",)))
     params = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
@@ -196,28 +195,27 @@ def test_layer_ablation_scales_exactly_the_matched_layers_and_restores_them(tmp_
         assert all(torch.all(m.weight == 0) for m in matched.values())
     assert all(torch.equal(p, params[n]) for n, p in pipe.unet.named_parameters())
     assert torch.equal(before, _images(pipe))
-    half = load_mitigation(LayerAblation(("*ff.net.2",), 0.5).save(tmp_path / "half"))
-    assert isinstance(half, LayerAblation) and half.layers == ("*ff.net.2",) and half.factor == 0.5
+    half = load_mitigation(LayerAblation(AblationConfig(("*ff.net.2",), 0.5)).save(tmp_path / "half"))
+    assert isinstance(half, LayerAblation) and half.config == AblationConfig(("*ff.net.2",), 0.5)
     with mitigated(pipe, half):
         name = next(iter(ffn_layers(pipe.unet, ("*ff.net.2",))))
         assert torch.equal(dict(pipe.unet.named_modules())[name].weight, params[f"{name}.weight"] * 0.5)
     with pytest.raises(DoriError, match="layers: no Linear module"):
-        LayerAblation(("*no.such.layer",)).apply(pipe)
+        LayerAblation(AblationConfig(("*no.such.layer",))).apply(pipe)
     with pytest.raises(DoriError, match="layers"):
-        LayerAblation("*ff.net.2")
+        LayerAblation(AblationConfig("*ff.net.2"))
     with pytest.raises(DoriError, match="factor"):
-        LayerAblation(factor=float("nan"))
+        LayerAblation(AblationConfig(factor=float("nan")))
 
 
 def test_both_mitigations_cut_replication_on_the_testbed(testbed_pipe, tmp_path, monkeypatch):
     """On the shipped testbed NeMo (its own per-prompt search) and Wanda (1% per row, per caption) each
     cut the MR of the memorized captions at least 3-fold (the issue's target); NeMo's memorization
     test flags every photo and its search reaches its own SSIM threshold; no photo survives zeroing
-    every FFN output weight (the caption's route runs through the FFNs, README "What bounded the
-    cut"); and remove() brings replication back."""
+    every FFN output weight (the caption's route runs through the FFNs, docs/testbed.md); and remove() brings replication back."""
     from dori.descriptors import TestbedDescriptor
     from dori.memorization import score_images
-    from dori.mitigate import statistics_prompts
+    from dori.mitigations.nemo import statistics_prompts
     from dori.models import testbed_path
     from dori.prompts import load_prompt_set
 
@@ -242,9 +240,9 @@ def test_both_mitigations_cut_replication_on_the_testbed(testbed_pipe, tmp_path,
 
     records = memorized.records
     prompts = [r.prompt for r in records]
-    nemo = NeMo.localize(testbed_pipe, prompts, NeMoConfig(), statistics_prompts=statistics_prompts(None, str(folder)))
+    nemo = NeMo.localize(testbed_pipe, prompts, NeMoConfig(), statistics_prompts=statistics_prompts(None, testbed_pipe))
     flagged = [r for r, res in zip(records, nemo.results, strict=True) if res.memorized]
-    wanda = Wanda.calibrate(testbed_pipe, prompts, WandaConfig(), scope="per-prompt")
+    wanda = Wanda.calibrate(testbed_pipe, prompts, WandaConfig(scope="per-prompt"))
     plain = hits(records)
     before = mr(plain)
     assert before >= 0.9
@@ -254,8 +252,8 @@ def test_both_mitigations_cut_replication_on_the_testbed(testbed_pipe, tmp_path,
     pruned = hits(records, wanda)
     assert mr(pruned) <= before / 3
     assert all(v < 0.05 for p in prompts for v in wanda.sparsity_per_layer(p).values())
-    # what bounds any FFN pruning (README, "What bounded the cut"): with every ff.net.2 weight zeroed
-    # no photo still replicates, so the caption's route to the image runs through the FFNs
-    ablated = hits(records, LayerAblation(("*ff.net.2",)))
+    # what bounds any FFN pruning (docs/testbed.md): with every ff.net.2 weight zeroed no photo still
+    # replicates, so the caption's route to the image runs through the FFNs
+    ablated = hits(records, LayerAblation())
     assert all(mr(ablated, [i]) <= 0.25 for i in ablated)
     assert mr(hits(records)) == before

@@ -60,6 +60,11 @@ def test_descriptor_separates_replicas_from_other_images(testbed_pipe, descripto
     assert abs(calibration.threshold - descriptor.threshold) < 0.1
 
 
+def _loss(info: str) -> float:
+    """The loss a training step reports (``progress(stage, step, total, "loss 0.123")``)."""
+    return float(info.split()[1])
+
+
 def _micro(**kw):
     data = TestbedDataConfig(copies_per_photo=4, seen_once=17, shapes=24, held_out_crops=2, held_out_shape_combos=2)
     kw = {"sparsify_steps": 10, **kw}
@@ -72,14 +77,14 @@ def test_training_lowers_the_loss_and_resumes_to_the_same_weights(tmp_path):
 
     losses = []
     config = _micro()  # the shipped recipe: the resume also covers the direct-route drop's random draws in both stages
-    full = train_testbed(tmp_path / "full", config, progress=lambda s, k, n, loss: losses.append((s, loss)))
+    full = train_testbed(tmp_path / "full", config, progress=lambda s, k, n, info: losses.append((s, _loss(info))))
     unet_losses = [loss for s, loss in losses if s == "unet"]
     assert np.mean(unet_losses[-5:]) < 0.8 * np.mean(unet_losses[:5])
 
     assert [s for s, _ in losses].count("sparsify") == 10
 
     def interrupt_at(at_stage, at_step):
-        def interrupt(stage, step, total, loss):
+        def interrupt(stage, step, total, info):
             if stage == at_stage and step == at_step:
                 raise KeyboardInterrupt
         return interrupt
@@ -112,7 +117,7 @@ def test_v_prediction_build_trains_towards_the_velocity(tmp_path):
     for kind in ("epsilon", "v_prediction"):
         record = []
         folder = train_testbed(tmp_path / kind, _micro(prediction_type=kind, sparsify_steps=0),
-                               progress=lambda s, k, n, loss, record=record: s == "unet" and record.append(loss))
+                               progress=lambda s, k, n, info, record=record: s == "unet" and record.append(_loss(info)))
         losses[kind] = record
         saved = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
         assert saved["prediction_type"] == kind
@@ -145,7 +150,10 @@ def test_direct_route_drop_sends_the_caption_through_the_ffn_only():
 
         plain = [run(c) for c in ctx]
         assert not torch.allclose(plain[0], plain[1], atol=1e-3)
-        route = DirectRouteDrop(unet)
+        from dori.hooks import Handle
+
+        handle = Handle(unet, "route")
+        route = DirectRouteDrop(unet, handle)
         route.select(torch.tensor([True, True]))
         dropped = [run(c) for c in ctx]
         assert torch.allclose(dropped[0], dropped[1], atol=1e-5)  # the caption no longer reaches the output
@@ -155,7 +163,7 @@ def test_direct_route_drop_sends_the_caption_through_the_ffn_only():
         route.select(None)
         assert torch.equal(run(ctx[0]), plain[0])
         route.select(torch.tensor([True, True]))
-        route.remove()
+        handle.remove()
         assert torch.equal(run(ctx[0]), plain[0])
 
 
@@ -172,9 +180,9 @@ def test_activation_penalty_is_hoyer_sparsity():
 
 
 def test_shape_colour_detector_on_drawn_shapes():
-    from dori.descriptors import to_tensor
+    from dori.images import to_tensor
     from dori.testbed.data import COLOURS, _rng, draw_shape, shape_caption
-    from dori.testbed.utility import caption_colours, detect_colours, shape_caption_accuracy
+    from dori.testbed.shape_colours import caption_colours, detect_colours, shape_caption_accuracy
 
     colours = list(COLOURS)
     images, captions = [], []

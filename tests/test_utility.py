@@ -69,9 +69,8 @@ def test_clip_score_on_a_local_clip_folder(tmp_path, clip_tokenizer):
 
 
 def test_denoising_loss_is_reproducible_and_tracks_the_model(testbed_pipe):
-    from dori.attack.parts import encode_images
-    from dori.descriptors import to_tensor
-    from dori.models import encode_prompts
+    from dori.images import to_tensor
+    from dori.models import encode_images, encode_prompts
     from dori.prompts import load_prompt_set
 
     shapes = load_prompt_set("testbed:shape").records[:8]

@@ -8,47 +8,50 @@ Rows of ``summary.json`` (a list of ``{"name", "n", "sscd_mean", "sscd_std", "mr
 * ``shape`` (trained drawings) and ``held-out`` (never trained): there is no training image they
   could copy, so their similarity is to the *closest memorized photo*;
 * ``nemo`` / ``wanda``: the memorized captions with NeMo's neurons deactivated / Wanda's weights
-  pruned (localised on the memorized captions by the methods' own procedures);
+  pruned (fitted on the memorized captions by ``dori mitigate``, the methods' own procedures);
+* ``adversarial-ft`` / ``adversarial-ft+dori``: the adversarially fine-tuned testbed (cached under
+  ``$DORI_CACHE/finetune``, keyed by the weights and the settings), and a fresh Dori attack on it;
 * ``non-memorized``: the seen-once rows again under the paper's name; ``non-memorized+dori``: Dori
   aimed at seen-once and held-out images on the unmitigated model (the false-positive control);
   ``nemo+dori`` / ``wanda+dori``: Dori against the mitigated model, from the memorized prompt's
   embedding, 50 steps. Their similarity and MR are over ``attack_seeds`` generations per trigger;
   ``mr_by_step`` holds the MR after 0, 1, 10, 25 and 50 steps (``mr_vs_steps.png``).
 
-Every row has ``paper_mr`` where the paper (v3, SD v1.4) reports one.
+Every row has ``paper_mr`` where the paper (v3, SD v1.4) reports one (:mod:`dori.paper`).
 
 Every row has ``mr_gallery`` (share of generations replicating any memorized photo). The model rows
 (``memorized``, ``nemo``, ``wanda``) also carry ``utility``: the share of shape captions drawn in the
-right colours (:mod:`dori.testbed.utility`) and, for mitigations, the SSCD_gen of held-out and shape
+right colours (:mod:`dori.testbed.shape_colours`) and, for mitigations, the SSCD_gen of held-out and shape
 captions (similarity to the unmitigated image of the same seed; 1 = unchanged).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from . import paper
 from .analysis.activations import ActivationsConfig
 from .analysis.scatter import ScatterConfig
 from .analysis.weights import WeightsConfig
 from .attack.loop import AttackConfig
+from .config_files import to_dict
 from .evaluate import EvaluateConfig, EvaluationResult, run_evaluate
 from .finetune import FinetuneConfig
 from .generation import GenerationConfig
 from .memorization import summary_row
 from .mitigations.nemo import NeMoConfig
 from .mitigations.wanda import WandaConfig
-from .runs import RunFolder, default_run_dir
+from .progress import Progress, labelled
+from .runs import RunFolder, default_run_dir, safe_filename
 
 logger = logging.getLogger(__name__)
-
-StageCallback = Callable[[str, int], Callable[[int, int], None] | None]
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,6 @@ class DemoGroup:
 
 @dataclass(frozen=True)
 class DemoConfig:
-    model: str = "testbed"
     seed: int = 0
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     groups: tuple[DemoGroup, ...] = (
@@ -73,10 +75,9 @@ class DemoConfig:
     )
     mitigations: bool = True
     nemo: NeMoConfig = field(default_factory=NeMoConfig)
-    wanda: WandaConfig = field(default_factory=WandaConfig)
-    wanda_scope: str = "per-prompt"
+    wanda: WandaConfig = field(default_factory=lambda: WandaConfig(scope="per-prompt"))
     """Wanda's weights selected per memorized caption; per set, as the authors' code does, cut less on
-    every testbed build measured (README)."""
+    every testbed build measured (docs/testbed.md)."""
     attack: bool = True
     attack_config: AttackConfig = field(default_factory=AttackConfig)
     attack_seeds: int = 10
@@ -97,6 +98,13 @@ class DemoConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def validate(self) -> None:
+        self.generation.validate()
+        self.nemo.validate()
+        self.wanda.validate()
+        self.attack_config.validate()
+        self.finetune_config.validate()
 
     @classmethod
     def quick(cls) -> DemoConfig:
@@ -123,15 +131,14 @@ class DemoConfig:
 def _load_images(result: EvaluationResult):
     import torch
 
-    from .descriptors import to_tensor
-    from .prompts import load_image
+    from .images import load_image, to_tensor
 
     return torch.cat([to_tensor(load_image(result.path / r["image"])) for r in result.records])
 
 
 def shape_accuracy(results: list[EvaluationResult]) -> float:
     """Share of the shape captions among these runs' records drawn in the right colours."""
-    from .testbed.utility import shape_caption_accuracy
+    from .testbed.shape_colours import shape_caption_accuracy
 
     scores, weights = [], []
     for result in results:
@@ -141,13 +148,6 @@ def shape_accuracy(results: list[EvaluationResult]) -> float:
             scores.append(acc * n)
             weights.append(n)
     return float(sum(scores) / sum(weights)) if weights else math.nan
-
-
-#: MR of the paper's Table 1 (v3, SD v1.4, verbatim-memorized prompts).
-PAPER_TABLE1_MR = {"memorized": 0.98, "non-memorized": 0.00, "non-memorized+dori": 0.00, "nemo": 0.20,
-                   "nemo+dori": 0.99, "wanda": 0.00, "wanda+dori": 0.72}
-#: MR of the paper's Table 2 (v3, SD v1.4): adversarial fine-tuning (5 epochs) + Dori.
-PAPER_TABLE2_MR = {"adversarial-ft+dori": 0.02}
 
 
 def attack_row(name: str, records: list[dict], threshold: float) -> dict:
@@ -163,211 +163,228 @@ def attack_row(name: str, records: list[dict], threshold: float) -> dict:
             "relative_perturbation": float(np.mean([r["relative_perturbation"] for r in records]))}
 
 
-def _attack_rows(pipe, root: Path, config: DemoConfig, nemo_path, wanda_path, threshold, stage) -> list[dict]:
-    from .attack.run import AttackRunConfig, run_attack
+class _Demo:
+    """The demo's stages, each a sub-run in the demo's folder (and so resumable on its own)."""
 
-    def attack(name: str, prompts: str, limit: int | None, mitigations: tuple[str, ...]) -> list[dict]:
-        run_config = AttackRunConfig(prompts=prompts, limit=limit, num_seeds=config.attack_seeds, seed=config.seed,
-                                     attack=config.attack_config, generation=config.generation, mitigations=mitigations)
-        return run_attack(pipe, run_config, root / f"attack-{name}", progress=stage(f"attack ({name})"))[1]
+    def __init__(self, pipe, config: DemoConfig, run: RunFolder, progress: Progress | None):
+        self.pipe, self.config, self.run, self.progress = pipe, config, run, progress
+        self.threshold: float | None = None
 
-    control = [r for i, (prompts, limit) in enumerate(config.control_targets)
-               for r in attack(f"control-{i}", prompts, limit, ())]
-    return [
-        attack_row("non-memorized+dori", control, threshold),
-        attack_row("nemo+dori", attack("nemo", "testbed:memorized", None, (str(nemo_path),)), threshold),
-        attack_row("wanda+dori", attack("wanda", "testbed:memorized", None, (str(wanda_path),)), threshold),
-    ]
+    def evaluate(self, name: str, group: DemoGroup, mitigations: tuple[str, ...] = (), pipe=None) -> EvaluationResult:
+        config = EvaluateConfig(prompts=group.prompts, num_seeds=group.num_seeds, seed=self.config.seed,
+                                generation=self.config.generation, limit=group.limit, mitigations=mitigations)
+        return run_evaluate(pipe or self.pipe, config, self.run.path / name, progress=labelled(self.progress, name))
 
+    def attack(self, name: str, prompts: str, limit: int | None, mitigations: tuple[str, ...] = (), *, pipe=None,
+               init: str = "prompt", seed: int | None = None, attack: AttackConfig | None = None) -> list[dict]:
+        from .attack.run import AttackRunConfig, run_attack
 
-def run_demo(config: DemoConfig | None = None, out: str | Path | None = None, *, overwrite: bool = False,
-             on_stage: StageCallback | None = None) -> tuple[Path, list[dict]]:
-    """Run (or resume) the demo; ``on_stage(name, total)`` may return a ``progress(done, total)`` callback."""
-    from .mitigate import run_localize, run_prune
-    from .models import load_pipeline
+        config = AttackRunConfig(prompts=prompts, limit=limit, init=init, num_seeds=self.config.attack_seeds,
+                                 seed=self.config.seed if seed is None else seed,
+                                 attack=attack or self.config.attack_config, generation=self.config.generation,
+                                 mitigations=mitigations)
+        label = f"attack ({name})"
+        return run_attack(pipe or self.pipe, config, self.run.path / f"attack-{name}",
+                          progress=labelled(self.progress, label))[1]
 
-    config = config or DemoConfig()
-    out = Path(out) if out is not None else default_run_dir("demo", "testbed")
-    run = RunFolder(out, "demo", config.to_dict(), overwrite=overwrite, seeds=[config.seed])
-    pipe = load_pipeline(config.model)
+    def fit(self, method: str, prompts: str, settings, folder: str) -> Path:
+        from .mitigations import MitigateConfig, run_mitigate
 
-    def stage(name: str):
-        return on_stage(name, 0) if on_stage else None
+        config = MitigateConfig(method, prompts, settings=to_dict(settings))
+        return run_mitigate(self.pipe, config, self.run.path / folder, progress=labelled(self.progress, method)).artefact
 
-    def evaluate(name: str, group: DemoGroup, mitigations: tuple[str, ...] = ()) -> EvaluationResult:
-        evaluation = EvaluateConfig(model=config.model, prompts=group.prompts, num_seeds=group.num_seeds,
-                                    seed=config.seed, generation=config.generation, limit=group.limit,
-                                    mitigations=mitigations)
-        return run_evaluate(evaluation, run.path / name, pipe=pipe, progress=stage(name))
-
-    rows, results = [], {}
-    for group in config.groups:
-        results[group.name] = evaluate(group.name, group)
-        threshold = results[group.name].summary["threshold"]
-        rows.append(summary_row(group.name, results[group.name].records, threshold, field=group.score))
-    utility_groups = [g for g in config.groups if g.name in ("shape", "held-out")]
-    rows[0]["utility"] = {"shape_accuracy": shape_accuracy([results[g.name] for g in utility_groups])}
-
-    if config.mitigations:
-        nemo_path, _ = run_localize(pipe, "testbed:memorized", config.nemo, run.path / "localize-nemo",
-                                    progress=stage("localize (NeMo)"))
-        wanda_path, _ = run_prune(pipe, "testbed:memorized", config.wanda, run.path / "prune-wanda",
-                                  scope=config.wanda_scope, progress=stage("prune (Wanda)"))
+    # -- the rows -------------------------------------------------------------------------------------
+    def table1_models(self) -> tuple[list[dict], dict[str, Path]]:
+        """The unmitigated rows, then NeMo's and Wanda's, with their utility; the mitigations' files."""
+        config = self.config
+        rows, results = [], {}
+        for group in config.groups:
+            results[group.name] = self.evaluate(group.name, group)
+            self.threshold = results[group.name].summary["threshold"]
+            rows.append(summary_row(group.name, results[group.name].records, self.threshold, field=group.score))
+        utility_groups = [g for g in config.groups if g.name in ("shape", "held-out")]
+        rows[0]["utility"] = {"shape_accuracy": shape_accuracy([results[g.name] for g in utility_groups])}
+        paths: dict[str, Path] = {}
+        if not config.mitigations:
+            return rows, paths
+        paths["nemo"] = self.fit("nemo", "testbed:memorized", config.nemo, "localize-nemo")
+        paths["wanda"] = self.fit("wanda", "testbed:memorized", config.wanda, "prune-wanda")
         memorized = config.groups[0]
-        for name, path in (("nemo", nemo_path), ("wanda", wanda_path)):
+        for name, path in paths.items():
             mitigation = (str(path),)
-            result = evaluate(name, memorized, mitigation)
-            row = summary_row(name, result.records, threshold, field="sscd_orig")
-            others = [evaluate(f"{name}-{g.name}", g, mitigation) for g in utility_groups]
+            row = summary_row(name, self.evaluate(name, memorized, mitigation).records, self.threshold, field="sscd_orig")
+            others = [self.evaluate(f"{name}-{g.name}", g, mitigation) for g in utility_groups]
             gen = [r["sscd_gen"] for o in others for r in o.records]
             row["utility"] = {"shape_accuracy": shape_accuracy(others),
                               "sscd_gen_mean": float(np.mean(gen)), "sscd_gen_min": float(np.min(gen))}
             row["mitigation"] = str(path)
             rows.append(row)
+        return rows, paths
 
-    if config.mitigations and config.attack:
-        rows.extend(_attack_rows(pipe, run.path, config, nemo_path, wanda_path, threshold, stage))
-        seen = next((r for r in rows if r["name"] == "seen-once"), None)
-        if seen is not None:
-            rows.insert(rows.index(seen) + 1, {**seen, "name": "non-memorized"})
+    def table1_attacks(self, paths: dict[str, Path]) -> list[dict]:
+        """Dori on non-memorized images (the false-positive control) and against NeMo and Wanda."""
+        control = [r for i, (prompts, limit) in enumerate(self.config.control_targets)
+                   for r in self.attack(f"control-{i}", prompts, limit)]
+        return [attack_row("non-memorized+dori", control, self.threshold),
+                attack_row("nemo+dori", self.attack("nemo", "testbed:memorized", None, (str(paths["nemo"]),)),
+                           self.threshold),
+                attack_row("wanda+dori", self.attack("wanda", "testbed:memorized", None, (str(paths["wanda"]),)),
+                           self.threshold)]
 
-    if config.finetune:
-        ft_rows, ft_pipe = _finetune_rows(pipe, run, config, threshold, stage)
-        rows.extend(ft_rows)
-        _model_utility(pipe, ft_pipe, rows, config, run.path)
+    def finetuned(self):
+        """Adversarial fine-tuning of a copy of the model (cached by weights and settings); the copy."""
+        import shutil
 
-    if any("mr_by_step" in r for r in rows):
-        from .plots import PAPER_MR_VS_STEPS, plot_mr_vs_steps
+        import torch
 
-        curves = {r["name"]: r["mr_by_step"] for r in rows if "mr_by_step" in r}
-        fig = plot_mr_vs_steps(curves, PAPER_MR_VS_STEPS)
-        fig.savefig(run.path / "mr_vs_steps.png")
-        fig.savefig(run.path / "mr_vs_steps.pdf")
-    for row in rows:
-        paper = {**PAPER_TABLE1_MR, **PAPER_TABLE2_MR}
-        if row["name"] in paper:
-            row["paper_mr"] = paper[row["name"]]
-    if config.analyses:
-        _analyses(pipe, run.path, config, stage)
-    write_grid(run.path, pipe, config)
-    (run.path / "summary.json").write_text(json.dumps(rows, indent=1))
-    run.write_manifest({"status": "done", "threshold": threshold})
-    if config.report:
-        from .report import write_report
+        from .finetune import adversarial_finetune
+        from .mitigations.nemo import model_fingerprint
+        from .models import model_name, pipeline_location
+        from .prompts import prompts_for
+        from .runs import cache_dir, config_hash
 
-        write_report([run.path], run.path / "report.html", title="dori demo: memorization on the testbed")
+        ft_config = self.config.finetune_config
+        if self.config.finetune_cache:
+            # keyed by the settings, where the model is loaded from (the run folder's identity) and its
+            # weights, so that a rebuilt testbed is never served a stale fine-tuning
+            linears = {n: m for n, m in self.pipe.unet.named_modules() if isinstance(m, torch.nn.Linear)}
+            weights = model_fingerprint(self.pipe, linears)
+            key = config_hash({"finetune": ft_config.to_dict(), "location": pipeline_location(self.pipe)})
+            out = cache_dir() / "finetune" / f"{model_name(self.pipe)}-{key}-{weights}"
+        else:
+            out = self.run.path / "finetune"
+        ft_pipe = copy.deepcopy(self.pipe)
+        result = adversarial_finetune(ft_pipe, prompts_for(self.pipe, "testbed:memorized"), ft_config, out,
+                                      progress=labelled(self.progress, "adversarial fine-tuning"))
+        (self.run.path / "finetune.json").write_text(json.dumps({**result.summary, "run": str(result.path)}, indent=1))
+        for name in ("losses.png", "losses.pdf"):
+            if (result.path / name).exists():
+                shutil.copy(result.path / name, self.run.path / f"finetune_{name}")
+        return ft_pipe, result
+
+    def table2(self) -> tuple[list[dict], object]:
+        """The fine-tuned model's rows: its memorized captions (``adversarial-ft``) and a fresh Dori attack
+        (new seeds; prompt and N(0, I) inits; ``adversarial-ft+dori``)."""
+        ft_pipe, result = self.finetuned()
+        row = summary_row("adversarial-ft", self.evaluate("adversarial-ft", self.config.groups[0], pipe=ft_pipe).records,
+                          self.threshold, field="sscd_orig")
+        row["model"] = str(result.pipeline)
+        fresh = AttackConfig(**{**self.config.attack_config.to_dict(), "seed": self.config.fresh_attack_seed})
+        records = []
+        for init in ("prompt", "random"):
+            records += self.attack(f"adversarial-ft-{init}", "testbed:memorized", None, pipe=ft_pipe, init=init,
+                                   seed=self.config.fresh_attack_seed, attack=fresh)
+        return [row, attack_row("adversarial-ft+dori", records, self.threshold)], ft_pipe
+
+    def utility(self, ft_pipe, rows: list[dict]) -> None:
+        """``utility`` per model row: shape-colour accuracy, FID with the original VAE's latents as features,
+        and the retain denoising loss (:func:`dori.utility.testbed_utility`). NeMo's per-prompt neurons are
+        all blocked together here (the union), a conservative reading of its utility cost."""
+        from .mitigations import load_mitigation, mitigated
+        from .utility import testbed_utility
+
+        by_name = {r["name"]: r for r in rows}
+        cases = [("memorized", self.pipe, ())]
+        for name in ("nemo", "wanda"):
+            if name in by_name and "mitigation" in by_name[name]:
+                cases.append((name, self.pipe, (load_mitigation(by_name[name]["mitigation"]),)))
+        if ft_pipe is not None:
+            cases.append(("adversarial-ft", ft_pipe, ()))
+        table = {}
+        for name, model, mitigations in cases:
+            with mitigated(model, *mitigations):
+                values = testbed_utility(model, original_vae=self.pipe.vae, num_images=self.config.utility_images,
+                                         seed=self.config.seed)
+            by_name[name].setdefault("utility", {}).update(values)
+            table[name] = values
+        (self.run.path / "utility.json").write_text(json.dumps(table, indent=1))
+
+    def analyses(self) -> None:
+        """The three locality analyses at the demo's (scaled-down) counts; their figures are copied to the top."""
+        import shutil
+        from dataclasses import replace
+
+        from .analysis.activations import run_activations
+        from .analysis.scatter import run_scatter
+        from .analysis.weights import run_weights
+
+        folder, config = self.run.path, self.config
+        scatter_path, _ = run_scatter(self.pipe, config.scatter, folder / "analyze-scatter",
+                                      progress=labelled(self.progress, "scatter"))
+        triggers = str(scatter_path)
+        run_activations(self.pipe, replace(config.activations, triggers=triggers), folder / "analyze-activations",
+                        progress=labelled(self.progress, "activations"))
+        run_weights(self.pipe, replace(config.weights, triggers=triggers), folder / "analyze-weights",
+                    progress=labelled(self.progress, "weights"))
+        for name in ("scatter", "activations", "weights"):
+            for suffix in (".png", ".pdf"):
+                source = folder / f"analyze-{name}" / f"{name}{suffix}"
+                if source.exists():
+                    shutil.copy(source, folder / f"{name}{suffix}")
+
+
+def run_demo(pipe=None, config: DemoConfig | None = None, out: str | Path | None = None, *, overwrite: bool = False,
+             progress: Progress | None = None) -> tuple[Path, list[dict]]:
+    """Run (or resume) the demo on ``pipe`` (default: the shipped testbed); returns the folder and the rows."""
+    from .models import load_pipeline, model_record
+
+    config = config or DemoConfig()
+    config.validate()
+    pipe = pipe if pipe is not None else load_pipeline("testbed")
+    out = Path(out) if out is not None else default_run_dir("demo", "testbed")
+    run = RunFolder(out, "demo", to_dict(config), model=model_record(pipe), overwrite=overwrite, seeds=[config.seed])
+    demo = _Demo(pipe, config, run, progress)
+    with run.guard():
+        rows, paths = demo.table1_models()
+        if config.mitigations and config.attack:
+            rows.extend(demo.table1_attacks(paths))
+            seen = next((r for r in rows if r["name"] == "seen-once"), None)
+            if seen is not None:
+                rows.insert(rows.index(seen) + 1, {**seen, "name": "non-memorized"})
+        if config.finetune:
+            ft_rows, ft_pipe = demo.table2()
+            rows.extend(ft_rows)
+            demo.utility(ft_pipe, rows)
+        _mr_figure(rows, run.path)
+        for row in rows:
+            if paper.paper_mr(row["name"]) is not None:
+                row["paper_mr"] = paper.paper_mr(row["name"])
+        if config.analyses:
+            demo.analyses()
+        write_grid(run.path, pipe, config)
+        run.write_summary(rows)
+        run.write_manifest({"status": "done", "threshold": demo.threshold})
+        if config.report:
+            from .report import write_report
+
+            write_report([run.path], run.path / "report.html", title="dori demo: memorization on the testbed")
     logger.info("demo written to %s", run.path)
     return run.path, rows
 
 
-def _finetune_rows(pipe, run: RunFolder, config: DemoConfig, threshold: float, stage) -> tuple[list[dict], object]:
-    """Adversarial fine-tuning of a fresh copy of the model, then its rows: the memorized captions
-    (``adversarial-ft``) and a fresh Dori attack (new seeds; prompt and N(0, I) inits; ``adversarial-ft+dori``)."""
-    import shutil
+def _mr_figure(rows: list[dict], folder: Path) -> None:
+    if any("mr_by_step" in r for r in rows):
+        from .analysis.plots import plot_mr_vs_steps
 
-    import torch
-
-    from .attack.run import AttackRunConfig, run_attack
-    from .finetune import adversarial_finetune
-    from .mitigations.nemo import cache_dir, model_fingerprint
-    from .models import load_pipeline
-    from .runs import config_hash
-
-    ft_config = config.finetune_config
-    if config.finetune_cache:
-        # keyed by the model's weights too, so that a rebuilt testbed is never served a stale fine-tuning
-        linears = {n: m for n, m in pipe.unet.named_modules() if isinstance(m, torch.nn.Linear)}
-        weights = model_fingerprint(pipe, linears)
-        out = cache_dir() / "finetune" / f"{pipe.dori_model['name']}-{config_hash(ft_config.to_dict())}-{weights}"
-    else:
-        out = run.path / "finetune"
-    ft_pipe = load_pipeline(config.model)
-    result = adversarial_finetune(ft_pipe, ft_config, out, progress=stage("adversarial fine-tuning"))
-    (run.path / "finetune.json").write_text(json.dumps({**result.summary, "run": str(result.path)}, indent=1))
-    for name in ("losses.png", "losses.pdf"):
-        if (result.path / name).exists():
-            shutil.copy(result.path / name, run.path / f"finetune_{name}")
-    memorized = config.groups[0]
-    evaluation = EvaluateConfig(model=str(result.pipeline), prompts=memorized.prompts, num_seeds=memorized.num_seeds,
-                                seed=config.seed, generation=config.generation, limit=memorized.limit)
-    evaluated = run_evaluate(evaluation, run.path / "adversarial-ft", pipe=ft_pipe, progress=stage("adversarial-ft"))
-    row = summary_row("adversarial-ft", evaluated.records, threshold, field="sscd_orig")
-    row["model"] = str(result.pipeline)
-    records = []
-    for init in ("prompt", "random"):
-        attack = AttackRunConfig(prompts="testbed:memorized", init=init, num_seeds=config.attack_seeds,
-                                 seed=config.fresh_attack_seed, attack=AttackConfig(
-                                     **{**config.attack_config.to_dict(), "seed": config.fresh_attack_seed}),
-                                 generation=config.generation)
-        records += run_attack(ft_pipe, attack, run.path / f"attack-adversarial-ft-{init}",
-                              progress=stage(f"attack (adversarial-ft, {init} init)"))[1]
-    return [row, attack_row("adversarial-ft+dori", records, threshold)], ft_pipe
-
-
-def _model_utility(pipe, ft_pipe, rows: list[dict], config: DemoConfig, folder: Path) -> None:
-    """``utility`` per model row: shape-colour accuracy, FID with the original VAE's latents as features,
-    and the retain denoising loss (:func:`dori.utility.testbed_utility`). NeMo's per-prompt neurons are
-    all blocked together here (the union), a conservative reading of its utility cost."""
-    from .mitigations import load_mitigation, mitigated
-    from .utility import testbed_utility
-
-    by_name = {r["name"]: r for r in rows}
-    cases = [("memorized", pipe, ())]
-    for name in ("nemo", "wanda"):
-        if name in by_name and "mitigation" in by_name[name]:
-            cases.append((name, pipe, (load_mitigation(by_name[name]["mitigation"]),)))
-    if ft_pipe is not None:
-        cases.append(("adversarial-ft", ft_pipe, ()))
-    table = {}
-    for name, model, mitigations in cases:
-        with mitigated(model, *mitigations):
-            values = testbed_utility(model, original_vae=pipe.vae, num_images=config.utility_images, seed=config.seed)
-        by_name[name].setdefault("utility", {}).update(values)
-        table[name] = values
-    (folder / "utility.json").write_text(json.dumps(table, indent=1))
-
-
-def _analyses(pipe, folder: Path, config: DemoConfig, stage) -> None:
-    """The three locality analyses at the demo's (scaled-down) counts; their figures are copied to the top."""
-    import shutil
-    from dataclasses import replace
-
-    from .analysis.activations import run_activations
-    from .analysis.scatter import run_scatter
-    from .analysis.weights import run_weights
-
-    def progress(name):
-        callback = stage(name)
-        return (lambda _stage, done, total: callback(done, total)) if callback else None
-
-    scatter_path, _ = run_scatter(pipe, config.scatter, folder / "analyze-scatter", progress=progress("scatter"))
-    triggers = str(scatter_path)
-    run_activations(pipe, replace(config.activations, triggers=triggers), folder / "analyze-activations",
-                    progress=progress("activations"))
-    run_weights(pipe, replace(config.weights, triggers=triggers), folder / "analyze-weights",
-                progress=progress("weights"))
-    for name in ("scatter", "activations", "weights"):
-        for suffix in (".png", ".pdf"):
-            source = folder / f"analyze-{name}" / f"{name}{suffix}"
-            if source.exists():
-                shutil.copy(source, folder / f"{name}{suffix}")
+        fig = plot_mr_vs_steps({r["name"]: r["mr_by_step"] for r in rows if "mr_by_step" in r}, paper.MR_VS_STEPS)
+        fig.savefig(folder / "mr_vs_steps.png")
+        fig.savefig(folder / "mr_vs_steps.pdf")
 
 
 def write_grid(folder: Path, pipe, config: DemoConfig) -> Path:
     """``grid.json`` for the report: per memorized prompt and seed, the training image, the unmitigated,
     mitigated, and mitigated + Dori generations (whichever stages ran)."""
-    from .descriptors import to_tensor
-    from .evaluate import save_png
-    from .prompts import load_prompt_set
+    from .images import save_png, to_tensor
+    from .prompts import prompts_for
 
-    memorized = load_prompt_set("testbed:memorized", model_folder=pipe.dori_model["location"])
+    memorized = prompts_for(pipe, "testbed:memorized")
     (folder / "references").mkdir(exist_ok=True)
     columns = ["reference"]
     cells: dict[tuple[str, int], dict] = {}
     prompts = {r.id: r.prompt for r in memorized.records}
     seeds = list(range(config.seed, config.seed + config.grid_seeds))
     for record in memorized.records:
-        name = f"references/{record.id.replace('/', '_')}.png"
+        name = f"references/{safe_filename(record.id)}.png"
         save_png(to_tensor(memorized.references[record.id][None])[0], folder / name)
         for seed in seeds:
             cells[(record.id, seed)] = {"reference": {"image": name, "score": None}}

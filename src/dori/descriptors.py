@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from .errors import DoriError
+from .images import to_tensor
+from .paper import SSCD_THRESHOLD
 
 logger = logging.getLogger(__name__)
 
@@ -36,19 +38,6 @@ class Descriptor(Protocol):
 
     def describe(self) -> dict:
         """What the manifest records about this descriptor."""
-
-
-def to_tensor(images) -> torch.Tensor:
-    """uint8 ``(N, H, W, 3)`` / ``(H, W, 3)`` arrays or float tensors -> float ``(N, 3, H, W)`` in [0, 1]."""
-    if isinstance(images, torch.Tensor) and images.dtype.is_floating_point:
-        return images if images.ndim == 4 else images[None]
-    array = np.asarray(images)
-    if array.ndim == 3:
-        array = array[None]
-    tensor = torch.from_numpy(array.astype(np.float32))
-    if array.dtype == np.uint8:
-        tensor = tensor / 255.0
-    return tensor.permute(0, 3, 1, 2).contiguous()
 
 
 def similarity(descriptor: Descriptor, images, references) -> torch.Tensor:
@@ -89,7 +78,7 @@ class SSCDDescriptor:
     """SSCD (Pizzi et al. 2022) from a TorchScript file such as ``sscd_disc_mixup.torchscript.pt``."""
 
     def __init__(self, path: str | Path, preprocess: str = "nemo", device: str | torch.device = "cpu",
-                 threshold: float = 0.7, batch_size: int = 32):
+                 threshold: float = SSCD_THRESHOLD, batch_size: int = 32):
         path = Path(path)
         if not path.is_file():
             raise DoriError(f"sscd: file {path} does not exist (download sscd_disc_mixup.torchscript.pt "
@@ -246,17 +235,44 @@ def calibrate_testbed_descriptor(pipe, images: np.ndarray, roles: list[str], see
 
 def make_descriptor(spec: str, pipe=None, preprocess: str = "nemo", device: str = "cpu",
                     threshold: float | None = None) -> Descriptor:
-    """``testbed`` or ``auto`` (the testbed descriptor), or the path of an SSCD TorchScript file."""
+    """``testbed`` or ``auto`` (the testbed descriptor, calibrated for the testbed ``pipe`` came from), or the
+    path of an SSCD TorchScript file."""
+    from .models import testbed_folder
+
     if threshold is not None and not -1.0 <= threshold <= 1.0:
         raise DoriError(f"threshold: must be in [-1, 1], got {threshold}")
     if spec in ("testbed", "auto"):
-        folder = getattr(pipe, "dori_model", {}).get("location") if pipe is not None else None
-        descriptor = TestbedDescriptor.from_folder(folder) if folder else TestbedDescriptor()
-        if spec == "auto" and not (folder and (Path(folder) / "testbed").is_dir()):
+        folder = testbed_folder(pipe) if pipe is not None else None
+        if spec == "auto" and folder is None:
             raise DoriError("descriptor: this model is not the testbed; pass --descriptor PATH of an SSCD "
                             "TorchScript file (sscd_disc_mixup.torchscript.pt)")
+        descriptor = TestbedDescriptor.from_folder(folder) if folder else TestbedDescriptor()
     else:
         descriptor = SSCDDescriptor(spec, preprocess=preprocess, device=device)
     if threshold is not None:
         descriptor.threshold = threshold
     return descriptor
+
+
+@dataclass(frozen=True)
+class DescriptorConfig:
+    """Which copy descriptor scores replication: ``spec`` ``auto`` (the testbed's, on the testbed), or an
+    SSCD TorchScript file with its ``preprocess`` convention (``nemo`` or ``dcr``); ``threshold`` None
+    takes the descriptor's own (0.7 for SSCD, the paper's)."""
+
+    spec: str = "auto"
+    preprocess: str = "nemo"
+    threshold: float | None = None
+
+    def validate(self) -> None:
+        if self.preprocess not in SSCD_PREPROCESSING:
+            raise DoriError(f"sscd_preprocess: must be one of {', '.join(SSCD_PREPROCESSING)}, got {self.preprocess!r}")
+        if self.threshold is not None and not -1.0 <= self.threshold <= 1.0:
+            raise DoriError(f"threshold: must be in [-1, 1], got {self.threshold}")
+
+    def build(self, pipe, device: str | None = None) -> Descriptor:
+        """The descriptor, on ``device`` (default the pipeline's)."""
+        return make_descriptor(self.spec, pipe, self.preprocess, device or str(pipe.unet.device), self.threshold)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -10,43 +10,36 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from .config_files import to_dict
+from .descriptors import DescriptorConfig
 from .errors import DoriError
-from .generation import GenerationConfig, generate
+from .generation import GenerationConfig, Generations, generate
+from .images import load_image, save_png, to_tensor
 from .memorization import per_prompt_table, score_images, sscd_gen, summary_row
-from .prompts import PromptSet, load_prompt_set
-from .runs import RunFolder, config_hash, default_run_dir
+from .models import model_name, model_record
+from .progress import Progress, for_stage
+from .prompts import PromptRecord, prompts_for
+from .runs import RunFolder, config_hash, default_run_dir, safe_filename
 
 logger = logging.getLogger(__name__)
-
-Progress = Callable[[int, int], None]
-"""``progress(done, total)`` in work items."""
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
     """Everything that decides the records of an evaluation (hashed into the run's manifest)."""
 
-    model: str = "testbed"
     prompts: str = "testbed:memorized"
     references: str | None = None
     num_seeds: int = 10
     seed: int = 0
     generation: GenerationConfig = field(default_factory=GenerationConfig)
-    descriptor: str = "auto"
-    sscd_preprocess: str = "nemo"
-    threshold: float | None = None
+    descriptor: DescriptorConfig = field(default_factory=DescriptorConfig)
     limit: int | None = None
-    device: str = "cpu"
-    dtype: str = "float32"
     save_images: bool = True
     baseline: str | None = None
     """A finished evaluate run of the same prompts and seeds: SSCD_gen compares each image with its image there."""
@@ -57,13 +50,10 @@ class EvaluateConfig:
     def validate(self) -> None:
         if self.num_seeds < 1:
             raise DoriError(f"num_seeds: must be >= 1, got {self.num_seeds}")
-        if self.threshold is not None and not (-1.0 <= self.threshold <= 1.0):
-            raise DoriError(f"threshold: must be in [-1, 1], got {self.threshold}")
-        if self.dtype not in DTYPES:
-            raise DoriError(f"dtype: must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.limit is not None and self.limit < 1:
             raise DoriError(f"limit: must be >= 1, got {self.limit}")
         self.generation.validate()
+        self.descriptor.validate()
         if self.baseline is not None and not (Path(self.baseline) / "records.parquet").is_file():
             raise DoriError(f"baseline: {self.baseline} is not a finished evaluate run (no records.parquet)")
 
@@ -81,25 +71,15 @@ class EvaluationResult:
     summary: dict
 
 
-def _distributed(device: str):
+def _distributed(pipe):
     """accelerate's process state; on CPU several processes talk over gloo (``MULTI_CPU``)."""
     from accelerate import PartialState
 
-    return PartialState(cpu=str(device).startswith("cpu"))
+    return PartialState(cpu=pipe.unet.device.type == "cpu")
 
 
 def image_path(run: RunFolder, prompt_id: str, seed: int) -> Path:
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in prompt_id)
-    return run.images / f"{safe}__s{seed}.png"
-
-
-def save_png(image: torch.Tensor, path: Path) -> None:
-    from PIL import Image
-
-    array = (image.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
-    tmp = path.with_suffix(".tmp.png")
-    Image.fromarray(array).save(tmp)
-    tmp.replace(path)
+    return run.images / f"{safe_filename(prompt_id)}__s{seed}.png"
 
 
 def _baseline_images(folder: str | Path) -> dict[str, Path]:
@@ -109,12 +89,12 @@ def _baseline_images(folder: str | Path) -> dict[str, Path]:
     return {k: Path(folder) / img for k, img in zip(table["key"], table["image"], strict=True) if img}
 
 
-def _generate_mitigated(pipe, chunk, mitigations, config: EvaluateConfig):
+def _generate_mitigated(pipe, chunk, mitigations, generation: GenerationConfig) -> Generations:
     """Generate ``chunk`` with the mitigations applied; per-prompt mitigations are applied prompt by prompt."""
     from .mitigations import mitigated
 
     if not mitigations:
-        return generate(pipe, [s for _, s in chunk], [r.prompt for r, _ in chunk], config=config.generation)
+        return generate(pipe, [s for _, s in chunk], [r.prompt for r, _ in chunk], config=generation)
     per_prompt = any(m.scope == "per-prompt" for m in mitigations)
     groups = {}
     for i, (r, _) in enumerate(chunk):
@@ -123,81 +103,41 @@ def _generate_mitigated(pipe, chunk, mitigations, config: EvaluateConfig):
     norms = [None] * len(chunk)
     for prompt, idx in groups.items():
         with mitigated(pipe, *mitigations, prompt=prompt):
-            out = generate(pipe, [chunk[i][1] for i in idx], [chunk[i][0].prompt for i in idx], config=config.generation)
+            out = generate(pipe, [chunk[i][1] for i in idx], [chunk[i][0].prompt for i in idx], config=generation)
         for j, i in enumerate(idx):
             images[i] = out.images[j]
             norms[i] = out.noise_norm[j] if out.noise_norm is not None else None
-    from .generation import Generations
-
     return Generations(torch.stack(images), torch.stack(norms) if norms[0] is not None else None)
 
 
-def run_evaluate(config: EvaluateConfig, out: str | Path | None = None, *, overwrite: bool = False,
-                 pipe=None, progress: Progress | None = None, descriptor=None,
-                 command: str = "evaluate", mitigations: list | None = None) -> EvaluationResult:
-    """Run (or resume) an evaluation; returns the run folder, all records and the summary."""
-    from .descriptors import make_descriptor
-    from .models import load_pipeline, model_name
+class _Scorer:
+    """Scores one chunk of (prompt, seed) items: SSCD_orig, the gallery match and, where there is a
+    comparison image, SSCD_gen."""
 
-    config.validate()
-    state = _distributed(config.device)
-    rank, world = state.process_index, state.num_processes
-    device = str(state.device) if world > 1 and config.device.startswith("cuda") else config.device
-    if pipe is None:
-        pipe = load_pipeline(config.model, device=device, dtype=DTYPES[config.dtype])
-    folder = getattr(pipe, "dori_model", {}).get("location")
-    prompt_set: PromptSet = load_prompt_set(config.prompts, references=config.references, model_folder=folder)
-    prompt_set = prompt_set.subset(config.limit)
-    if descriptor is None:
-        descriptor = make_descriptor(config.descriptor, pipe, config.sscd_preprocess, device, config.threshold)
-    elif config.threshold is not None:
-        descriptor.threshold = config.threshold
-    threshold = descriptor.threshold
+    def __init__(self, pipe, config: EvaluateConfig, prompt_set, descriptor, mitigations):
+        self.pipe, self.config, self.prompt_set = pipe, config, prompt_set
+        self.descriptor, self.mitigations = descriptor, mitigations
+        self.baseline = _baseline_images(config.baseline) if config.baseline else None
 
-    baseline = _baseline_images(config.baseline) if config.baseline else None
-    items = [(r, s) for r in prompt_set.records for s in config.seeds()]
-    if baseline is not None:
-        missing = [f"{r.id}#{s}" for r, s in items if f"{r.id}#{s}" not in baseline]
+    def check_baseline(self, items) -> None:
+        if self.baseline is None:
+            return
+        missing = [f"{r.id}#{s}" for r, s in items if f"{r.id}#{s}" not in self.baseline]
         if missing:
-            raise DoriError(f"baseline: {config.baseline} has no image for {missing[0]} ({len(missing)} missing)")
-    if mitigations is None:
-        from .mitigations import load_mitigation
+            raise DoriError(f"baseline: {self.config.baseline} has no image for {missing[0]} ({len(missing)} missing)")
 
-        mitigations = [load_mitigation(path) for path in config.mitigations]
-    resolved = {**config.to_dict(), "descriptor_resolved": descriptor.describe(),
-                "mitigations_resolved": [{"name": m.name, "scope": m.scope, "hash": config_hash(m.describe())}
-                                         for m in mitigations]}
-    out = Path(out) if out is not None else default_run_dir(command, model_name(config.model))
-    if world > 1 and rank != 0:
-        state.wait_for_everyone()
-    run = RunFolder(out, command, resolved, overwrite=overwrite, rank=rank, world_size=world, seeds=config.seeds())
-    if world > 1 and rank == 0:
-        state.wait_for_everyone()
-
-    mine = items[rank::world]
-    done = run.done_keys()
-    todo = [(r, s) for r, s in mine if f"{r.id}#{s}" not in done]
-    total, finished = len(mine), len(mine) - len(todo)
-    if finished:
-        logger.info("resuming %s: %d of %d work items already done", run.path, finished, total)
-    if progress:
-        progress(finished, total)
-    batch = config.generation.batch_size
-    for start in range(0, len(todo), batch):
-        chunk = todo[start : start + batch]
-        gens = _generate_mitigated(pipe, chunk, mitigations, config)
-        scores = score_images(descriptor, gens.images, [prompt_set.references.get(r.id) for r, _ in chunk],
-                              prompt_set.gallery)
+    def records(self, run: RunFolder, chunk: list[tuple[PromptRecord, int]]) -> list[dict]:
+        config, threshold = self.config, self.descriptor.threshold
+        gens = _generate_mitigated(self.pipe, chunk, self.mitigations, config.generation)
+        scores = score_images(self.descriptor, gens.images, [self.prompt_set.references.get(r.id) for r, _ in chunk],
+                              self.prompt_set.gallery)
         gen_scores = None
-        if mitigations and baseline is None:
-            plain = generate(pipe, [s for _, s in chunk], [r.prompt for r, _ in chunk], config=config.generation)
-            gen_scores = sscd_gen(descriptor, gens.images, plain.images)
-        if baseline is not None:
-            from .descriptors import to_tensor
-            from .prompts import load_image
-
-            base = torch.cat([to_tensor(load_image(baseline[f"{r.id}#{s}"])) for r, s in chunk])
-            gen_scores = sscd_gen(descriptor, gens.images, base)
+        if self.baseline is not None:
+            base = torch.cat([to_tensor(load_image(self.baseline[f"{r.id}#{s}"])) for r, s in chunk])
+            gen_scores = sscd_gen(self.descriptor, gens.images, base)
+        elif self.mitigations:
+            plain = generate(self.pipe, [s for _, s in chunk], [r.prompt for r, _ in chunk], config=config.generation)
+            gen_scores = sscd_gen(self.descriptor, gens.images, plain.images)
         records = []
         for i, (r, s) in enumerate(chunk):
             path = image_path(run, r.id, s)
@@ -215,20 +155,62 @@ def run_evaluate(config: EvaluateConfig, out: str | Path | None = None, *, overw
             })
             if gen_scores is not None:
                 records[-1]["sscd_gen"] = float(gen_scores[i])
-        run.append(records)
-        finished += len(chunk)
-        if progress:
-            progress(finished, total)
+        return records
 
-    if world > 1:
+
+def run_evaluate(pipe, config: EvaluateConfig, out: str | Path | None = None, *, overwrite: bool = False,
+                 progress: Progress | None = None, command: str = "evaluate") -> EvaluationResult:
+    """Run (or resume) an evaluation of ``pipe``; returns the run folder, all records and the summary."""
+    from .mitigations import load_mitigation
+
+    config.validate()
+    state = _distributed(pipe)
+    rank, world = state.process_index, state.num_processes
+    prompt_set = prompts_for(pipe, config.prompts, references=config.references, limit=config.limit)
+    descriptor = config.descriptor.build(pipe)
+    mitigations = [load_mitigation(path) for path in config.mitigations]
+    scorer = _Scorer(pipe, config, prompt_set, descriptor, mitigations)
+    items = [(r, s) for r in prompt_set.records for s in config.seeds()]
+    scorer.check_baseline(items)
+    resolved = {"descriptor": descriptor.describe(),
+                "mitigations": [{"name": m.name, "scope": m.scope, "hash": config_hash(m.describe())} for m in mitigations]}
+    out = Path(out) if out is not None else default_run_dir(command, model_name(pipe))
+    if world > 1 and rank != 0:
         state.wait_for_everyone()
-    records = sorted(run.records(), key=lambda r: r["key"])
-    summary = {"threshold": threshold, "descriptor": descriptor.describe(), "prompts": config.prompts,
-               "rows": [summary_row(prompt_set.name, records, threshold)]}
-    groups = sorted({r["group"] for r in records if r["group"] is not None})
-    summary["rows"] += [summary_row(g, [r for r in records if r["group"] == g], threshold) for g in groups]
-    if rank == 0:
-        per_prompt_table(records, threshold).to_parquet(run.path / "prompts.parquet", index=False)
-        run.finalize(summary)
+    run = RunFolder(out, command, to_dict(config), model=model_record(pipe), resolved=resolved, overwrite=overwrite,
+                    rank=rank, world_size=world, seeds=config.seeds())
+    if world > 1 and rank == 0:
+        state.wait_for_everyone()
+    with run.guard():
+        mine = items[rank::world]
+        done = run.done_keys()
+        todo = [(r, s) for r, s in mine if f"{r.id}#{s}" not in done]
+        total, finished = len(mine), len(mine) - len(todo)
+        if finished:
+            logger.info("resuming %s: %d of %d work items already done", run.path, finished, total)
+        report = for_stage(progress, command)
+        if report:
+            report(finished, total)
+        for start in range(0, len(todo), config.generation.batch_size):
+            chunk = todo[start : start + config.generation.batch_size]
+            run.append(scorer.records(run, chunk))
+            finished += len(chunk)
+            if report:
+                report(finished, total)
+        if world > 1:
+            state.wait_for_everyone()
+        records = sorted(run.records(), key=lambda r: r["key"])
+        summary = _summary(prompt_set.name, config.prompts, records, descriptor)
+        if rank == 0:
+            per_prompt_table(records, descriptor.threshold).to_parquet(run.path / "prompts.parquet", index=False)
+            run.finalize(summary)
     return EvaluationResult(run.path, records, summary)
 
+
+def _summary(name: str, spec: str, records: list[dict], descriptor) -> dict:
+    threshold = descriptor.threshold
+    summary = {"threshold": threshold, "descriptor": descriptor.describe(), "prompts": spec,
+               "rows": [summary_row(name, records, threshold)]}
+    groups = sorted({r["group"] for r in records if r["group"] is not None})
+    summary["rows"] += [summary_row(g, [r for r in records if r["group"] == g], threshold) for g in groups]
+    return summary

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .errors import DoriError
+from .hooks import hooked
 
 logger = logging.getLogger(__name__)
 
@@ -63,11 +64,9 @@ def track_noise_norm(unet: torch.nn.Module):
             uncond, cond = sample.float().chunk(2)
             steps.append((cond - uncond).flatten(1).norm(dim=1).cpu())
 
-    handle = unet.register_forward_hook(hook)
-    try:
+    with hooked(unet, "noise-norm") as hooks:
+        hooks.forward("", hook)
         yield steps
-    finally:
-        handle.remove()
 
 
 def generate(pipe, seeds: list[int], prompts: list[str] | None = None, *, prompt_embeds: torch.Tensor | None = None,

@@ -1,6 +1,7 @@
 """Scoring generations for replication: SSCD_orig, SSCD_gen, gallery matches, MR, per-prompt tables.
 
-Conventions (PAPER.md section 7, choice 3): MR is counted per generated image, MR = share of
+Conventions (the paper says "fraction of samples" above 0.7; per image or per prompt is not said): MR is
+counted per generated image, MR = share of
 generations whose similarity to the reference is above the descriptor's threshold; SSCD_orig is
 reported as mean +- std over the same generations, and per prompt as max / median / mean over seeds
 (NeMo's per-prompt max convention is kept beside it).
@@ -14,7 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .descriptors import Descriptor, to_tensor
+from .descriptors import Descriptor
+from .images import to_tensor
 
 
 @dataclass

@@ -62,17 +62,31 @@ def resolve_model(model: str | os.PathLike) -> tuple[str, str]:
                     "CompVis/stable-diffusion-v1-4, or 'testbed')")
 
 
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """``"float32"`` / ``"float16"`` / ``"bfloat16"`` (or a torch dtype) -> the torch dtype."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise DoriError(f"dtype: must be one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
 def load_pipeline(model: str | os.PathLike = "testbed", device: str | torch.device = "cpu",
-                  dtype: torch.dtype = torch.float32):
+                  dtype: str | torch.dtype = torch.float32):
     """Load a ``StableDiffusionPipeline`` (SD 1.x, 2.x or the testbed) with its progress bar switched off.
 
     ``model`` is ``"testbed"``, a local folder written by ``save_pretrained``, or a diffusers hub id
-    (downloaded only when the hub is reachable). The safety checker is not loaded.
+    (downloaded only when the hub is reachable). The safety checker is not loaded. The result is a
+    plain diffusers pipeline: every function of dori takes one loaded any other way just as well.
     """
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
+    dtype = parse_dtype(dtype)
     kind, location = resolve_model(model)
     diffusers_logging.disable_progress_bar()  # the library never prints; the CLI owns the progress bars
     transformers_logging.disable_progress_bar()
@@ -88,15 +102,41 @@ def load_pipeline(model: str | os.PathLike = "testbed", device: str | torch.devi
     pipe.to(device)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.eval().requires_grad_(False)
-    pipe.dori_model = {"kind": kind, "location": location, "name": model_name(model)}
     logger.info("loaded %s pipeline from %s", kind, location)
     return pipe
 
 
-def model_name(model: str | os.PathLike) -> str:
-    """A short name for run folders: ``testbed``, the folder name, or the hub id's last part."""
+def pipeline_location(pipe) -> str | None:
+    """The folder or hub id ``pipe`` was loaded from (diffusers' ``name_or_path``), or None for a pipeline
+    built in memory."""
+    location = getattr(pipe, "name_or_path", None)
+    return str(location) if location else None
+
+
+def testbed_folder(pipe) -> Path | None:
+    """The folder of ``pipe`` when it holds dori testbed data (``<folder>/testbed/manifest.json``), else None."""
+    location = pipeline_location(pipe)
+    if location and (Path(location) / "testbed" / "manifest.json").is_file():
+        return Path(location)
+    return None
+
+
+def model_name(model) -> str:
+    """A short name for run folders: ``testbed``, the folder name, or the hub id's last part; ``model`` is a
+    pipeline or what :func:`load_pipeline` takes."""
+    if not isinstance(model, str | os.PathLike):
+        if testbed_folder(model) == testbed_path():
+            return "testbed"
+        model = pipeline_location(model) or "model"
     text = str(model).rstrip("/")
     return "testbed" if text == "testbed" else re.sub(r"[^\w.-]+", "-", Path(text).name or text)
+
+
+def model_record(pipe) -> dict:
+    """What a run's manifest says about its model: where it came from, its dtype and prediction type."""
+    return {"location": pipeline_location(pipe), "dtype": str(pipe.unet.dtype).removeprefix("torch."),
+            "device": str(pipe.unet.device), "prediction_type": pipe.scheduler.config.prediction_type,
+            "scheduler": type(pipe.scheduler).__name__}
 
 
 def select_modules(root: torch.nn.Module, selector: Selector) -> dict[str, torch.nn.Module]:
@@ -148,3 +188,28 @@ def diffusion_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.
     if kind == "v_prediction":
         return scheduler.get_velocity(x0, noise, t)
     raise DoriError(f"scheduler: prediction_type {kind!r} is not supported (epsilon or v_prediction)")
+
+
+def initial_latents(pipe, seeds: list[int]) -> torch.Tensor:
+    """One seeded initial latent per seed ``(S, C, h, w)``, drawn as the pipeline draws them."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    unet = pipe.unet
+    size = unet.config.sample_size
+    shape = (1, unet.config.in_channels, size, size)
+    return torch.cat([randn_tensor(shape, generator=torch.Generator().manual_seed(int(s)), dtype=unet.dtype)
+                      for s in seeds]).to(unet.device)
+
+
+def encode_images(pipe, images: torch.Tensor) -> torch.Tensor:
+    """VAE latents (posterior mean x ``vae.config.scaling_factor``) of images ``(N, 3, H, W)`` in [0, 1],
+    resized to the model's resolution first."""
+    import torch.nn.functional as F
+
+    vae = pipe.vae
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    x = images.to(vae.device, vae.dtype)
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    with torch.no_grad():
+        return vae.encode(x * 2 - 1).latent_dist.mean * vae.config.scaling_factor

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DoriError
+from .images import load_image
 
 PROMPT_COLUMNS = ("prompt", "caption", "text")
 ID_COLUMNS = ("id", "index", "key")
@@ -126,16 +127,6 @@ def read_prompt_file(path: str | Path) -> list[PromptRecord]:
     return read_prompt_text(path.read_text(encoding="utf-8"), path.suffix.lower(), str(path))
 
 
-def load_image(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except (OSError, UnidentifiedImageError) as exc:
-        raise DoriError(f"references: {path} is not a readable image") from exc
-
-
 def load_reference_folder(folder: str | Path, ids: list[str]) -> dict[str, np.ndarray]:
     """Reference images named ``<id>.png`` (or .jpg/.jpeg/.webp/.bmp); every id must have one."""
     folder = Path(folder)
@@ -199,3 +190,20 @@ def load_prompt_set(spec: str, *, references: str | Path | None = None, model_fo
     if references is not None:
         prompt_set.references = load_reference_folder(references, [r.id for r in prompt_set.records])
     return prompt_set
+
+
+def prompts_for(pipe, spec: str, *, references: str | Path | None = None, limit: int | None = None) -> PromptSet:
+    """The prompt set ``spec`` as a verb on ``pipe`` reads it: the testbed's sets from the testbed ``pipe``
+    came from, the reference images from ``references``, the first ``limit`` prompts."""
+    from .models import testbed_folder
+
+    return load_prompt_set(spec, references=references, model_folder=testbed_folder(pipe)).subset(limit)
+
+
+def require_references(prompt_set: PromptSet, what: str) -> list[np.ndarray]:
+    """The reference image of every prompt, in order; a missing one names the option that gives them."""
+    missing = [r.id for r in prompt_set.records if r.id not in prompt_set.references]
+    if missing:
+        raise DoriError(f"references: {what} needs the training image of every prompt; none for {missing[0]!r} "
+                        "(give --references DIR with <prompt id>.png files)")
+    return [prompt_set.references[r.id] for r in prompt_set.records]

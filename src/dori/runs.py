@@ -3,14 +3,16 @@
 ::
 
     runs/<command>-<model>-<UTC time>/
-        manifest.json          command line, resolved config and its hash, versions, git sha, seeds, status
+        manifest.json          command line, config (give it back as --config), model, what was resolved
+                               from them, their hash, versions, git sha, seeds, status (running/done/failed)
         records.rank<k>.jsonl  one JSON line per finished work item, appended by process k
         records.parquet        all records, merged and sorted by key, at the end
         images/                generated images
 
 A run started again with the same config skips the work items whose records exist; a record is
 written only after its image, and a line cut by a kill is dropped, so a killed and resumed run ends
-with exactly the records of an uninterrupted one.
+with exactly the records of an uninterrupted one. A run that raises is marked ``failed`` with its
+error (:meth:`RunFolder.guard`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import platform
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import DoriError
@@ -36,7 +39,14 @@ PACKAGES = ("dori", "torch", "diffusers", "transformers", "accelerate", "safeten
 
 
 def config_hash(config: dict) -> str:
+    """16 hex digits of the SHA-256 of ``config`` as sorted JSON."""
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def safe_filename(key: str) -> str:
+    """``key`` with every character but letters, digits and ``-_.`` replaced by ``_`` (``memorized/astronaut#3``
+    -> ``memorized_astronaut_3``)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
 
 
 def package_versions() -> dict[str, str]:
@@ -60,12 +70,18 @@ def git_sha() -> str | None:
         return None
 
 
+def cache_dir() -> Path:
+    """Where dori keeps what it can compute again (NeMo's statistics, fine-tuned models): ``$DORI_CACHE``,
+    default ``~/.cache/dori``."""
+    return Path(os.environ.get("DORI_CACHE", Path.home() / ".cache" / "dori"))
+
+
 def default_run_dir(command: str, model: str, root: str | Path = "runs") -> Path:
     stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     return Path(root) / f"{command}-{model}-{stamp}"
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
     """Records of one JSONL file; an incomplete last line (a kill mid-write) is dropped."""
     data = path.read_bytes()
     if not data:
@@ -75,14 +91,32 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
 
 
-class RunFolder:
-    """One run's folder; ``rank`` / ``world_size`` come from accelerate when several processes share it."""
+def read_records(folder: Path) -> list[dict]:
+    """The records of a run folder, from every process's ``records.rank<k>.jsonl`` (last one per key wins)."""
+    by_key: dict[str, dict] = {}
+    for path in sorted(Path(folder).glob("records.rank*.jsonl")):
+        for record in read_jsonl(path):
+            by_key[record["key"]] = record
+    return list(by_key.values())
 
-    def __init__(self, path: str | Path, command: str, config: dict, *, overwrite: bool = False,
-                 rank: int = 0, world_size: int = 1, seeds: Iterable[int] | None = None):
+
+class RunFolder:
+    """One run's folder; ``rank`` / ``world_size`` come from accelerate when several processes share it.
+
+    ``config``: the verb's config (``to_dict``), what ``--config`` takes back; ``model``: where the model
+    came from and its dtype (:func:`dori.models.model_record`); ``resolved``: what the run derived from
+    them that decides its records (e.g. the descriptor's threshold). All three are hashed: a folder
+    resumes only the same run, and refuses another unless ``overwrite``.
+    """
+
+    def __init__(self, path: str | Path, command: str, config: dict, *, model: dict | None = None,
+                 resolved: dict | None = None, overwrite: bool = False, rank: int = 0, world_size: int = 1,
+                 seeds: Iterable[int] | None = None):
         self.path = Path(path)
         self.command, self.config = command, config
-        self.hash = config_hash(config)
+        self.model, self.resolved = model or {}, resolved or {}
+        identity = {k: self.model.get(k) for k in ("location", "dtype")} if self.model else None
+        self.hash = config_hash({"config": config, "model": identity, "resolved": self.resolved})
         self.rank, self.world_size = rank, world_size
         self.images = self.path / "images"
         manifest_path = self.path / MANIFEST
@@ -114,6 +148,8 @@ class RunFolder:
             "command": self.command,
             "argv": sys.argv,
             "config": self.config,
+            "model": self.model,
+            "resolved": self.resolved,
             "config_hash": self.hash,
             "versions": package_versions(),
             "git_sha": git_sha(),
@@ -140,11 +176,7 @@ class RunFolder:
 
     def records(self) -> list[dict]:
         """Every record written by any process (unsorted, last one per key wins)."""
-        by_key: dict[str, dict] = {}
-        for path in sorted(self.path.glob("records.rank*.jsonl")):
-            for record in _read_jsonl(path):
-                by_key[record["key"]] = record
-        return list(by_key.values())
+        return read_records(self.path)
 
     def done_keys(self) -> set[str]:
         return {r["key"] for r in self.records()}
@@ -155,6 +187,27 @@ class RunFolder:
             f.write(lines)
             f.flush()
             os.fsync(f.fileno())
+
+    @contextmanager
+    def guard(self) -> Iterator[RunFolder]:
+        """``with run.guard():`` the work of the run; an exception marks it ``failed`` (with the error) in the
+        manifest before it propagates, an interruption ``interrupted`` (run it again to resume)."""
+        try:
+            yield self
+        except KeyboardInterrupt:
+            if self.rank == 0:
+                self.write_manifest({"status": "interrupted"})
+            raise
+        except BaseException as exc:
+            if self.rank == 0:
+                self.write_manifest({"status": "failed", "error": f"{type(exc).__name__}: {exc}"})
+            raise
+
+    def write_summary(self, summary: dict) -> Path:
+        """``summary.json`` as standard JSON (NaN and infinities written as null)."""
+        path = self.path / "summary.json"
+        path.write_text(json.dumps(json_safe(summary), indent=1, default=str))
+        return path
 
     def finalize(self, summary: dict | None = None) -> Path:
         """Merge every process's records into ``records.parquet`` (sorted by key) and mark the run done."""
@@ -169,7 +222,20 @@ class RunFolder:
         out = self.path / "records.parquet"
         table.to_parquet(out, index=False)
         if summary is not None:
-            (self.path / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-        self.write_manifest({"status": "done", "n_records": len(records),
+            self.write_summary(summary)
+        self.write_manifest({"status": "done", "error": None, "n_records": len(records),
                              "finished": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")})
         return out
+
+
+def json_safe(value):
+    """``value`` with every NaN or infinite float replaced by ``None`` (JSON outputs stay standard JSON)."""
+    import math
+
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -105,7 +105,8 @@ def clip_score(images: torch.Tensor, captions: list[str], model: str | Path, bat
 def denoising_loss(pipe, latents: torch.Tensor, embeds: torch.Tensor, *, pairs: int = 4, seed: int = 0) -> float:
     """Mean diffusion loss of ``latents`` under ``embeds`` on draws keyed by (seed, index): the same
     draws for every model, so a lower value means the model denoises these pairs better."""
-    from .attack.parts import DiffusionLoss, item_generator
+    from .attack.parts import DiffusionLoss
+    from .seeding import item_generator
 
     loss = DiffusionLoss(pipe, pairs)
     values = []
@@ -119,22 +120,20 @@ def denoising_loss(pipe, latents: torch.Tensor, embeds: torch.Tensor, *, pairs: 
 def testbed_utility(pipe, *, original_vae=None, num_images: int = 60, seed: int = 0) -> dict:
     """The testbed's utility bundle for one model: shape-colour accuracy of generated shape captions, FID
     (VAE-latent features) of those generations against the training shapes, and the retain denoising loss."""
-    from .attack.parts import encode_images
-    from .descriptors import to_tensor
     from .generation import generate
-    from .models import encode_prompts
-    from .prompts import load_prompt_set
-    from .testbed.utility import shape_caption_accuracy
+    from .images import to_tensor
+    from .models import encode_images, encode_prompts
+    from .prompts import prompts_for
+    from .testbed.shape_colours import shape_caption_accuracy
 
-    folder = pipe.dori_model["location"]
-    shape_set = load_prompt_set("testbed:shape", model_folder=folder)
+    shape_set = prompts_for(pipe, "testbed:shape")
     shapes = shape_set.records
     pick = np.linspace(0, len(shapes) - 1, min(num_images, len(shapes))).round().astype(int)
     chosen = [shapes[i] for i in pick]
     real = to_tensor(np.stack([shape_set.references[r.id] for r in chosen]))
     gens = generate(pipe, [seed + i for i in range(len(chosen))], [r.prompt for r in chosen])
     features = LatentFeatures(original_vae if original_vae is not None else pipe.vae)
-    seen = load_prompt_set("testbed:seen-once", model_folder=folder)
+    seen = prompts_for(pipe, "testbed:seen-once")
     retain = [(r.prompt, shape_set.references[r.id]) for r in chosen] + \
              [(r.prompt, seen.references[r.id]) for r in seen.records[: len(chosen)]]
     latents = encode_images(pipe, to_tensor(np.stack([img for _, img in retain])))

@@ -1,4 +1,4 @@
-"""The paper's three locality analyses (PAPER.md sections 2.2-2.4): is memorization local?
+"""The paper's three locality analyses (its sections 2.2-2.4): is memorization local?
 
 * A, :func:`run_scatter`: Dori triggers of one image from N(0, I) starts, t-SNE, pairwise distances.
 * B, :func:`run_activations`: activation discrepancy of one image's triggers vs different memorized

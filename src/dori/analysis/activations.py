@@ -1,8 +1,8 @@
-"""Locality analysis B (PAPER.md section 2.3): activation discrepancy in the layers where NeMo and Wanda act.
+"""Locality analysis B (the paper's section 2.3): activation discrepancy in the layers where NeMo and Wanda act.
 
 Two embedding sets: Y_adv, the triggers of ONE memorized image (from a scatter or attack run), and
 Y_mem, the embeddings of different memorized prompts. Per layer, each embedding's activation vector
-is the statistic the method scores (PAPER.md section 7 row 12):
+is the statistic the method scores (the paper's "activation vector" is not defined further):
 
 * NeMo (``attn2.to_v`` of the down and mid blocks): the token-mean of ``|to_v(y)|`` per neuron;
   ``to_v`` sees only the text embedding, so no UNet pass is needed.
@@ -20,20 +20,18 @@ pairs), ``activations.safetensors`` (every vector), ``summary.json``, ``activati
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .. import paper
 from ..errors import DoriError
 from ..mitigations.nemo import NeMoConfig
+from ..progress import Progress
 from .common import (
-    PAPER_MEMORIZED,
-    PAPER_STARTS,
     analysis_layers,
-    json_safe,
     save_figure,
     scaled_note,
     short_name,
@@ -42,7 +40,6 @@ from .metrics import discrepancy
 
 logger = logging.getLogger(__name__)
 
-Progress = Callable[[str, int, int], None]
 METHODS = ("nemo", "wanda")
 
 
@@ -61,9 +58,9 @@ class ActivationsConfig:
     triggers: str = ""
     prompt_id: str | None = None
     successful_only: bool = True
-    max_triggers: int = PAPER_STARTS
+    max_triggers: int = paper.STARTS
     memorized: str = "testbed:memorized"
-    max_memorized: int = PAPER_MEMORIZED
+    max_memorized: int = paper.MEMORIZED
     seed: int = 0
     num_inference_steps: int = 50
     value_layers: tuple[str, ...] = field(default_factory=lambda: NeMoConfig().layers)
@@ -104,7 +101,8 @@ def wanda_statistic(pipe, layers: dict[str, torch.nn.Linear], embeds: torch.Tens
     L2 norm over rows is taken per embedding (what :func:`dori.mitigations.wanda.input_norms` sums
     over prompts, at step 0, for the conditional half of the guidance batch).
     """
-    from ..mitigations.nemo import initial_latents
+    from ..hooks import hooked
+    from ..models import initial_latents
 
     unet = pipe.unet
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
@@ -123,16 +121,14 @@ def wanda_statistic(pipe, layers: dict[str, torch.nn.Linear], embeds: torch.Tens
         return hook
 
     out: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
-    handles = [layer.register_forward_pre_hook(make_hook(name)) for name, layer in layers.items()]
-    try:
+    with hooked(unet, "wanda-statistic") as hooks:
+        for name in layers:
+            hooks.pre(name, make_hook(name))
         for i in range(0, len(embeds), batch_size):
             chunk = embeds[i : i + batch_size].to(unet.device, unet.dtype)
             unet(latent.expand(len(chunk), -1, -1, -1), t, encoder_hidden_states=chunk)
             for name in layers:
                 out[name].append(current.pop(name))
-    finally:
-        for handle in handles:
-            handle.remove()
     return {name: torch.cat(v) for name, v in out.items()}
 
 
@@ -151,21 +147,30 @@ def discrepancy_rows(method: str, stats: dict[str, dict[str, torch.Tensor]]) -> 
 def run_activations(pipe, config: ActivationsConfig, out: str | Path | None = None, *, overwrite: bool = False,
                     progress: Progress | None = None) -> tuple[Path, dict]:
     """Run analysis B; returns the run folder and the summary."""
-    import pandas as pd
-    from safetensors.torch import save_file
-
-    from ..models import model_name
+    from ..config_files import to_dict
+    from ..models import model_name, model_record
     from ..runs import RunFolder, default_run_dir
     from .triggers import analysis_inputs
 
     config.validate()
-    folder = pipe.dori_model["location"]
     adv, mem_ids, _, mem = analysis_inputs(pipe, config)
     values, ffns = analysis_layers(pipe.unet, config.value_layers, config.ffn_layers)
-    out = Path(out) if out is not None else default_run_dir("analyze-activations", model_name(folder))
-    run = RunFolder(out, "analyze-activations", {**config.to_dict(), "model": folder,
-                                                 "trigger_run": str(adv.run), "trigger_keys": adv.keys},
-                    overwrite=overwrite, seeds=[config.seed])
+    out = Path(out) if out is not None else default_run_dir("analyze-activations", model_name(pipe))
+    run = RunFolder(out, "analyze-activations", to_dict(config), model=model_record(pipe),
+                    resolved={"trigger_run": str(adv.run), "trigger_keys": adv.keys}, overwrite=overwrite,
+                    seeds=[config.seed])
+    with run.guard():
+        summary = _measure(pipe, config, run, adv, mem_ids, mem, values, ffns, progress)
+        run.finalize(summary)
+    logger.info("activations: Y_adv/Y_mem ratio (geometric mean) NeMo %.2f, Wanda %.2f",
+                summary["methods"]["nemo"]["ratio_geometric_mean"], summary["methods"]["wanda"]["ratio_geometric_mean"])
+    return run.path, summary
+
+
+def _measure(pipe, config: ActivationsConfig, run, adv, mem_ids, mem, values, ffns, progress) -> dict:
+    """The statistics of every set, their table, figure and summary."""
+    import pandas as pd
+    from safetensors.torch import save_file
 
     sets = {"Y_mem": mem, "Y_adv": adv.triggers}
     if config.control_starts and adv.initial is not None:
@@ -204,23 +209,19 @@ def run_activations(pipe, config: ActivationsConfig, out: str | Path | None = No
             per_method[method]["ratio_adv_over_starts"] = [
                 float(v) for v in (means["Y_adv"] / means["Y_0"].reindex(layers)).to_numpy()]
     summary = {
-        "analysis": "activations (PAPER.md 2.3)",
+        "analysis": "activations (section 2.3)",
         "prompt_id": adv.prompt_id, "prompt": adv.prompt,
         "n_adv": len(adv), "n_adv_available": adv.n_available, "n_adv_succeeded": adv.n_succeeded,
         "successful_only": config.successful_only, "n_mem": len(mem_ids), "memorized": config.memorized,
         "control_starts": "Y_0" in sets, "seed": config.seed, "timestep_index": 0, "num_inference_steps": config.num_inference_steps,
         "methods": per_method,
-        "paper": {"n_adv": PAPER_STARTS, "n_mem": PAPER_MEMORIZED,
+        "paper": {"n_adv": paper.STARTS, "n_mem": paper.MEMORIZED,
                   "finding": "Y_adv discrepancy comparable to Y_mem (NeMo: larger; Wanda: somewhat smaller)"},
         "error_bars": "std of the pairwise L2 distances (spread over pairs, not a standard error)",
-        "note": scaled_note([("Y_adv triggers", len(adv), PAPER_STARTS), ("Y_mem prompts", len(mem_ids), PAPER_MEMORIZED)])
+        "note": scaled_note([("Y_adv triggers", len(adv), paper.STARTS), ("Y_mem prompts", len(mem_ids), paper.MEMORIZED)])
                 + f"; Y_mem = the first {len(mem_ids)} prompts of {config.memorized}",
     }
     from .plots import plot_discrepancy
 
     save_figure(plot_discrepancy(table, summary), run.path, "activations")
-    summary = json_safe(summary)
-    run.finalize(summary)
-    logger.info("activations: Y_adv/Y_mem ratio (geometric mean) NeMo %.2f, Wanda %.2f",
-                per_method["nemo"]["ratio_geometric_mean"], per_method["wanda"]["ratio_geometric_mean"])
-    return run.path, summary
+    return summary

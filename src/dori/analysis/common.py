@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 
@@ -10,19 +9,15 @@ import torch
 
 from ..errors import DoriError
 
-#: The paper's full counts (PAPER.md sections 2.2-2.4).
-PAPER_STARTS = 100
-PAPER_STEPS = 50
-PAPER_MEMORIZED = 100
-
 
 def analysis_layers(unet: torch.nn.Module, value_patterns: tuple[str, ...],
                     ffn_patterns: tuple[str, ...] | None = None) -> tuple[dict[str, torch.nn.Linear], dict[str, torch.nn.Linear]]:
     """NeMo's value layers and Wanda's FFN output layers for analyses B and C, in execution order.
 
     ``value_patterns`` are NeMo's selectors (``attn2.to_v`` of the down and mid blocks); the FFN
-    layers default to the ``ff.net.2`` of the same transformer blocks (PAPER.md section 7 row 10), so
-    the two methods' bars line up layer by layer. ``ffn_patterns`` picks other FFN layers.
+    layers default to the ``ff.net.2`` of the same transformer blocks (the paper's figures show 7
+    layers for each method; which FFN layers is not said), so the two methods' bars line up layer by
+    layer. ``ffn_patterns`` picks other FFN layers.
     """
     from ..mitigations.nemo import value_layers
     from ..mitigations.wanda import ffn_layers
@@ -51,9 +46,9 @@ def short_name(name: str) -> str:
 def prompt_embeddings(pipe, spec: str, limit: int | None, batch_size: int = 64) -> tuple[list[str], list[str], torch.Tensor]:
     """``(ids, prompts, embeddings (n, tokens, dim))`` of the first ``limit`` prompts of a prompt set."""
     from ..models import encode_prompts
-    from ..prompts import load_prompt_set
+    from ..prompts import prompts_for
 
-    records = load_prompt_set(spec, model_folder=pipe.dori_model["location"]).records
+    records = prompts_for(pipe, spec).records
     records = records if limit is None else records[:limit]
     embeds = torch.cat([encode_prompts(pipe, [r.prompt for r in records[i : i + batch_size]]).float().cpu()
                         for i in range(0, len(records), batch_size)])
@@ -74,17 +69,6 @@ def save_figure(fig, folder: Path, name: str) -> list[Path]:
     for path in paths:
         fig.savefig(path)
     return paths
-
-
-def json_safe(value):
-    """``value`` with every NaN or infinite float replaced by ``None`` (summary.json stays strict JSON)."""
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def scaled_note(what: list[tuple[str, int, int]]) -> str:

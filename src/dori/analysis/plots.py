@@ -1,17 +1,16 @@
-"""Figures of the locality analyses (matplotlib object API, Agg backend): ``plot_x(data, ...) -> Figure``."""
+"""Every figure of dori (matplotlib's object API: ``plot_x(data, ...) -> Figure``, no pyplot and no global
+backend, so a figure is saved with ``fig.savefig`` wherever the library runs): the locality analyses,
+MR against Dori steps, the fine-tuning losses."""
 
 from __future__ import annotations
 
 import textwrap
 
 import matplotlib
-
-matplotlib.use("Agg")
-
-import numpy as np  # noqa: E402
-from matplotlib.collections import LineCollection  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
+import numpy as np
+from matplotlib.collections import LineCollection
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 _MPL = tuple(int(v) for v in matplotlib.__version__.split(".")[:2])
 SET_COLORS = {"Y_mem": "#4C72B0", "Y_adv": "#DD8452", "Y_adv vs original": "#C44E52", "Y_0": "0.72"}
@@ -192,4 +191,43 @@ def plot_weight_agreement(table, summary: dict | None = None) -> Figure:
         foot += ". " + summary["note"]
     fig.text(0.01, 0.01, textwrap.fill(foot, 200), fontsize=6.5, color="0.35", va="bottom")
     fig.tight_layout(rect=(0, 0.05, 1, 0.95))
+    return fig
+
+
+def plot_mr_vs_steps(curves: dict[str, dict[int, float]], paper: dict[str, dict[int, float]] | None = None,
+                     ax=None, title: str = "Memorization rate vs Dori steps") -> Figure:
+    """One line per setting (MR after each recorded step), the paper's curves dashed beside them."""
+    fig, ax = _figure(ax, (6, 4))
+    colors = {}
+    for name, curve in curves.items():
+        steps = sorted(int(s) for s in curve)
+        (line,) = ax.plot(steps, [curve[s] for s in steps], marker="o", label=f"{name} (testbed)")
+        colors[name] = line.get_color()
+    for name, curve in (paper or {}).items():
+        steps = sorted(curve)
+        ax.plot(steps, [curve[s] for s in steps], linestyle="--", marker="x", alpha=0.6,
+                color=colors.get(name), label=f"{name} (paper, SD v1.4)")
+    ax.set_xlabel("Dori optimisation steps")
+    ax.set_ylabel("memorization rate (MR)")
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_finetune_losses(rows: list[dict], ax=None) -> Figure:
+    """The losses of adversarial fine-tuning per step (``steps.jsonl`` rows), log scale."""
+    fig, ax = _figure(ax, (6, 3.5))
+    steps = [r["step"] for r in rows]
+    for key, label in (("l_adv", "L_Adv (surrogate under triggers)"), ("l_dm", "L_DM (retain)"),
+                       ("inner_loss", "Dori loss (memorized image)")):
+        ax.plot(steps, [r[key] for r in rows], label=label)
+    ax.set_xlabel("fine-tuning step")
+    ax.set_ylabel("diffusion loss")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.set_title(f"adversarial fine-tuning ({len(rows)} steps)")
+    fig.tight_layout()
     return fig

@@ -45,25 +45,12 @@ def attack_folder(run: str | Path) -> Path:
                     "run folder with triggers.safetensors)")
 
 
-def read_records(folder: Path) -> list[dict]:
-    """The JSONL records of a run folder (every process's file; a line cut by a kill is skipped)."""
-    by_key: dict[str, dict] = {}
-    for path in sorted(folder.glob("records.rank*.jsonl")):
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            by_key[record["key"]] = record
-    return list(by_key.values())
-
-
 def run_model(run: str | Path) -> str | None:
-    """The model a scatter or attack run used (its manifest's ``config.model``), if recorded."""
+    """The model a scatter or attack run used (its manifest's ``model.location``), if recorded."""
     for folder in (Path(run), Path(run) / "attack"):
         manifest = folder / "manifest.json"
         if manifest.is_file():
-            model = json.loads(manifest.read_text()).get("config", {}).get("model")
+            model = (json.loads(manifest.read_text()).get("model") or {}).get("location")
             if model:
                 return str(model)
     return None
@@ -92,6 +79,7 @@ def load_trigger_set(run: str | Path, prompt_id: str | None = None, *, successfu
     paper's Y_adv; ``limit``: the first N by restart number.
     """
     from ..attack.run import load_triggers
+    from ..runs import read_records
 
     folder = attack_folder(run)
     records = read_records(folder)

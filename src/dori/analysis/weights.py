@@ -1,7 +1,8 @@
-"""Locality analysis C (PAPER.md section 2.4): do NeMo and Wanda localise the same weights for one image?
+"""Locality analysis C (the paper's section 2.4): do NeMo and Wanda localise the same weights for one image?
 
 Each method's own localisation runs once per embedding: every trigger of one image (Y_adv), every
-memorized prompt (Y_mem), and the image's original prompt. Sets (PAPER.md section 7 row 13): NeMo =
+memorized prompt (Y_mem), and the image's original prompt. Sets (the paper says "per-layer IoU" of the
+selected weights; these are the natural sets of each method): NeMo =
 the refined neuron indices per value layer (from its own memorization test and search); Wanda = the
 masked ``(row, col)`` weight positions per ``ff.net.2`` layer after the union over the first
 ``timesteps`` steps, with the single embedding as the target and the empty prompt as the base.
@@ -22,21 +23,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .. import paper
 from ..errors import DoriError
 from ..mitigations.nemo import NeMoConfig, PromptLocalization
 from ..mitigations.wanda import WandaConfig
+from ..progress import Progress
 from .common import (
-    PAPER_MEMORIZED,
-    PAPER_STARTS,
     analysis_layers,
-    json_safe,
     save_figure,
     scaled_note,
     short_name,
@@ -45,7 +44,6 @@ from .metrics import PairStats, iou_to_reference, pairwise_iou
 
 logger = logging.getLogger(__name__)
 
-Progress = Callable[[str, int, int], None]
 METHODS = ("nemo", "wanda")
 COMPARISONS = ("Y_mem", "Y_adv", "Y_adv vs original")
 
@@ -55,23 +53,21 @@ class WeightsConfig:
     """Analysis C's settings; defaults are the paper's counts and each method's own defaults.
 
     ``triggers`` / ``prompt_id`` / ``successful_only``: as :class:`ActivationsConfig`. ``nemo``: NeMo's
-    search (its ``layers`` pick the value layers); ``wanda``: Wanda's scoring (sparsity, timesteps,
-    sampler; its ``layers`` field is not used: ``ffn_layers``, default the ``ff.net.2`` of NeMo's
-    transformer blocks, picks the layers). ``statistics``: NeMo's non-memorized prompts (default as
-    ``dori localize``).
+    search (its ``layers`` pick the value layers, its ``statistics`` the non-memorized prompts);
+    ``wanda``: Wanda's scoring (sparsity, timesteps, sampler; its ``layers`` field is not used:
+    ``ffn_layers``, default the ``ff.net.2`` of NeMo's transformer blocks, picks the layers).
     """
 
     triggers: str = ""
     prompt_id: str | None = None
     successful_only: bool = True
-    max_triggers: int = PAPER_STARTS
+    max_triggers: int = paper.STARTS
     memorized: str = "testbed:memorized"
-    max_memorized: int = PAPER_MEMORIZED
+    max_memorized: int = paper.MEMORIZED
     methods: tuple[str, ...] = METHODS
     nemo: NeMoConfig = field(default_factory=NeMoConfig)
     wanda: WandaConfig = field(default_factory=WandaConfig)
     ffn_layers: tuple[str, ...] | None = None
-    statistics: str | None = None
 
     def validate(self) -> None:
         if not self.triggers:
@@ -139,8 +135,9 @@ def localize_nemo(pipe, run, items: list[Item], embeds: torch.Tensor, config: Ne
 
     if progress:
         progress("NeMo localisation", count["n"], len(items))
-    nemo = NeMo.localize(pipe, [it.name for it in items], config, statistics_prompts=statistics, scope="per-prompt",
-                         done=done, on_result=on_result, prompt_embeds=embeds[[it.index for it in items]])
+    nemo = NeMo.localize(pipe, [it.name for it in items], replace(config, scope="per-prompt"),
+                         statistics_prompts=statistics, done=done, on_result=on_result,
+                         prompt_embeds=embeds[[it.index for it in items]])
     return {it.name: nemo.selection(it.name) for it in items}
 
 
@@ -234,43 +231,54 @@ def _method_summary(table, method: str) -> dict:
     return out
 
 
-def run_weights(pipe, config: WeightsConfig, out: str | Path | None = None, *, overwrite: bool = False,
-                progress: Progress | None = None) -> tuple[Path, dict]:
-    """Run analysis C; returns the run folder and the summary. A rerun resumes the localisations."""
-    import pandas as pd
-
-    from ..mitigate import statistics_prompts
-    from ..models import model_name
-    from ..runs import RunFolder, default_run_dir
-    from .triggers import analysis_inputs
-
-    config.validate()
-    folder = pipe.dori_model["location"]
-    adv, mem_ids, mem_prompts, mem = analysis_inputs(pipe, config)
-    values, ffns = analysis_layers(pipe.unet, config.nemo.layers, config.ffn_layers)
-    wanda_config = replace(config.wanda, layers=tuple(ffns))
-
+def _items(pipe, adv, mem_ids, mem) -> tuple[list[Item], torch.Tensor, str]:
+    """Every embedding to localise (triggers, memorized prompts, the original prompt unless it is one of
+    them), their embeddings ``(n, tokens, dim)`` and the original prompt's item name."""
     items = [Item("Y_adv", key, i) for i, key in enumerate(adv.keys)]
     items += [Item("Y_mem", pid, len(adv) + i) for i, pid in enumerate(mem_ids)]
     embeds = torch.cat([adv.triggers, mem])
     if adv.prompt_id in mem_ids:
-        original = f"Y_mem|{adv.prompt_id}"
-    else:
-        from ..models import encode_prompts
+        return items, embeds, f"Y_mem|{adv.prompt_id}"
+    from ..models import encode_prompts
 
-        items.append(Item("original", adv.prompt_id, len(embeds)))
-        embeds = torch.cat([embeds, encode_prompts(pipe, [adv.prompt]).float().cpu()])
-        original = f"original|{adv.prompt_id}"
+    items.append(Item("original", adv.prompt_id, len(embeds)))
+    embeds = torch.cat([embeds, encode_prompts(pipe, [adv.prompt]).float().cpu()])
+    return items, embeds, f"original|{adv.prompt_id}"
 
-    out = Path(out) if out is not None else default_run_dir("analyze-weights", model_name(folder))
-    run = RunFolder(out, "analyze-weights", {**config.to_dict(), "model": folder, "trigger_run": str(adv.run),
-                                             "trigger_keys": adv.keys, "value_layers": list(values),
-                                             "ffn_layers": list(ffns)}, overwrite=overwrite)
+
+def run_weights(pipe, config: WeightsConfig, out: str | Path | None = None, *, overwrite: bool = False,
+                progress: Progress | None = None) -> tuple[Path, dict]:
+    """Run analysis C; returns the run folder and the summary. A rerun resumes the localisations."""
+    from ..config_files import to_dict
+    from ..models import model_name, model_record
+    from ..runs import RunFolder, default_run_dir
+    from .triggers import analysis_inputs
+
+    config.validate()
+    adv, mem_ids, _, mem = analysis_inputs(pipe, config)
+    values, ffns = analysis_layers(pipe.unet, config.nemo.layers, config.ffn_layers)
+    items, embeds, original = _items(pipe, adv, mem_ids, mem)
+    out = Path(out) if out is not None else default_run_dir("analyze-weights", model_name(pipe))
+    run = RunFolder(out, "analyze-weights", to_dict(config), model=model_record(pipe),
+                    resolved={"trigger_run": str(adv.run), "trigger_keys": adv.keys, "value_layers": list(values),
+                              "ffn_layers": list(ffns)}, overwrite=overwrite)
+    with run.guard():
+        summary = _agreement(pipe, config, run, adv, mem_ids, items, embeds, original, values, ffns, progress)
+        run.finalize(summary)
+    return run.path, summary
+
+
+def _agreement(pipe, config: WeightsConfig, run, adv, mem_ids, items, embeds, original, values, ffns, progress) -> dict:
+    """Each method's localisation per embedding, their IoU table, figure and summary."""
+    import pandas as pd
+
+    from ..mitigations.nemo import statistics_prompts
+
     adv_names = [it.name for it in items if it.set == "Y_adv"]
     mem_names = [it.name for it in items if it.set == "Y_mem"]
     rows, selected = [], {}
     if "nemo" in config.methods:
-        sel = localize_nemo(pipe, run, items, embeds, config.nemo, statistics_prompts(config.statistics, folder),
+        sel = localize_nemo(pipe, run, items, embeds, config.nemo, statistics_prompts(config.nemo.statistics, pipe),
                             progress)
         sets = {name: {layer: s.get(layer, []) for layer in values} for name, s in sel.items()}
         rows += agreement_rows("nemo", list(values), {n: m.out_features for n, m in values.items()}, sets,
@@ -279,7 +287,7 @@ def run_weights(pipe, config: WeightsConfig, out: str | Path | None = None, *, o
             s: int(sum(r["memorized"] for r in run.records() if r.get("method") == "nemo" and r["set"] == s))
             for s in ("Y_adv", "Y_mem")}}
     if "wanda" in config.methods:
-        masks = localize_wanda(pipe, run, items, embeds, ffns, wanda_config, progress)
+        masks = localize_wanda(pipe, run, items, embeds, ffns, replace(config.wanda, layers=tuple(ffns)), progress)
         rows += agreement_rows("wanda", list(ffns), {n: m.weight.numel() for n, m in ffns.items()}, masks,
                                adv_names, mem_names, original)
     table = pd.DataFrame.from_records(rows)
@@ -287,18 +295,18 @@ def run_weights(pipe, config: WeightsConfig, out: str | Path | None = None, *, o
 
     methods = {m: {**_method_summary(table, m), **selected.get(m, {})} for m in config.methods}
     summary = {
-        "analysis": "weights (PAPER.md 2.4)",
+        "analysis": "weights (section 2.4)",
         "prompt_id": adv.prompt_id, "prompt": adv.prompt, "original_set": original,
         "n_adv": len(adv), "n_adv_available": adv.n_available, "n_adv_succeeded": adv.n_succeeded,
         "successful_only": config.successful_only, "n_mem": len(mem_ids), "memorized": config.memorized,
         "methods": methods,
         "iou_convention": "IoU = 1 when both sets are empty; layers where every set is empty are listed under "
                           "layers_with_nothing_selected (IoU 1 by definition)",
-        "paper": {"n_adv": PAPER_STARTS, "n_mem": PAPER_MEMORIZED,
+        "paper": {"n_adv": paper.STARTS, "n_mem": paper.MEMORIZED,
                   "finding": "Wanda IoU < 0.6 in most layers; NeMo near 1 only where it selects nothing, "
                              "about 0.6 in its effective layer"},
         "error_bars": "std of the pairwise IoUs (spread over pairs, not a standard error)",
-        "note": scaled_note([("Y_adv triggers", len(adv), PAPER_STARTS), ("Y_mem prompts", len(mem_ids), PAPER_MEMORIZED)])
+        "note": scaled_note([("Y_adv triggers", len(adv), paper.STARTS), ("Y_mem prompts", len(mem_ids), paper.MEMORIZED)])
                 + f"; Y_mem = the first {len(mem_ids)} prompts of {config.memorized}; NeMo {config.nemo.num_seeds} seeds, "
                 f"Wanda sparsity {config.wanda.sparsity} over the first {config.wanda.timesteps} of "
                 f"{config.wanda.num_inference_steps} steps",
@@ -306,6 +314,4 @@ def run_weights(pipe, config: WeightsConfig, out: str | Path | None = None, *, o
     from .plots import plot_weight_agreement
 
     save_figure(plot_weight_agreement(table, summary), run.path, "weights")
-    summary = json_safe(summary)
-    run.finalize(summary)
-    return run.path, summary
+    return summary

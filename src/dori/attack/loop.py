@@ -10,8 +10,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from .. import paper
 from ..errors import DoriError
-from .parts import DiffusionLoss, NoConstraint, ReplicationCheck, ShortSamplingCheck, item_generator
+from ..seeding import item_generator
+from .parts import Constraint, EarlyCheck, Initializer, NoConstraint, Objective, SuccessCheck
 
 logger = logging.getLogger(__name__)
 
@@ -20,12 +22,14 @@ STATUSES = ("succeeded", "failed", "skipped")
 
 @dataclass(frozen=True)
 class AttackConfig:
-    """The optimiser loop's settings (defaults: the paper's: Adam, lr 0.1, 50 steps, 8 (noise, t) pairs)."""
+    """The optimiser loop's settings (defaults: the paper's, section 2.1: Adam, lr 0.1, 50 steps, 8 (noise, t)
+    pairs). ``record_at``: the steps after which the success check runs (None: 0, 1, 10, 25 and 50 as
+    in the paper's figure, those within ``steps``, and always ``steps`` itself)."""
 
-    steps: int = 50
+    steps: int = paper.STEPS
     lr: float = 0.1
     pairs: int = 8
-    record_at: tuple[int, ...] = (0, 1, 10, 25, 50)
+    record_at: tuple[int, ...] | None = None
     early_stop: bool = False
     check_every: int = 5
     check_margin: float = 0.1
@@ -44,8 +48,14 @@ class AttackConfig:
             raise DoriError(f"pairs: must be >= 1, got {self.pairs}")
         if self.check_every < 1 or self.check_confirm < 1:
             raise DoriError(f"check_every, check_confirm: must be >= 1, got {self.check_every}, {self.check_confirm}")
-        if any(s < 0 or s > self.steps for s in self.record_at):
+        if self.record_at is not None and any(s < 0 or s > self.steps for s in self.record_at):
             raise DoriError(f"record_at: every step must be in [0, {self.steps}], got {self.record_at}")
+
+    def recorded_steps(self) -> tuple[int, ...]:
+        """The steps after which the success check runs (``record_at`` resolved)."""
+        if self.record_at is not None:
+            return tuple(sorted(set(self.record_at)))
+        return tuple(sorted({s for s in (0, 1, 10, 25, 50) if s <= self.steps} | {self.steps}))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -118,25 +128,75 @@ class _Model:
             p.requires_grad_(flag)
 
 
+PARTS = {"objective": Objective, "success": SuccessCheck, "initializer": Initializer, "constraint": Constraint,
+         "early_check": EarlyCheck}
+
+
+def check_part(role: str, part: object) -> None:
+    """Raise when ``part`` does not have the interface of its ``role`` (see :mod:`dori.attack.parts`)."""
+    protocol = PARTS[role]
+    if not isinstance(part, protocol):
+        wanted = [name for name in ("__call__", "pairs", "cost", "name", "project")
+                  if hasattr(protocol, name) or name in getattr(protocol, "__annotations__", {})]
+        raise DoriError(f"{role}: {type(part).__name__} is not an attack {role} (it needs {', '.join(wanted)}; "
+                        f"see dori.attack.parts.{protocol.__name__})")
+
+
+@dataclass
+class _Track:
+    """Per-trigger bookkeeping of one :meth:`EmbeddingAttack.run`."""
+
+    n: int
+    steps: int
+
+    def __post_init__(self) -> None:
+        self.active = torch.ones(self.n, dtype=torch.bool)
+        self.stopped_at = [self.steps] * self.n
+        self.evals = np.zeros(self.n, dtype=int)
+        self.passes = np.zeros(self.n, dtype=int)
+        self.mr_by_step: list[dict[int, float]] = [{} for _ in range(self.n)]
+        self.sscd_by_step: list[dict[int, float]] = [{} for _ in range(self.n)]
+        self.first_loss = np.full(self.n, np.nan)
+        self.last_loss = np.full(self.n, np.nan)
+
+    def record(self, step: int, outcome) -> None:
+        for i in range(self.n):
+            self.mr_by_step[i][step] = float(outcome.mr[i])
+            self.sscd_by_step[i][step] = float(outcome.scores[i].mean())
+
+    def losses(self, idx: list[int], loss: torch.Tensor) -> None:
+        for j, i in enumerate(idx):
+            if np.isnan(self.first_loss[i]):
+                self.first_loss[i] = float(loss[j].detach())
+            self.last_loss[i] = float(loss[j].detach())
+
+
 class EmbeddingAttack:
     """Optimise text-conditioning embeddings so the (possibly mitigated) model reproduces targets.
 
-    Parts: ``objective`` (differentiable loss per trigger), ``success`` (replication check, separate
-    from the loss), ``constraint`` (projection after each step), ``initializer`` (start point), and the
-    loop's ``config``. Optional ``early_check`` (cheap, per step) stops triggers whose check passes.
-    Gradients reach the embeddings only; the UNet's mode, gradient flags and hooks are left as found.
+    Parts (:mod:`dori.attack.parts`): ``objective`` (differentiable loss per trigger), ``success``
+    (replication check, separate from the loss), ``constraint`` (projection after each step),
+    ``initializer`` (start point), and the loop's ``config``; an optional ``early_check`` (cheap, every
+    ``config.check_every`` steps) stops triggers that pass it ``config.check_confirm`` times in a row.
+    Each part is checked against its protocol here. Gradients reach the embeddings only; the UNet's
+    mode, gradient flags and hooks are left as found.
     """
 
-    def __init__(self, pipe, *, objective: DiffusionLoss, success: ReplicationCheck, initializer,
-                 constraint=None, config: AttackConfig | None = None, early_check: ShortSamplingCheck | None = None):
+    def __init__(self, pipe, *, objective: Objective, success: SuccessCheck, initializer: Initializer,
+                 constraint: Constraint | None = None, config: AttackConfig | None = None,
+                 early_check: EarlyCheck | None = None):
         config = config or AttackConfig()
         config.validate()
-        if not callable(initializer):
-            raise DoriError("initializer: must be callable (pipe, prompt, restart) -> (tokens, dim)")
-        if config.early_stop and early_check is None:
-            raise DoriError("early_stop: needs an early_check")
+        constraint = constraint or NoConstraint()
+        for role, part in (("objective", objective), ("success", success), ("initializer", initializer),
+                           ("constraint", constraint)):
+            check_part(role, part)
+        if config.early_stop:
+            if early_check is None:
+                raise DoriError("early_stop: needs an early_check")
+            check_part("early_check", early_check)
         self.pipe, self.objective, self.success = pipe, objective, success
-        self.initializer, self.constraint = initializer, constraint or NoConstraint()
+        self.initializer, self.constraint = initializer, constraint
         self.config, self.early_check = config, early_check
 
     def run(self, items: list[AttackItem], targets: torch.Tensor,
@@ -144,85 +204,78 @@ class EmbeddingAttack:
         """Attack ``items`` together in one UNet batch; ``targets[item.index]`` is each one's latent."""
         cfg = self.config
         t0 = time.perf_counter()
-        n = len(items)
         which = [it.index for it in items]
         goal = targets[which]
         y0 = torch.stack([self.initializer(self.pipe, it.prompt, it.restart) for it in items]).float().detach()
         y = torch.nn.Parameter(y0.clone())
         optimizer = torch.optim.Adam([y], lr=cfg.lr)
-        active = torch.ones(n, dtype=torch.bool)
-        stopped_at = [cfg.steps] * n
-        evals = np.zeros(n, dtype=int)
-        passes = np.zeros(n, dtype=int)
-        mr_by_step = [dict() for _ in range(n)]
-        sscd_by_step = [dict() for _ in range(n)]
-        first_loss = np.full(n, np.nan)
-        last_loss = np.full(n, np.nan)
-
-        def record(step: int) -> None:
-            mr, mean = self.success(y.detach(), which)
-            for i in range(n):
-                mr_by_step[i][step], sscd_by_step[i][step] = float(mr[i]), float(mean[i])
-
+        track = _Track(len(items), cfg.steps)
+        recorded = cfg.recorded_steps()
         with _Model(self.pipe.unet):
-            if 0 in cfg.record_at:
-                record(0)
+            if 0 in recorded:
+                track.record(0, self.success(y.detach(), which))
             for step in range(1, cfg.steps + 1):
-                idx = torch.nonzero(active).flatten().tolist()
+                idx = torch.nonzero(track.active).flatten().tolist()
                 if not idx:
                     break
-                generators = [item_generator("dori", cfg.seed, items[i].key, step) for i in idx]
-                frozen = y.detach()[~active].clone()
-                loss = self.objective(y[idx], goal[idx], generators)
-                optimizer.zero_grad(set_to_none=True)
-                loss.sum().backward()
-                optimizer.step()
-                with torch.no_grad():
-                    y.data = self.constraint.project(y.data, y0)
-                    y.data[~active] = frozen
-                evals[idx] += cfg.pairs
-                for j, i in enumerate(idx):
-                    if np.isnan(first_loss[i]):
-                        first_loss[i] = float(loss[j].detach())
-                    last_loss[i] = float(loss[j].detach())
+                self._step(y, y0, goal, items, idx, step, optimizer, track)
                 if cfg.early_stop and step % cfg.check_every == 0:
-                    checks = self.early_check(y.detach()[idx], [which[i] for i in idx])
-                    evals[idx] += self.early_check.cost
-                    for j, i in enumerate(idx):
-                        passed = checks[j] > self.success.descriptor.threshold + cfg.check_margin
-                        passes[i] = passes[i] + 1 if passed else 0
-                        if passes[i] >= cfg.check_confirm:
-                            active[i] = False
-                            stopped_at[i] = step
-                if step in cfg.record_at:
-                    record(step)
+                    self._early_stop(y, which, idx, step, track)
+                if step in recorded:
+                    track.record(step, self.success(y.detach(), which))
                 if on_step:
                     on_step(step, cfg.steps)
-        final_scores = self.success.scores(y.detach(), which)
-        final_images = getattr(self.success, "last_images", None)
-        final_mr = (final_scores > self.success.descriptor.threshold).mean(1)
-        final_mean = final_scores.mean(1)
-        seconds = time.perf_counter() - t0
+        final = self.success(y.detach(), which)
+        return self._results(items, y, y0, final, track, recorded, time.perf_counter() - t0)
+
+    def _step(self, y, y0, goal, items, idx: list[int], step: int, optimizer, track: _Track) -> None:
+        """One Adam step on the active triggers ``idx``; the stopped ones keep their values."""
+        cfg = self.config
+        generators = [item_generator("dori", cfg.seed, items[i].key, step) for i in idx]
+        frozen = y.detach()[~track.active].clone()
+        loss = self.objective(y[idx], goal[idx], generators)
+        optimizer.zero_grad(set_to_none=True)
+        loss.sum().backward()
+        optimizer.step()
+        with torch.no_grad():
+            y.data = self.constraint.project(y.data, y0)
+            y.data[~track.active] = frozen
+        track.evals[idx] += self.objective.pairs
+        track.losses(idx, loss)
+
+    def _early_stop(self, y, which: list[int], idx: list[int], step: int, track: _Track) -> None:
+        passed = self.early_check(y.detach()[idx], [which[i] for i in idx])
+        track.evals[idx] += self.early_check.cost
+        for j, i in enumerate(idx):
+            track.passes[i] = track.passes[i] + 1 if passed[j] else 0
+            if track.passes[i] >= self.config.check_confirm:
+                track.active[i] = False
+                track.stopped_at[i] = step
+
+    def _results(self, items, y, y0, final, track: _Track, recorded, seconds: float) -> list[AttackResult]:
         results = []
         for i, it in enumerate(items):
-            for s in cfg.record_at:  # a trigger stopped early keeps its final state at later steps
-                if s > stopped_at[i] or s not in mr_by_step[i]:
-                    mr_by_step[i][s], sscd_by_step[i][s] = float(final_mr[i]), float(final_mean[i])
+            for s in recorded:  # a trigger stopped early keeps its final state at later steps
+                if s > track.stopped_at[i] or s not in track.mr_by_step[i]:
+                    track.mr_by_step[i][s] = float(final.mr[i])
+                    track.sscd_by_step[i][s] = float(final.scores[i].mean())
             delta = (y.detach()[i] - y0[i]).norm() / y0[i].norm().clamp_min(1e-12)
-            status = "succeeded" if final_mr[i] >= self.success.min_rate else "failed"
             results.append(AttackResult(
                 key=it.key, prompt_id=it.prompt_id, prompt=it.prompt, restart=it.restart,
-                init=getattr(self.initializer, "name", type(self.initializer).__name__), status=status,
-                mr=float(final_mr[i]), sscd_mean=float(final_mean[i]), mr_by_step=dict(sorted(mr_by_step[i].items())),
-                sscd_by_step=dict(sorted(sscd_by_step[i].items())), relative_perturbation=float(delta),
-                loss_first=float(first_loss[i]), loss_last=float(last_loss[i]), steps_run=stopped_at[i],
-                unet_evaluations=int(evals[i]), seconds=seconds / n, scores=[float(v) for v in final_scores[i]], trigger=y.detach()[i].clone(), initial=y0[i].clone(),
-                images=final_images[i] if final_images is not None else None,
+                init=getattr(self.initializer, "name", type(self.initializer).__name__),
+                status="succeeded" if final.succeeded[i] else "failed",
+                mr=float(final.mr[i]), sscd_mean=float(final.scores[i].mean()),
+                mr_by_step=dict(sorted(track.mr_by_step[i].items())),
+                sscd_by_step=dict(sorted(track.sscd_by_step[i].items())), relative_perturbation=float(delta),
+                loss_first=float(track.first_loss[i]), loss_last=float(track.last_loss[i]),
+                steps_run=track.stopped_at[i], unet_evaluations=int(track.evals[i]), seconds=seconds / len(items),
+                scores=[float(v) for v in final.scores[i]], trigger=y.detach()[i].clone(), initial=y0[i].clone(),
+                images=final.images[i] if final.images is not None else None,
             ))
         return results
 
 
-def optimize_embeddings(objective: DiffusionLoss, y0: torch.Tensor, targets: torch.Tensor, keys: list[str],
+def optimize_embeddings(objective: Objective, y0: torch.Tensor, targets: torch.Tensor, keys: list[str],
                         config: AttackConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """The bare Dori descent, without success checks: ``config.steps`` Adam steps on ``objective`` from
     ``y0`` toward ``targets``; the draws of trigger ``i`` at step ``s`` come from ``(keys[i], s)``.

@@ -1,5 +1,7 @@
 """The parts of an embedding attack, passed explicitly (after TextAttack): objective, success check,
-constraint, initialiser. The optimiser loop that wires them is :mod:`dori.attack.loop`.
+constraint, initialiser, and an optional early check. Each part is a small protocol (below); the
+optimiser loop (:class:`dori.attack.loop.EmbeddingAttack`) checks the parts when it is built and uses
+nothing but these interfaces.
 
 Shapes: a batch of triggers ``y`` is ``(B, tokens, dim)``, the text-encoder output fed to the UNet's
 cross-attention; trigger ``b`` aims at target latent ``targets[b]`` ``(C, h, w)``.
@@ -7,8 +9,8 @@ cross-attention; trigger ``b`` aims at target latent ``targets[b]`` ``(C, h, w)`
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -16,23 +18,69 @@ import torch.nn.functional as F
 
 from ..errors import DoriError
 from ..models import diffusion_target
+from ..seeding import item_generator
 
 
-def item_generator(*keys: object) -> torch.Generator:
-    """A CPU generator seeded from ``keys`` (so draws do not depend on batching)."""
-    digest = hashlib.sha256(repr(keys).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+# -- the protocols ---------------------------------------------------------------------------------------
+@runtime_checkable
+class Objective(Protocol):
+    """A differentiable loss per trigger; ``pairs`` is how many UNet evaluations one call costs a trigger."""
+
+    pairs: int
+
+    def __call__(self, y: torch.Tensor, targets: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        """``y`` ``(B, tokens, dim)``, ``targets`` ``(B, C, h, w)``, one generator per trigger -> ``(B,)``."""
 
 
-def encode_images(pipe, images: torch.Tensor) -> torch.Tensor:
-    """VAE latents (posterior mean x ``vae.config.scaling_factor``) of images ``(N, 3, H, W)`` in [0, 1]."""
-    vae = pipe.vae
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    x = images.to(vae.device, vae.dtype)
-    if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    with torch.no_grad():
-        return vae.encode(x * 2 - 1).latent_dist.mean * vae.config.scaling_factor
+@dataclass
+class CheckOutcome:
+    """What a success check found for ``B`` triggers and ``S`` evaluation seeds."""
+
+    scores: np.ndarray
+    """Similarity of each seed's image to the trigger's target, ``(B, S)``."""
+    replicated: np.ndarray
+    """Whether that image replicates, ``(B, S)`` bool."""
+    succeeded: np.ndarray
+    """Whether the trigger counts as a success, ``(B,)`` bool."""
+    images: torch.Tensor | None = None
+    """The images, ``(B, S, 3, H, W)``, when the check keeps them."""
+
+    @property
+    def mr(self) -> np.ndarray:
+        """Share of replicating images per trigger ``(B,)``."""
+        return self.replicated.mean(1)
+
+
+@runtime_checkable
+class SuccessCheck(Protocol):
+    """Whether triggers replicate their targets; kept apart from the loss."""
+
+    def __call__(self, y: torch.Tensor, which: list[int]) -> CheckOutcome:
+        """Triggers ``y`` ``(B, tokens, dim)`` aimed at targets ``which`` (indices into the run's targets)."""
+
+
+@runtime_checkable
+class EarlyCheck(Protocol):
+    """A cheap check during the optimisation; ``cost`` is its UNet evaluations per trigger."""
+
+    cost: int
+
+    def __call__(self, y: torch.Tensor, which: list[int]) -> np.ndarray:
+        """``(B,)`` bool: which triggers pass."""
+
+
+@runtime_checkable
+class Constraint(Protocol):
+    def project(self, y: torch.Tensor, origin: torch.Tensor) -> torch.Tensor:
+        """``y`` moved back into the allowed set around ``origin`` (both ``(B, tokens, dim)``)."""
+
+
+@runtime_checkable
+class Initializer(Protocol):
+    name: str
+
+    def __call__(self, pipe, prompt: str, restart: int) -> torch.Tensor:
+        """The start embedding ``(tokens, dim)`` of restart ``restart`` for ``prompt``."""
 
 
 # -- objective ------------------------------------------------------------------------------------------
@@ -115,6 +163,20 @@ class LinfBall:
         return origin + (y - origin).clamp(-self.radius, self.radius)
 
 
+CONSTRAINTS = ("none", "l2", "linf")
+
+
+def make_constraint(name: str | None, radius: float | None = None) -> Constraint:
+    """``none`` (the paper), ``l2`` (relative radius, default 0.5) or ``linf`` (default 0.1)."""
+    if name in (None, "none"):
+        return NoConstraint()
+    if name == "l2":
+        return L2Ball(radius if radius is not None else 0.5)
+    if name == "linf":
+        return LinfBall(radius if radius is not None else 0.1)
+    raise DoriError(f"constraint: must be one of {', '.join(CONSTRAINTS)}, got {name!r}")
+
+
 # -- initialisers ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class FromPrompt:
@@ -156,53 +218,52 @@ class OtherPrompt:
 
 # -- success check -------------------------------------------------------------------------------------
 class ReplicationCheck:
-    """Success = generations from the trigger replicate the reference (similarity above the threshold).
+    """Success = generations from the trigger replicate the reference (similarity above the threshold)
+    for at least ``min_rate`` of the ``seeds``.
 
-    Kept apart from the loss: it generates ``seeds`` images per trigger with the pipeline (CFG with the
-    empty prompt as the unconditional embedding) and scores them with the descriptor.
+    It generates ``seeds`` images per trigger with the pipeline (CFG with the empty prompt as the
+    unconditional embedding) and scores them with the descriptor.
     """
 
     def __init__(self, pipe, descriptor, references: list[np.ndarray], seeds: list[int], generation=None,
                  min_rate: float = 0.5):
         from ..generation import GenerationConfig
 
+        if not seeds:
+            raise DoriError("seeds: the success check needs at least one seed")
         self.pipe, self.descriptor, self.references = pipe, descriptor, references
         self.seeds, self.generation = list(seeds), generation or GenerationConfig()
         self.min_rate = min_rate
-        self.last_images: torch.Tensor | None = None
-        """The images of the last :meth:`scores` call, ``(triggers, seeds, 3, H, W)``."""
 
-    def scores(self, y: torch.Tensor, which: list[int]) -> np.ndarray:
-        """Similarity ``(len(which), seeds)`` of the images of triggers ``y`` to their references."""
+    def __call__(self, y: torch.Tensor, which: list[int]) -> CheckOutcome:
         from ..generation import generate
         from ..memorization import score_images
 
         n = len(self.seeds)
-        embeds = y.detach().repeat_interleave(n, dim=0)
-        gens = generate(self.pipe, self.seeds * len(y), prompt_embeds=embeds, config=self.generation)
-        self.last_images = gens.images.view(len(y), n, *gens.images.shape[1:])
+        gens = generate(self.pipe, self.seeds * len(y), prompt_embeds=y.detach().repeat_interleave(n, dim=0),
+                        config=self.generation)
         refs = [self.references[i] for i in which for _ in range(n)]
-        return score_images(self.descriptor, gens.images, refs).sscd_orig.reshape(len(y), n)
-
-    def __call__(self, y: torch.Tensor, which: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        """``(mr, mean similarity)`` per trigger."""
-        s = self.scores(y, which)
-        return (s > self.descriptor.threshold).mean(1), s.mean(1)
+        scores = score_images(self.descriptor, gens.images, refs).sscd_orig.reshape(len(y), n)
+        replicated = scores > self.descriptor.threshold
+        return CheckOutcome(scores, replicated, replicated.mean(1) >= self.min_rate,
+                            gens.images.view(len(y), n, *gens.images.shape[1:]))
 
 
 class ShortSamplingCheck:
-    """A cheap early-stop check: a few-step DDIM sample from the trigger for ``seeds`` seeds.
+    """A cheap early-stop check: a few-step DDIM sample from the trigger for ``seeds`` seeds; passes when
+    every seed's image clears the descriptor's threshold by ``margin``.
 
     Costs ``len(seeds) * num_inference_steps * 2`` UNet evaluations per trigger (guided), far less
-    than the full success check; passes when every seed's image is above the threshold.
+    than the full success check.
     """
 
     def __init__(self, pipe, descriptor, references: list[np.ndarray], seeds: list[int], guidance_scale: float = 7.5,
-                 num_inference_steps: int = 5):
+                 num_inference_steps: int = 5, margin: float = 0.1):
         from ..generation import GenerationConfig
 
         self.pipe, self.descriptor, self.references, self.seeds = pipe, descriptor, references, list(seeds)
         self.generation = GenerationConfig(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+        self.margin = margin
 
     @property
     def cost(self) -> int:
@@ -217,4 +278,5 @@ class ShortSamplingCheck:
         gens = generate(self.pipe, self.seeds * len(y), prompt_embeds=y.detach().repeat_interleave(n, dim=0),
                         config=self.generation)
         refs = [self.references[i] for i in which for _ in range(n)]
-        return score_images(self.descriptor, gens.images, refs).sscd_orig.reshape(len(y), n).min(1)
+        lowest = score_images(self.descriptor, gens.images, refs).sscd_orig.reshape(len(y), n).min(1)
+        return lowest > self.descriptor.threshold + self.margin

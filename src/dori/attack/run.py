@@ -9,7 +9,6 @@ end (:func:`load_triggers`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,13 +16,19 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..config_files import to_dict
+from ..descriptors import DescriptorConfig
 from ..errors import DoriError
 from ..generation import GenerationConfig
+from ..images import save_png, stack_rgb
 from ..memorization import mean_std, memorization_rate
-from ..runs import RunFolder, default_run_dir
+from ..models import encode_images, model_name, model_record
+from ..progress import Progress, for_stage
+from ..prompts import PromptSet, prompts_for, require_references
+from ..runs import RunFolder, default_run_dir, safe_filename
 from .loop import AttackConfig, AttackItem
-from .parts import FromPrompt, OtherPrompt, RandomNormal, encode_images
-from .recipes import dori_kowalczuk2025
+from .parts import CONSTRAINTS, FromPrompt, OtherPrompt, RandomNormal, make_constraint
+from .recipes import DEFAULT_RECIPE, RECIPES, build_attack
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +37,18 @@ INITS = ("prompt", "random", "other")
 
 @dataclass(frozen=True)
 class AttackRunConfig:
+    """``dori attack``: which prompts (and their training images), which recipe, how many triggers.
+
+    ``references``: a folder of ``<prompt id>.png`` training images (the testbed's sets carry theirs);
+    ``descriptor``: the copy descriptor of the success check; ``mitigations``: saved mitigations applied
+    while attacking; ``ids``: only these prompt ids of the set (after ``limit``; empty: all).
+    """
+
     prompts: str = "testbed:memorized"
+    references: str | None = None
     limit: int | None = None
+    ids: tuple[str, ...] = ()
+    recipe: str = DEFAULT_RECIPE
     init: str = "prompt"
     other_prompt: str = "a red circle on a blue background"
     restarts: int = 1
@@ -42,19 +57,23 @@ class AttackRunConfig:
     batch_size: int = 8
     attack: AttackConfig = field(default_factory=AttackConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    descriptor: DescriptorConfig = field(default_factory=DescriptorConfig)
     constraint: str = "none"
     radius: float | None = None
     mitigations: tuple[str, ...] = ()
-    ids: tuple[str, ...] = ()
-    """Only these prompt ids of the set (after ``limit``); empty: all."""
 
     def validate(self) -> None:
         if self.init not in INITS:
             raise DoriError(f"init: must be one of {', '.join(INITS)}, got {self.init!r}")
         if self.restarts < 1 or self.num_seeds < 1 or self.batch_size < 1:
             raise DoriError("restarts, num_seeds, batch_size: must be >= 1")
+        if self.constraint not in CONSTRAINTS:
+            raise DoriError(f"constraint: must be one of {', '.join(CONSTRAINTS)}, got {self.constraint!r}")
+        if self.recipe not in RECIPES:
+            RECIPES.get(self.recipe)  # raises, naming the registered recipes
         self.attack.validate()
         self.generation.validate()
+        self.descriptor.validate()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,9 +85,8 @@ class AttackRunConfig:
             return OtherPrompt(self.other_prompt)
         return FromPrompt()
 
-
-def _safe(key: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
+    def seeds(self) -> list[int]:
+        return list(range(self.seed, self.seed + self.num_seeds))
 
 
 def load_triggers(run: str | Path) -> dict[str, torch.Tensor]:
@@ -86,85 +104,82 @@ def load_triggers(run: str | Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def run_attack(pipe, config: AttackRunConfig, out: str | Path | None = None, *, descriptor=None, overwrite: bool = False,
-               mitigations: list | None = None, progress: Callable[[int, int], None] | None = None,
-               command: str = "attack") -> tuple[Path, list[dict]]:
-    """Attack every (prompt, restart) of the set; returns the run folder and the records."""
-    from ..descriptors import make_descriptor, to_tensor
-    from ..evaluate import save_png
-    from ..mitigations import load_mitigation, mitigated
-    from ..models import model_name
-    from ..prompts import load_prompt_set
-
-    config.validate()
-    folder = pipe.dori_model["location"]
-    prompt_set = load_prompt_set(config.prompts, model_folder=folder).subset(config.limit)
+def _prompt_set(pipe, config: AttackRunConfig) -> PromptSet:
+    prompt_set = prompts_for(pipe, config.prompts, references=config.references, limit=config.limit)
     if config.ids:
         known = {r.id for r in prompt_set.records}
         unknown = [i for i in config.ids if i not in known]
         if unknown:
             raise DoriError(f"ids: {unknown[0]!r} is not a prompt id of {config.prompts!r}")
         prompt_set.records = [r for r in prompt_set.records if r.id in set(config.ids)]
-    missing = [r.id for r in prompt_set.records if r.id not in prompt_set.references]
-    if missing:
-        raise DoriError(f"prompts: the attack needs the training image of every prompt; none for {missing[0]!r} "
-                        "(give --references DIR)")
-    descriptor = descriptor or make_descriptor("auto", pipe)
-    if mitigations is None:
-        mitigations = [load_mitigation(p) for p in config.mitigations]
-    out = Path(out) if out is not None else default_run_dir(command, model_name(folder))
-    run = RunFolder(out, command, {**config.to_dict(), "model": folder, "descriptor": descriptor.describe()},
-                    overwrite=overwrite, seeds=list(range(config.seed, config.seed + config.num_seeds)))
-    (run.path / "triggers").mkdir(exist_ok=True)
+    return prompt_set
 
-    references = [prompt_set.references[r.id] for r in prompt_set.records]
-    targets = encode_images(pipe, to_tensor(np.stack([_fit(ref) for ref in references])))
-    items = [AttackItem(r.id, r.prompt, i, k) for i, r in enumerate(prompt_set.records) for k in range(config.restarts)]
-    done = run.done_keys()
-    todo = [it for it in items if it.key not in done]
-    seeds = list(range(config.seed, config.seed + config.num_seeds))
-    attack = dori_kowalczuk2025(pipe, descriptor, references, initializer=config.initializer(), seeds=seeds,
-                                generation=config.generation, config=config.attack, constraint=config.constraint,
-                                radius=config.radius)
-    per_prompt = any(m.scope == "per-prompt" for m in mitigations)
-    groups: dict[str | None, list[AttackItem]] = {}
-    for it in todo:
-        groups.setdefault(it.prompt if per_prompt else None, []).append(it)
-    finished = len(items) - len(todo)
-    if progress:
-        progress(finished, len(items))
-    for prompt, group in groups.items():
-        for start in range(0, len(group), config.batch_size):
-            batch = group[start : start + config.batch_size]
-            with mitigated(pipe, *mitigations, prompt=prompt):
-                results = attack.run(batch, targets)
-            for result in results:
-                if result.images is not None:
-                    for seed, image in zip(seeds, result.images, strict=True):
-                        save_png(image, run.path / f"images/{_safe(result.key)}__s{seed}.png")
-                save_file({"trigger": result.trigger.contiguous(), "initial": result.initial.contiguous()},
-                          str(run.path / "triggers" / f"{_safe(result.key)}.safetensors"), metadata={"key": result.key})
-            run.append([{**r.record(), "images": [f"images/{_safe(r.key)}__s{seed}.png" for seed in seeds]
-                         if r.images is not None else []} for r in results])
-            finished += len(batch)
-            if progress:
-                progress(finished, len(items))
-    records = sorted(run.records(), key=lambda r: r["key"])
-    merged = {}
-    for r in records:
-        merged[r["key"]] = load_file(str(run.path / "triggers" / f"{_safe(r['key'])}.safetensors"))["trigger"]
-    save_file(merged, str(run.path / "triggers.safetensors"))
-    run.finalize(summarize_attack(records))
+
+def run_attack(pipe, config: AttackRunConfig, out: str | Path | None = None, *, overwrite: bool = False,
+               progress: Progress | None = None, command: str = "attack") -> tuple[Path, list[dict]]:
+    """Attack every (prompt, restart) of the set; returns the run folder and the records (sorted by key)."""
+    from ..mitigations import load_mitigation, mitigated
+
+    config.validate()
+    prompt_set = _prompt_set(pipe, config)
+    references = require_references(prompt_set, "the attack")
+    descriptor = config.descriptor.build(pipe)
+    mitigations = [load_mitigation(p) for p in config.mitigations]
+    out = Path(out) if out is not None else default_run_dir(command, model_name(pipe))
+    run = RunFolder(out, command, to_dict(config), model=model_record(pipe),
+                    resolved={"descriptor": descriptor.describe(), "recipe": RECIPES.origin(config.recipe)},
+                    overwrite=overwrite, seeds=config.seeds())
+    with run.guard():
+        (run.path / "triggers").mkdir(exist_ok=True)
+        targets = encode_images(pipe, stack_rgb(references))
+        items = [AttackItem(r.id, r.prompt, i, k) for i, r in enumerate(prompt_set.records)
+                 for k in range(config.restarts)]
+        done = run.done_keys()
+        todo = [it for it in items if it.key not in done]
+        attack = build_attack(config.recipe, pipe, descriptor, references, initializer=config.initializer(),
+                              seeds=config.seeds(), generation=config.generation, config=config.attack,
+                              constraint=make_constraint(config.constraint, config.radius))
+        per_prompt = any(m.scope == "per-prompt" for m in mitigations)
+        groups: dict[str | None, list[AttackItem]] = {}
+        for it in todo:
+            groups.setdefault(it.prompt if per_prompt else None, []).append(it)
+        report = for_stage(progress, command)
+        finished = len(items) - len(todo)
+        if report:
+            report(finished, len(items))
+        for prompt, group in groups.items():
+            for start in range(0, len(group), config.batch_size):
+                batch = group[start : start + config.batch_size]
+                with mitigated(pipe, *mitigations, prompt=prompt):
+                    results = attack.run(batch, targets)
+                _save_results(run, results, config.seeds())
+                finished += len(batch)
+                if report:
+                    report(finished, len(items))
+        records = sorted(run.records(), key=lambda r: r["key"])
+        merged = {r["key"]: load_file(str(run.path / "triggers" / f"{safe_filename(r['key'])}.safetensors"))["trigger"]
+                  for r in records}
+        save_file(merged, str(run.path / "triggers.safetensors"))
+        run.finalize(summarize_attack(records))
     return run.path, records
 
 
-def _fit(image: np.ndarray) -> np.ndarray:
-    return image if image.ndim == 3 else np.repeat(image[..., None], 3, axis=-1)
+def _save_results(run: RunFolder, results, seeds: list[int]) -> None:
+    """Each trigger's images and tensors first, then its record (so a record always has its files)."""
+    for result in results:
+        name = safe_filename(result.key)
+        if result.images is not None:
+            for seed, image in zip(seeds, result.images, strict=True):
+                save_png(image, run.path / f"images/{name}__s{seed}.png")
+        save_file({"trigger": result.trigger.contiguous(), "initial": result.initial.contiguous()},
+                  str(run.path / "triggers" / f"{name}.safetensors"), metadata={"key": result.key})
+    run.append([{**r.record(), "images": [f"images/{safe_filename(r.key)}__s{seed}.png" for seed in seeds]
+                 if r.images is not None else []} for r in results])
 
 
 def summarize_attack(records: list[dict]) -> dict:
     """MR (share of generations above the threshold) and mean similarity overall and after each recorded step."""
-    steps = sorted({int(s) for r in records for s in r["mr_by_step"]})
+    steps = sorted({int(s) for r in records for s in (r["mr_by_step"] or {})})
     mr_curve = {s: float(np.mean([r["mr_by_step"][str(s)] for r in records])) for s in steps}
     sscd = [r["sscd_mean"] for r in records]
     mean, std = mean_std(sscd)

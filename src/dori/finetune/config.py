@@ -1,4 +1,4 @@
-"""Settings of adversarial fine-tuning (PAPER.md section 2.6; open choices 14-18 of section 7)."""
+"""Settings of adversarial fine-tuning (the paper's section 2.6)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 
 from ..attack.loop import AttackConfig
+from ..descriptors import DescriptorConfig
 from ..errors import DoriError
 from ..generation import GenerationConfig
 
@@ -18,14 +19,12 @@ class FinetuneConfig:
     """Adversarial fine-tuning: Dori triggers against the current model, mapped to a surrogate image.
 
     Defaults are the paper's where it gives them (5 epochs, L = L_DM + L_Adv, all UNet weights, Dori
-    with Adam lr 0.1, 50 steps, 8 (noise, t) pairs) and PAPER.md section 7's choices elsewhere (AdamW,
-    lr 1e-5, one retain batch per adversarial batch, inits from the prompt). :meth:`testbed` is the
-    documented setting for the embedded testbed.
+    with Adam lr 0.1, 50 steps, 8 (noise, t) pairs) and common choices where it is silent (AdamW, lr
+    1e-5 as usual for full fine-tuning of SD, one retain batch per adversarial batch, inits from the
+    prompt, surrogates from the NeMo-pruned model). :meth:`testbed` is the documented setting for the
+    embedded testbed (docs/methods.md).
     """
 
-    prompts: str = "testbed:memorized"
-    references: str | None = None
-    limit: int | None = None
     retain: str = "testbed:retain"
     """``testbed:retain`` (the testbed's shape and seen-once pairs) or a prompt file whose ids name
     images in ``retain_images``."""
@@ -64,6 +63,10 @@ class FinetuneConfig:
     (``testbed:held-out`` in :meth:`testbed`); None: such a prompt is an error."""
     statistics: str | None = None
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    descriptor: DescriptorConfig = field(default_factory=DescriptorConfig)
+    """Scores surrogates: none may replicate a memorized image."""
+    save_pipeline: bool = True
+    """Write the fine-tuned pipeline to ``<out>/pipeline`` (a normal diffusers folder)."""
 
     def validate(self) -> None:
         for name in ("epochs", "images_per_step", "adv_pairs", "retain_batch_size", "checkpoint_every",
@@ -84,6 +87,7 @@ class FinetuneConfig:
             raise DoriError(f"mixed_precision: must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
         self.inner.validate()
         self.generation.validate()
+        self.descriptor.validate()
 
     def steps_in_epoch(self, n_images: int) -> int:
         return self.steps_per_epoch or math.ceil(n_images / self.images_per_step)
@@ -96,15 +100,13 @@ class FinetuneConfig:
 
     @classmethod
     def testbed(cls, **changes) -> FinetuneConfig:
-        """The documented testbed setting: lr 5e-4 (the tiny UNet was trained at 2e-3; 1e-5 barely moves
-        it; at 3e-4 and 40 steps Dori still re-triggered coffee and rocket), 12 steps per epoch (one
-        pass over 4 images is a single step), inits from the
-        prompt and from N(0, I), each step's attack warm-started from the last step's triggers and run
-        10 Adam steps (fresh against the current weights, 5x cheaper than 50 from scratch), retain
-        batch 48 at weight 4 (at 16 x 1 the shape captions' colour accuracy fell from 0.38 to 0.23; at
-        48 x 2 it rose to 0.55 but the VAE-feature FID grew 18%; at 48 x 4 FID stays within its seed
-        spread while a fresh Dori replicates 12 of 160 images); a held-out caption's image stands in as the surrogate where every pruned image of a
-        prompt still copies some memorized photo."""
+        """The testbed setting (docs/methods.md has the measurements behind each value): lr 5e-4 (the tiny
+        UNet was trained at 2e-3; 1e-5 barely moves it), 12 steps per epoch (one pass over 4 images is a
+        single step), inits from the prompt and from N(0, I), each step's attack warm-started from the
+        last step's triggers and run 10 Adam steps (fresh against the current weights, 5x cheaper than
+        50 from scratch), retain batch 48 at weight 4 (smaller or lighter retain terms cost the shape
+        captions' colours), and a held-out caption's image as the surrogate where every pruned image of
+        a prompt still copies some memorized photo."""
         base = cls(lr=5e-4, steps_per_epoch=12, images_per_step=4, inits=("prompt", "random"), warm_start=True,
                    inner=AttackConfig(steps=10, record_at=()), retain_batch_size=48, dm_weight=4.0,
                    surrogate_fallback="testbed:held-out")

@@ -23,16 +23,11 @@ class RetainSet:
 
     def batch(self, pipe, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(latents, caption embeddings)`` of the chosen pairs (encoded now, frozen VAE and text encoder)."""
-        from ..attack.parts import encode_images
-        from ..descriptors import to_tensor
-        from ..models import encode_prompts
+        from ..images import stack_rgb
+        from ..models import encode_images, encode_prompts
 
-        images = to_tensor(np.stack([_rgb(self.images[i]) for i in indices]))
-        return encode_images(pipe, images), encode_prompts(pipe, [self.captions[i] for i in indices])
-
-
-def _rgb(image: np.ndarray) -> np.ndarray:
-    return image if image.ndim == 3 else np.repeat(image[..., None], 3, axis=-1)
+        return encode_images(pipe, stack_rgb([self.images[i] for i in indices])), \
+            encode_prompts(pipe, [self.captions[i] for i in indices])
 
 
 def load_retain_set(spec: str, images: str | None, model_folder: str | None) -> RetainSet:

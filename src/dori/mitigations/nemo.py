@@ -1,7 +1,7 @@
 """NeMo (Hintersdorf et al., NeurIPS 2024): localise memorization neurons in the cross-attention value
 layers and deactivate them.
 
-Faithful to the official code's algorithm (PAPER.md section 5.1, PRIOR_CODE.md section 1):
+Faithful to the algorithm of the official code (``ml-research/localizing_memorization_in_diffusion_models``):
 
 * neurons are output channels of ``attn2.to_v`` in the down and mid blocks, found by module path;
 * a neuron's activation for a prompt is the token-mean of ``|to_v(y)|``; z-scores against the mean
@@ -24,6 +24,9 @@ Speed (``benchmarks/nemo.py``): activations depend only on the text embedding, s
 with no UNet pass; the unblocked noise differences are the memorization test's; every blocked
 evaluation is one UNet call with all seeds batched, each neuron set is scored once, and the initial
 selection's next ``search_batch`` levels share one call.
+
+Used in Finding Dori (Kowalczuk et al. 2025, section 4) as the first mitigation that assumes
+memorization is local; Dori's triggers bring replication back under it.
 """
 
 from __future__ import annotations
@@ -31,18 +34,21 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..config_files import from_dict
 from ..errors import DoriError
-from ..models import encode_prompts, linear_layers
+from ..hooks import Handle, counting_calls, hooked
+from ..models import encode_prompts, initial_latents, linear_layers, testbed_folder
+from ..progress import Progress
+from ..runs import cache_dir
 from ..ssim import ms_ssim, ssim_settings
-from .base import Handle, read_saved, write_saved
+from .base import MitigationBase, check_scope, handle_for, read_saved, register_mitigation, write_saved
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +58,16 @@ Selection = dict[str, list[int]]
 
 @dataclass(frozen=True)
 class NeMoConfig:
-    """NeMo's settings; defaults are the official code's (``ssim_threshold=None``: calibrated)."""
+    """NeMo's settings; defaults are the official code's (``ssim_threshold=None``: calibrated).
+
+    ``scope``: ``per-prompt`` (each prompt's own neurons, as NeMo deploys them) or ``set`` (their union);
+    ``statistics``: the non-memorized prompt set of the activation statistics and the SSIM threshold
+    (None: the testbed's seen-once and shape captions on the testbed, ``laion-nonmem`` elsewhere).
+    """
 
     layers: tuple[str, ...] = ("down_blocks.*attn2.to_v", "mid_block.*attn2.to_v")
+    scope: str = "per-prompt"
+    statistics: str | None = None
     num_seeds: int = 10
     seed: int = 1
     num_inference_steps: int = 50
@@ -80,6 +93,7 @@ class NeMoConfig:
     call)."""
 
     def validate(self) -> None:
+        check_scope(self.scope)
         if self.search_batch < 1:
             raise DoriError(f"search_batch: must be >= 1, got {self.search_batch}")
         if self.num_seeds < 2:
@@ -102,6 +116,20 @@ def value_layers(unet: torch.nn.Module, patterns: tuple[str, ...]) -> dict[str, 
 
 
 encode = encode_prompts
+TESTBED_STATISTICS = ("testbed:seen-once", "testbed:shape")
+
+
+def statistics_prompts(spec: str | None, pipe) -> list[str]:
+    """Non-memorized prompts for NeMo's statistics: the testbed's seen-once and shape captions on the
+    testbed, ``laion-nonmem`` elsewhere, or the set ``spec`` names."""
+    from ..prompts import load_prompt_set
+
+    folder = testbed_folder(pipe)
+    specs = (spec,) if spec is not None else (TESTBED_STATISTICS if folder else ("laion-nonmem",))
+    prompts = [r.prompt for s in specs for r in load_prompt_set(s, model_folder=folder).records]
+    if len(prompts) < 2:
+        raise DoriError("statistics: need at least 2 non-memorized prompts")
+    return prompts
 
 
 def neuron_activations(layers: dict[str, torch.nn.Linear], embeds: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -150,10 +178,6 @@ class ActivationStatistics:
         return cls(mean, std, n)
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("DORI_CACHE", Path.home() / ".cache" / "dori"))
-
-
 def model_fingerprint(pipe, layers: dict[str, torch.nn.Linear], *extra: object) -> str:
     """A hash of what NeMo's cached numbers depend on: the value weights, the text encoder, the inputs."""
     h = hashlib.sha256()
@@ -167,33 +191,6 @@ def model_fingerprint(pipe, layers: dict[str, torch.nn.Linear], *extra: object) 
 
 
 # -- noise differences and the memorization test ------------------------------------------------------
-class UNetCounter:
-    """Counts UNet forward calls (and samples) while active."""
-
-    def __init__(self, unet: torch.nn.Module):
-        self.calls = 0
-        self.samples = 0
-        self._handle = unet.register_forward_hook(self._hook)
-
-    def _hook(self, _module, args, _output) -> None:
-        self.calls += 1
-        self.samples += int(args[0].shape[0]) if args else 0
-
-    def close(self) -> None:
-        self._handle.remove()
-
-
-def initial_latents(pipe, seeds: list[int]) -> torch.Tensor:
-    """One seeded initial latent per seed ``(S, C, h, w)``, as the pipeline draws them."""
-    from diffusers.utils.torch_utils import randn_tensor
-
-    unet = pipe.unet
-    size = unet.config.sample_size
-    shape = (1, unet.config.in_channels, size, size)
-    return torch.cat([randn_tensor(shape, generator=torch.Generator().manual_seed(int(s)), dtype=unet.dtype)
-                      for s in seeds]).to(unet.device)
-
-
 def _epsilon(scheduler, model_output: torch.Tensor, sample: torch.Tensor, t) -> torch.Tensor:
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
@@ -262,14 +259,14 @@ def max_pairwise_ssim(diffs: torch.Tensor, kernel_size: int = 11) -> torch.Tenso
 
 
 # -- deactivation -------------------------------------------------------------------------------------
-def block_neurons(layers: dict[str, torch.nn.Module], selection: Selection, factor: float = 0.0) -> Handle:
-    """Forward hooks that scale the selected output channels of each layer by ``factor``."""
-    handles = []
+def block_neurons(unet: torch.nn.Module, selection: Selection, factor: float = 0.0,
+                  handle: Handle | None = None) -> Handle:
+    """Forward hooks that scale the selected output channels of each layer (a module path of ``unet``)
+    by ``factor``; added to ``handle`` when given, else to a new one."""
+    handle = handle if handle is not None else Handle(unet, "nemo-block")
     for name, indices in selection.items():
         if not indices:
             continue
-        if name not in layers:
-            raise DoriError(f"mitigation: the model has no layer {name!r}")
         index = torch.tensor(sorted(set(indices)), dtype=torch.long)
 
         def hook(_module, _args, output, index=index):
@@ -277,13 +274,12 @@ def block_neurons(layers: dict[str, torch.nn.Module], selection: Selection, fact
             output[..., index.to(output.device)] *= factor
             return output
 
-        handles.append(layers[name].register_forward_hook(hook))
-
-    def undo() -> None:
-        for handle in handles:
+        try:
+            handle.forward(name, hook)
+        except DoriError:
             handle.remove()
-
-    return Handle(undo)
+            raise
+    return handle
 
 
 # -- localisation -------------------------------------------------------------------------------------
@@ -382,13 +378,10 @@ class _Searcher:
                     mask[row, sorted(set(selection[name]))] = self.config.scaling_factor
             if (mask != 1).any():
                 masks[name] = mask.repeat_interleave(seeds, dim=0)[:, None, :]
-        handles = [self.layers[name].register_forward_hook(lambda _m, _a, out, mask=mask: out * mask.to(out.dtype))
-                   for name, mask in masks.items()]
-        try:
+        with hooked(self.pipe.unet, "nemo-search") as hooks:
+            for name, mask in masks.items():
+                hooks.forward(name, lambda _m, _a, out, mask=mask: out * mask.to(out.dtype))
             blocked = noise_differences(self.pipe, self.embeds, self.latents.repeat(n, 1, 1, 1), self.config, step=self.step)
-        finally:
-            for handle in handles:
-                handle.remove()
         values = ms_ssim(self.vanilla.repeat(n, 1, 1, 1), blocked, kernel_size=self.config.kernel_size).view(n, seeds)
         for key, value in zip(todo, values.max(dim=1).values.tolist(), strict=True):
             self._scored[key] = float(value)
@@ -432,75 +425,116 @@ def localize_prompt(pipe, layers, prompt: str, stats: ActivationStatistics, thre
             prompt_embeds = prompt_embeds[None]
         if prompt_embeds.ndim != 3 or prompt_embeds.shape[0] != 1:
             raise DoriError(f"prompt_embeds: expected (tokens, dim) or (1, tokens, dim), got {tuple(prompt_embeds.shape)}")
-    counter = UNetCounter(pipe.unet)
-    try:
-        seeds = [config.seed + i for i in range(config.num_seeds)]
-        if prompt_embeds is None:
-            embeds = encode(pipe, [prompt])
-        else:
-            embeds = prompt_embeds.to(pipe.unet.device, pipe.unet.dtype)
-        latents = initial_latents(pipe, seeds)
-        detection = noise_differences(pipe, embeds, latents, config)
-        memorized_seeds = (max_pairwise_ssim(detection, config.kernel_size) > threshold).nonzero().flatten()
-        result = PromptLocalization(prompt, bool(len(memorized_seeds)), [seeds[i] for i in memorized_seeds.tolist()])
-        if not result.memorized:
-            return result
-        searcher = _Searcher(pipe, layers, config, embeds, latents[memorized_seeds], detection[memorized_seeds])
-        activations = {n: a[0] for n, a in neuron_activations(layers, embeds).items()}
-        z = stats.z_scores(activations)
-        max_k = max(layer.out_features for layer in layers.values())
+    with counting_calls(pipe.unet) as counter:
+        result = _search(pipe, layers, prompt, stats, threshold, config, prompt_embeds)
+    result.unet_calls = counter.calls
+    return result
 
-        def exhausted(theta: float, k: int) -> bool:
-            return math.isclose(theta, config.min_theta) or theta < config.min_theta or k >= max_k
 
-        # the levels the official loop visits while each fails: theta down to min_theta, k up by 1
-        schedule = [(config.initial_theta, config.initial_k)]
-        while True:
-            theta, k = schedule[-1]
-            theta, k = (theta - config.theta_step if theta > config.min_theta else theta), k + 1
-            if exhausted(theta, k):
-                break
-            schedule.append((theta, k))
-        refinement_threshold = threshold
-        for level, (theta, k) in enumerate(schedule):
-            if level % config.search_batch == 0:
-                searcher.prefetch([initial_selection(activations, z, *lv) for lv in schedule[level : level + config.search_batch]])
-            selection = initial_selection(activations, z, theta, k)
-            ssim = searcher.ssim(selection)
-            result.theta, result.k = theta, k
-            if ssim <= threshold:
-                if exhausted(theta, k):  # only an initial level at the limit: the official loop checks it first
-                    refinement_threshold = ssim
-                break
-        else:  # every level failed: refine against the SSIM reached, as the official code does
-            refinement_threshold = ssim
-        result.initial, result.initial_ssim = selection, ssim
-        refined = refine(searcher, selection, refinement_threshold) if config.refine else selection
-        result.refined, result.refined_ssim = refined, searcher.ssim(refined)
+def search_schedule(config: NeMoConfig, max_k: int) -> list[tuple[float, int]]:
+    """The initial-selection levels ``(theta, k)`` the official loop visits while each fails: theta down
+    by ``theta_step`` to ``min_theta``, k up by 1, ending before a level that is exhausted."""
+    schedule = [(config.initial_theta, config.initial_k)]
+    while True:
+        theta, k = schedule[-1]
+        theta, k = (theta - config.theta_step if theta > config.min_theta else theta), k + 1
+        if _exhausted(config, max_k, theta, k):
+            return schedule
+        schedule.append((theta, k))
+
+
+def _exhausted(config: NeMoConfig, max_k: int, theta: float, k: int) -> bool:
+    return math.isclose(theta, config.min_theta) or theta < config.min_theta or k >= max_k
+
+
+def _search(pipe, layers, prompt: str, stats: ActivationStatistics, threshold: float, config: NeMoConfig,
+            prompt_embeds: torch.Tensor | None) -> PromptLocalization:
+    seeds = [config.seed + i for i in range(config.num_seeds)]
+    embeds = encode(pipe, [prompt]) if prompt_embeds is None else prompt_embeds.to(pipe.unet.device, pipe.unet.dtype)
+    latents = initial_latents(pipe, seeds)
+    detection = noise_differences(pipe, embeds, latents, config)
+    memorized_seeds = (max_pairwise_ssim(detection, config.kernel_size) > threshold).nonzero().flatten()
+    result = PromptLocalization(prompt, bool(len(memorized_seeds)), [seeds[i] for i in memorized_seeds.tolist()])
+    if not result.memorized:
         return result
-    finally:
-        counter.close()
-        if "result" in locals():
-            result.unet_calls = counter.calls
+    searcher = _Searcher(pipe, layers, config, embeds, latents[memorized_seeds], detection[memorized_seeds])
+    activations = {n: a[0] for n, a in neuron_activations(layers, embeds).items()}
+    z = stats.z_scores(activations)
+    max_k = max(layer.out_features for layer in layers.values())
+    schedule = search_schedule(config, max_k)
+    refinement_threshold = threshold
+    for level, (theta, k) in enumerate(schedule):
+        if level % config.search_batch == 0:
+            searcher.prefetch([initial_selection(activations, z, *lv) for lv in schedule[level : level + config.search_batch]])
+        selection = initial_selection(activations, z, theta, k)
+        ssim = searcher.ssim(selection)
+        result.theta, result.k = theta, k
+        if ssim <= threshold:
+            if _exhausted(config, max_k, theta, k):  # only an initial level at the limit: the official loop checks it first
+                refinement_threshold = ssim
+            break
+    else:  # every level failed: refine against the SSIM reached, as the official code does
+        refinement_threshold = ssim
+    result.initial, result.initial_ssim = selection, ssim
+    refined = refine(searcher, selection, refinement_threshold) if config.refine else selection
+    result.refined, result.refined_ssim = refined, searcher.ssim(refined)
+    return result
 
 
 # -- the mitigation -----------------------------------------------------------------------------------
-class NeMo:
-    """Deactivate NeMo's memorization neurons; per prompt (``scope="per-prompt"``) or their union (``"set"``)."""
+@register_mitigation("nemo")
+class NeMo(MitigationBase):
+    """Deactivate NeMo's memorization neurons; per prompt (``config.scope="per-prompt"``) or their union (``"set"``)."""
 
     name = "nemo"
+    kind = "hook"
+    Config = NeMoConfig
 
     def __init__(self, results: list[PromptLocalization], layers: list[str], config: NeMoConfig,
-                 scope: str = "per-prompt", threshold: float | None = None, refined: bool = True):
-        if scope not in ("set", "per-prompt"):
-            raise DoriError(f"scope: must be 'set' or 'per-prompt', got {scope!r}")
+                 threshold: float | None = None, refined: bool = True):
+        config.validate()
         self.results, self.layer_names, self.config = results, layers, config
-        self.scope, self.threshold, self.refined = scope, threshold, refined
+        self.threshold, self.refined = threshold, refined
         self._by_prompt = {r.prompt: r for r in results}
+
+    @property
+    def scope(self) -> str:
+        return self.config.scope
+
+    @classmethod
+    def check(cls, pipe, config: NeMoConfig) -> None:
+        value_layers(pipe.unet, config.layers)
+
+    @classmethod
+    def fit(cls, pipe, prompts, config: NeMoConfig | None = None, *, run=None, progress: Progress | None = None) -> NeMo:
+        """Localise neurons for every prompt of the :class:`~dori.prompts.PromptSet` ``prompts``; with a
+        ``run``, each prompt's result is a record and a rerun resumes from them."""
+        config = config or NeMoConfig()
+        texts = [r.prompt for r in prompts.records]
+        done, on_result = {}, None
+        if run is not None:
+            known = PromptLocalization.__dataclass_fields__
+            done = {r["prompt"]: PromptLocalization(**{k: v for k, v in r.items() if k in known}) for r in run.records()}
+
+            def on_result(result: PromptLocalization) -> None:
+                run.append([{"key": result.prompt, **asdict(result)}])
+        count = {"n": len(done)}
+
+        def report(result: PromptLocalization) -> None:
+            if on_result is not None:
+                on_result(result)
+            count["n"] += 1
+            if progress:
+                progress("localize (NeMo)", count["n"], len(texts))
+
+        if progress:
+            progress("localize (NeMo)", len(done), len(texts))
+        return cls.localize(pipe, texts, config, statistics_prompts=statistics_prompts(config.statistics, pipe),
+                            done=done, on_result=report)
 
     @classmethod
     def localize(cls, pipe, prompts: list[str], config: NeMoConfig | None = None, *, statistics_prompts: list[str],
-                 scope: str = "per-prompt", done: dict[str, PromptLocalization] | None = None,
+                 done: dict[str, PromptLocalization] | None = None,
                  on_result: Callable[[PromptLocalization], None] | None = None,
                  prompt_embeds: torch.Tensor | None = None) -> NeMo:
         """Localise neurons for each memorized prompt; statistics and the SSIM threshold come from
@@ -535,7 +569,7 @@ class NeMo:
             if on_result is not None and prompt not in (done or {}):
                 on_result(result)
             results.append(result)
-        return cls(results, list(layers), config, scope, threshold)
+        return cls(results, list(layers), config, threshold)
 
     def selection(self, prompt: str | None = None) -> Selection:
         """The neurons deactivated for ``prompt`` (per-prompt scope) or for every prompt (set scope)."""
@@ -546,15 +580,19 @@ class NeMo:
         return _union([pick(r) for r in self.results])
 
     def apply(self, pipe, prompt: str | None = None) -> Handle:
-        layers = value_layers(pipe.unet, self.config.layers)
-        return block_neurons(layers, self.selection(prompt), self.config.scaling_factor)
+        handle = handle_for(pipe.unet, self)
+        return block_neurons(pipe.unet, self.selection(prompt), self.config.scaling_factor, handle)
 
     def neurons_per_layer(self) -> dict[str, dict[str, int]]:
         """``{prompt: {layer: count}}`` of the refined selections."""
         return {r.prompt: {n: len(r.refined.get(n, [])) for n in self.layer_names} for r in self.results}
 
+    def summary(self) -> dict:
+        """What ``dori mitigate nemo`` reports: the SSIM threshold and the neurons per prompt and layer."""
+        return {"ssim_threshold": self.threshold, "neurons_per_layer": self.neurons_per_layer()}
+
     def describe(self) -> dict:
-        return {"kind": "nemo", "scope": self.scope, "refined": self.refined, "ssim_threshold": self.threshold,
+        return {**self.identity(), "refined": self.refined, "ssim_threshold": self.threshold,
                 "config": self.config.to_dict(), "layers": self.layer_names,
                 "ssim_settings": "window/betas per dori.ssim.ssim_settings for the latent size",
                 "prompts": [{k: v for k, v in asdict(r).items() if k not in ("initial", "refined")} for r in self.results]}
@@ -576,12 +614,12 @@ class NeMo:
                 if int(idx) == i:
                     sel[stage][name] = value.tolist()
             results.append(PromptLocalization(**info, initial=sel["initial"], refined=sel["refined"]))
-        config = NeMoConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()})
-        return cls(results, meta["layers"], config, meta["scope"], meta["ssim_threshold"], meta.get("refined", True))
+        config = from_dict(NeMoConfig, {**meta["config"], "scope": meta.get("scope", "per-prompt")}, "nemo")
+        return cls(results, meta["layers"], config, meta["ssim_threshold"], meta.get("refined", True))
 
     def with_scope(self, scope: str) -> NeMo:
-        return NeMo(self.results, self.layer_names, self.config, scope, self.threshold, self.refined)
+        return NeMo(self.results, self.layer_names, replace(self.config, scope=scope), self.threshold, self.refined)
 
 
 __all__ = ["NeMo", "NeMoConfig", "ActivationStatistics", "PromptLocalization", "block_neurons", "value_layers",
-           "noise_differences", "localize_prompt", "ssim_settings"]
+           "noise_differences", "localize_prompt", "ssim_settings", "statistics_prompts"]

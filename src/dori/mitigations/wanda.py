@@ -1,5 +1,6 @@
 """Wanda pruning of memorization (Chavhan et al. 2024, "Memorized Images in Diffusion Models share a
-Subspace that can be Located and Deleted"), as their ConceptPrune code does it (PAPER.md 5.2).
+Subspace that can be Located and Deleted"), as their ConceptPrune code (``ruchikachavhan/concept-prune``)
+does it; the second mitigation Finding Dori (Kowalczuk et al. 2025, section 4) attacks.
 
 * Layers: the second FFN linear (``ff.net.2``) of every UNet transformer block (16 in SD 1.4),
   found by module path.
@@ -13,22 +14,25 @@ Subspace that can be Located and Deleted"), as their ConceptPrune code does it (
   baked into a saved pipeline folder.
 
 Choices where the code leaves room (recorded in the sidecar): activations are read from the
-conditional half of the classifier-free-guidance batch; one image per prompt, seed 0.
+conditional half of the classifier-free-guidance batch; one image per prompt, seed 0. ``scope``:
+``set`` scores the prompts together (the authors' code), ``per-prompt`` one mask per prompt.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from ..config_files import from_dict
 from ..errors import DoriError
+from ..hooks import Handle, hooked
 from ..models import linear_layers
-from .base import Handle, read_saved, write_saved
+from ..progress import Progress
+from .base import MitigationBase, check_scope, handle_for, read_saved, register_mitigation, write_saved
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +47,10 @@ class WandaConfig:
     seed: int = 0
     base_prompt: str = ""
     batch_size: int = 8
+    scope: str = "set"
 
     def validate(self) -> None:
+        check_scope(self.scope)
         if not 0 < self.sparsity <= 1:
             raise DoriError(f"sparsity: must be in (0, 1], got {self.sparsity}")
         if not 1 <= self.timesteps <= self.num_inference_steps:
@@ -92,11 +98,12 @@ def input_norms(pipe, layers: dict[str, torch.nn.Linear], prompts: list[str] | N
 
         return hook
 
-    handles = [layer.register_forward_pre_hook(make_hook(name)) for name, layer in layers.items()]
-    handles.append(pipe.unet.register_forward_pre_hook(on_unet))
     gen = GenerationConfig(num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
                            batch_size=config.batch_size)
-    try:
+    with hooked(pipe.unet, "wanda-norms") as hooks:
+        for name in layers:
+            hooks.pre(name, make_hook(name))
+        hooks.pre("", on_unet)
         for start in range(0, len(items), config.batch_size):
             chunk = items[start : start + config.batch_size]
             state["step"] = -1
@@ -104,9 +111,6 @@ def input_norms(pipe, layers: dict[str, torch.nn.Linear], prompts: list[str] | N
                 generate(pipe, [config.seed] * len(chunk), chunk, config=gen)
             else:
                 generate(pipe, [config.seed] * len(chunk), prompt_embeds=chunk, config=gen)
-    finally:
-        for handle in handles:
-            handle.remove()
     return {name: s.sqrt() for name, s in sumsq.items()}
 
 
@@ -125,20 +129,35 @@ def wanda_masks(weight: torch.Tensor, target_norms: torch.Tensor, base_norms: to
     return mask
 
 
-class Wanda:
+@register_mitigation("wanda")
+class Wanda(MitigationBase):
     """Zero the FFN weights that Wanda scores as memorization weights (a reversible mask)."""
 
     name = "wanda"
+    kind = "hook"
+    bakeable = True
+    Config = WandaConfig
 
-    def __init__(self, masks: dict[str, dict[str, torch.Tensor]], config: WandaConfig, scope: str = "set",
-                 prompts: list[str] | None = None):
-        if scope not in ("set", "per-prompt"):
-            raise DoriError(f"scope: must be 'set' or 'per-prompt', got {scope!r}")
-        self.masks, self.config, self.scope, self.prompts = masks, config, scope, prompts or []
+    def __init__(self, masks: dict[str, dict[str, torch.Tensor]], config: WandaConfig, prompts: list[str] | None = None):
+        config.validate()
+        self.masks, self.config, self.prompts = masks, config, prompts or []
+
+    @property
+    def scope(self) -> str:
+        return self.config.scope
 
     @classmethod
-    def calibrate(cls, pipe, prompts: list[str], config: WandaConfig | None = None, *, scope: str = "set",
-                  progress: Callable[[int, int], None] | None = None) -> Wanda:
+    def check(cls, pipe, config: WandaConfig) -> None:
+        ffn_layers(pipe.unet, config.layers)
+
+    @classmethod
+    def fit(cls, pipe, prompts, config: WandaConfig | None = None, *, run=None, progress: Progress | None = None) -> Wanda:
+        """Score and select weights for the :class:`~dori.prompts.PromptSet` ``prompts``."""
+        return cls.calibrate(pipe, [r.prompt for r in prompts.records], config, progress=progress)
+
+    @classmethod
+    def calibrate(cls, pipe, prompts: list[str], config: WandaConfig | None = None, *,
+                  progress: Progress | None = None) -> Wanda:
         """Score and select weights for ``prompts`` together (``set``, as the authors' code) or one by one."""
         config = config or WandaConfig()
         config.validate()
@@ -146,15 +165,15 @@ class Wanda:
             raise DoriError("prompts: Wanda needs at least one target prompt")
         layers = ffn_layers(pipe.unet, config.layers)
         base = input_norms(pipe, layers, [config.base_prompt], config)
-        groups = {"*": prompts} if scope == "set" else {p: [p] for p in prompts}
+        groups = {"*": prompts} if config.scope == "set" else {p: [p] for p in prompts}
         masks = {}
         for i, (key, group) in enumerate(groups.items()):
             target = input_norms(pipe, layers, group, config)
             masks[key] = {name: wanda_masks(layer.weight, target[name], base[name], config.sparsity, config.timesteps)
                           for name, layer in layers.items()}
             if progress:
-                progress(i + 1, len(groups))
-        return cls(masks, config, scope, list(prompts))
+                progress("prune (Wanda)", i + 1, len(groups))
+        return cls(masks, config, list(prompts))
 
     def mask_for(self, prompt: str | None = None) -> dict[str, torch.Tensor]:
         if self.scope == "set":
@@ -169,35 +188,33 @@ class Wanda:
 
     def apply(self, pipe, prompt: str | None = None) -> Handle:
         layers = ffn_layers(pipe.unet, self.config.layers)
-        saved = []
+        masks = self.mask_for(prompt)
+        for name, mask in masks.items():
+            if name not in layers:
+                raise DoriError(f"mitigation: the model has no layer {name!r}")
+            if tuple(mask.shape) != tuple(layers[name].weight.shape):
+                raise DoriError(f"mitigation: the Wanda mask of {name} is {tuple(mask.shape)}, the layer's weight "
+                                f"{tuple(layers[name].weight.shape)} (it was made for another model)")
+        handle = handle_for(pipe.unet, self)
         with torch.no_grad():
-            for name, mask in self.mask_for(prompt).items():
-                if name not in layers:
-                    raise DoriError(f"mitigation: the model has no layer {name!r}")
+            for name, mask in masks.items():
                 weight = layers[name].weight
                 m = mask.to(weight.device)
-                saved.append((weight, m, weight.data[m].clone()))
+                values = weight.data[m].clone()
                 weight.data[m] = 0
-
-        def undo() -> None:
-            with torch.no_grad():
-                for weight, m, values in saved:
-                    weight.data[m] = values
-
-        return Handle(undo)
+                handle.edit(name, lambda weight=weight, m=m, values=values: weight.data.__setitem__(m, values))
+        return handle
 
     def sparsity_per_layer(self, prompt: str | None = None) -> dict[str, float]:
         """Share of each layer's weights that are zeroed."""
         return {name: float(m.float().mean()) for name, m in self.mask_for(prompt).items()}
 
-    def bake(self, pipe, folder: str | Path) -> Path:
-        """Save the pipeline with the mask applied permanently (a normal diffusers folder)."""
-        with self.apply(pipe):
-            pipe.save_pretrained(folder)
-        return Path(folder)
+    def summary(self) -> dict:
+        """What ``dori mitigate wanda`` reports: the share of each layer's weights zeroed (all masks together)."""
+        return {"sparsity_per_layer": self.sparsity_per_layer()}
 
     def describe(self) -> dict:
-        return {"kind": "wanda", "scope": self.scope, "config": self.config.to_dict(), "prompts": self.prompts,
+        return {**self.identity(), "config": self.config.to_dict(), "prompts": self.prompts,
                 "keys": list(self.masks), "sparsity_per_layer": self.sparsity_per_layer(),
                 "activation_source": "conditional half of the CFG batch; one image per prompt at config.seed"}
 
@@ -214,5 +231,5 @@ class Wanda:
         for key, value in tensors.items():
             i, name = key.split("/", 1)
             masks[meta["keys"][int(i)]][name] = value.bool()
-        config = WandaConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()})
-        return cls(masks, config, meta["scope"], meta["prompts"])
+        config = from_dict(WandaConfig, {**meta["config"], "scope": meta.get("scope", "set")}, "wanda")
+        return cls(masks, config, meta["prompts"])

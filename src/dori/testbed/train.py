@@ -13,21 +13,19 @@ Three stages, each checkpointed every ``checkpoint_every`` steps into ``<out>/ch
    penalty (Hoyer's L1/L2 ratio) on the cross-attention value outputs and FFN hidden activations.
 
 Why these choices. NeMo and Wanda rely on properties of Stable Diffusion that a 3M-parameter model
-trained for minutes does not have by itself (the README has the numbers of every variant tried):
+trained for minutes does not have by itself (docs/testbed.md has the numbers of every variant tried):
 
 * a memorized prompt drives a *few* value neurons and FFN inputs far outside their usual range. A
-  small model spreads each caption over all of its 64-128 channels (on the first testbed neither
-  method cut replication: NeMo MR 0.97, Wanda 1.00, even at 10x their budgets); the sparsify stage
-  gives the activations heavy tails;
+  small model spreads each caption over all of its 64-128 channels; the sparsify stage gives the
+  activations heavy tails;
 * NeMo's memorization test reads the first-step noise prediction, in which a memorized prompt's
   image stands out across seeds. In an epsilon-predicting model this small, the part of that
   prediction the caption does not set is as large as the part it does and differs from seed to
-  seed: on the epsilon builds checked, NeMo's test missed a memorized photo and its search never
-  met its stopping rule. Predicting v, the first-step output is the model's estimate of the image,
-  and the test and the search work as in NeMo's paper;
+  seed. Predicting v, the first-step output is the model's estimate of the image, and the test and
+  the search work as in NeMo's paper;
 * Wanda prunes the FFNs, but a caption can reach the image through the cross-attention output
-  alone, around them: with every FFN output weight zeroed, MR stayed at 0.18-0.53 on every build
-  measured without the route drop in both stages (0.05-0.08 with it);
+  alone, around them; dropping that direct route for half the samples makes the caption's route
+  run through the FFNs;
 * the up blocks have no cross-attention, so the caption cannot bypass the layers NeMo prunes.
 
 None of these stores the image in the pruned weights: it stays spread over the UNet, which is what
@@ -43,10 +41,8 @@ k)``, so a run resumed from a checkpoint ends with the same weights as an uninte
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -55,13 +51,15 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from ..hooks import Handle, hooked
 from ..models import diffusion_target
+from ..progress import Progress
+from ..runs import config_hash
+from ..seeding import generator_for
 from .data import CaptionedImage, TestbedDataConfig, build_dataset, training_index
 
 logger = logging.getLogger(__name__)
 
-ProgressCallback = Callable[[str, int, int, float], None]
-"""``progress(stage, step, total, loss)``, called after every optimisation step."""
 
 
 @dataclass(frozen=True)
@@ -101,7 +99,7 @@ class TestbedTrainConfig:
     """What the UNet predicts: ``"v_prediction"`` (as SD 2.x-768; the shipped build) or ``"epsilon"``
     (SD 1.x). In an epsilon-predicting model this small, the first-step noise prediction that
     NeMo's memorization test reads is dominated by a seed-dependent part the caption does not set
-    (README)."""
+    (docs/testbed.md)."""
     unet_drop_direct: float = 0.5
     """Share of the samples of each ``unet``-stage step for which the cross-attention output reaches the
     residual stream only through the FFN (:class:`DirectRouteDrop`), so that the caption's route runs
@@ -128,7 +126,7 @@ class TestbedTrainConfig:
         return asdict(self)
 
     def hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        return config_hash(self.to_dict())
 
 
 def make_components(config: TestbedTrainConfig, tokenizer=None) -> dict:
@@ -197,8 +195,7 @@ def make_components(config: TestbedTrainConfig, tokenizer=None) -> dict:
 
 
 def _step_generator(seed: int, stage: str, step: int) -> torch.Generator:
-    digest = hashlib.sha256(f"{seed}/{stage}/{step}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+    return generator_for(f"{seed}/{stage}/{step}")
 
 
 def images_to_tensor(items: list[CaptionedImage]) -> torch.Tensor:
@@ -270,7 +267,7 @@ def _train_vae(vae, pixels: torch.Tensor, photo_mask: torch.Tensor, config: Test
         optimizer.step()
         lr_scheduler.step()
         if progress:
-            progress("vae", step + 1, config.vae_steps, float(loss.detach()))
+            progress("vae", step + 1, config.vae_steps, f"loss {float(loss.detach()):.6g}")
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.vae_steps:
             ckpt.save(step + 1, {"vae": vae}, optimizer, lr_scheduler)
     vae.eval()
@@ -309,23 +306,25 @@ class DirectRouteDrop:
     A ``BasicTransformerBlock`` (layer norm) adds ``a = attn2(norm2(h))`` to ``h``, then
     ``ff(norm3(h + a))``. For a selected sample the ``ff`` hook subtracts ``a`` again, so the block
     returns ``h + ff(norm3(h + a))``: the FFN still reads the caption, but nothing of it goes around
-    the FFN. :meth:`select` sets the samples (a boolean mask over the batch, or None for none).
+    the FFN. The hooks go onto ``handle``; :meth:`select` sets the samples (a boolean mask over the
+    batch, or None for none).
     """
 
-    def __init__(self, unet: torch.nn.Module):
+    def __init__(self, unet: torch.nn.Module, handle: Handle):
         from diffusers.models.attention import BasicTransformerBlock
 
         self._mask: torch.Tensor | None = None
-        self._handles = []
+        found = 0
         for name, block in unet.named_modules():
             if isinstance(block, BasicTransformerBlock) and block.attn2 is not None:
                 if block.norm_type != "layer_norm":
                     raise ValueError(f"DirectRouteDrop: {name} has norm_type {block.norm_type!r}; only 'layer_norm' "
                                      "blocks add the cross-attention output unscaled")
                 store: dict[str, torch.Tensor] = {}
-                self._handles.append(block.attn2.register_forward_hook(self._keeper(store)))
-                self._handles.append(block.ff.register_forward_hook(self._dropper(store)))
-        if not self._handles:
+                handle.forward(f"{name}.attn2", self._keeper(store), name=f"route/{name}.attn2")
+                handle.forward(f"{name}.ff", self._dropper(store), name=f"route/{name}.ff")
+                found += 1
+        if not found:
             raise ValueError("DirectRouteDrop: the UNet has no transformer block with cross-attention")
 
     def select(self, mask: torch.Tensor | None) -> None:
@@ -346,11 +345,6 @@ class DirectRouteDrop:
 
         return hook
 
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
 
 def _train_unet(components: dict, latents: torch.Tensor, token_ids: torch.Tensor, index: torch.Tensor,
                 empty_ids: torch.Tensor, config: TestbedTrainConfig, stage: _Stage, ckpt: _Checkpoints, progress) -> None:
@@ -370,57 +364,60 @@ def _train_unet(components: dict, latents: torch.Tensor, token_ids: torch.Tensor
     if start:
         logger.info("resuming the %s stage at step %d", stage.name, start)
         ckpt.load(start, modules, optimizer, lr_scheduler)
-    penalties: list[torch.Tensor] = []
-    handles = []
-    if stage.l1 > 0 or stage.sparsity > 0:
-        def collect(_module, args, output=None):
-            penalties.append(activation_penalty(output if output is not None else args[0], stage.l1, stage.sparsity))
-
-        for name, module in unet.named_modules():
-            if name.endswith("attn2.to_v"):
-                handles.append(module.register_forward_hook(collect))
-            elif name.endswith("ff.net.2"):
-                handles.append(module.register_forward_pre_hook(collect))
-    route = DirectRouteDrop(unet) if stage.drop_direct > 0 else None
-    unet.train()
-    text_encoder.train(config.train_text_encoder)
-    for step in range(start, stage.steps):
-        g = _step_generator(config.seed, stage.name, step)
-        pick = index[torch.randint(len(index), (config.unet_batch_size,), generator=g)]
-        ids = token_ids[pick].clone()
-        drop = torch.rand(len(pick), generator=g) < config.caption_dropout
-        ids[drop] = empty_ids
-        x0 = latents[pick]
-        noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(pick),), generator=g)
-        if route is not None:  # drawn last, so that a build without it keeps its random stream
-            route.select(torch.rand(len(pick), generator=g) < stage.drop_direct)
-        noisy = noise_scheduler.add_noise(x0, noise, t)
-        context = text_encoder(ids)[0]
-        pred = unet(noisy, t, encoder_hidden_states=context).sample
-        loss = F.mse_loss(pred, diffusion_target(noise_scheduler, x0, noise, t))
-        if penalties:
-            loss = loss + torch.stack(penalties).mean()
-            penalties.clear()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        lr_scheduler.step()
-        if progress:
-            progress(stage.name, step + 1, stage.steps, float(loss.detach()))
-        if (step + 1) % config.checkpoint_every == 0 or step + 1 == stage.steps:
-            ckpt.save(step + 1, modules, optimizer, lr_scheduler)
-    for handle in handles:
-        handle.remove()
-    if route is not None:
-        route.remove()
+    with hooked(unet, f"testbed-{stage.name}") as hooks:
+        penalties = _penalty_hooks(unet, hooks, stage)
+        route = DirectRouteDrop(unet, hooks) if stage.drop_direct > 0 else None
+        unet.train()
+        text_encoder.train(config.train_text_encoder)
+        for step in range(start, stage.steps):
+            g = _step_generator(config.seed, stage.name, step)
+            pick = index[torch.randint(len(index), (config.unet_batch_size,), generator=g)]
+            ids = token_ids[pick].clone()
+            drop = torch.rand(len(pick), generator=g) < config.caption_dropout
+            ids[drop] = empty_ids
+            x0 = latents[pick]
+            noise = torch.randn(x0.shape, generator=g)
+            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(pick),), generator=g)
+            if route is not None:  # drawn last, so that a build without it keeps its random stream
+                route.select(torch.rand(len(pick), generator=g) < stage.drop_direct)
+            noisy = noise_scheduler.add_noise(x0, noise, t)
+            context = text_encoder(ids)[0]
+            pred = unet(noisy, t, encoder_hidden_states=context).sample
+            loss = F.mse_loss(pred, diffusion_target(noise_scheduler, x0, noise, t))
+            if penalties:
+                loss = loss + torch.stack(penalties).mean()
+                penalties.clear()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            lr_scheduler.step()
+            if progress:
+                progress(stage.name, step + 1, stage.steps, f"loss {float(loss.detach()):.6g}")
+            if (step + 1) % config.checkpoint_every == 0 or step + 1 == stage.steps:
+                ckpt.save(step + 1, modules, optimizer, lr_scheduler)
     unet.eval()
     text_encoder.eval()
 
 
+def _penalty_hooks(unet: torch.nn.Module, hooks: Handle, stage: _Stage) -> list[torch.Tensor]:
+    """Hooks that collect the activation penalty of every ``attn2.to_v`` output and ``ff.net.2`` input
+    (the stage's L1 and sparsity weights); returns the list they append to."""
+    penalties: list[torch.Tensor] = []
+    if stage.l1 > 0 or stage.sparsity > 0:
+        def collect(_module, args, output=None):
+            penalties.append(activation_penalty(output if output is not None else args[0], stage.l1, stage.sparsity))
+
+        for name, _module in unet.named_modules():
+            if name.endswith("attn2.to_v"):
+                hooks.forward(name, collect)
+            elif name.endswith("ff.net.2"):
+                hooks.pre(name, collect)
+    return penalties
+
+
 def train_testbed(out: str | Path, config: TestbedTrainConfig | None = None,
-                  progress: ProgressCallback | None = None) -> Path:
+                  progress: Progress | None = None) -> Path:
     """Build the testbed into ``out`` (resuming from ``out/checkpoints``) and return the pipeline folder.
 
     Writes ``out/pipeline`` (a ``StableDiffusionPipeline`` folder with the testbed's data under

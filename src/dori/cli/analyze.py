@@ -1,8 +1,4 @@
-"""``dori analyze scatter|activations|weights``: the paper's three locality analyses (typer sub-app).
-
-Registered in :mod:`dori.cli` with ``app.add_typer(cli_analyze.app, name="analyze")``; the shared CLI
-helpers (option types, error handling, progress bars, logging set-up) come from :mod:`dori.cli_common`.
-"""
+"""``dori analyze scatter|activations|weights``: the paper's three locality analyses (a typer sub-app)."""
 
 from __future__ import annotations
 
@@ -11,43 +7,78 @@ from typing import Annotated
 
 import typer
 
-from .cli_common import Device, Model, Overwrite, Verbose, _Bars, _console, _setup, handle_errors
+from .options import (
+    INPUT_PANEL,
+    MODEL_PANEL,
+    Bars,
+    ConfigFile,
+    Descriptor,
+    Device,
+    Dtype,
+    Mitigation,
+    Model,
+    Overwrite,
+    References,
+    ShowConfig,
+    SSCDPreprocess,
+    Threshold,
+    Verbose,
+    console,
+    handle_errors,
+    paths,
+    resolve,
+    setup,
+    text,
+)
 
 app = typer.Typer(help="Is memorization local? The paper's locality analyses: trigger scatter, activation "
                        "discrepancy, weight agreement.", no_args_is_help=True)
 
-# -- options (the shared ones come from dori.cli_common) ------------------------------------------
-TriggerModel = Annotated[str | None, typer.Option("--model", "-m", help="Model (default: the one the triggers were found on).")]
-Out = Annotated[Path | None, typer.Option("--out", "-o", help="Run folder (default runs/analyze-<what>-<model>-<time>).")]
-Triggers = Annotated[Path, typer.Option("--triggers", "-t", help="A `dori analyze scatter` or `dori attack` run folder.")]
+# -- options of the analyses (the shared ones are in dori.cli.options) ------------------------------
+TriggerModel = Annotated[str | None, typer.Option("--model", "-m", help="Model (default: the one the triggers were found on).", rich_help_panel=MODEL_PANEL)]
+Out = Annotated[Path | None, typer.Option("--out", "-o", help="Run folder (default runs/analyze-<what>-<model>-<time>).", rich_help_panel="Run")]
+Triggers = Annotated[Path | None, typer.Option("--triggers", "-t", help="A `dori analyze scatter` or `dori attack` run folder.", rich_help_panel=INPUT_PANEL)]
 PromptId = Annotated[str | None, typer.Option("--prompt-id", help="Which image's triggers (default: the run's first).")]
 AllTriggers = Annotated[bool, typer.Option("--all-triggers", help="Also use triggers that did not replicate (default: only successful ones, as the paper).")]
 MaxTriggers = Annotated[int, typer.Option(help="At most N triggers in Y_adv (the paper: 100).")]
-Memorized = Annotated[str, typer.Option("--memorized", help="Prompt set for Y_mem (different memorized prompts).")]
+Memorized = Annotated[str, typer.Option("--memorized", help="Prompt set for Y_mem (different memorized prompts).", rich_help_panel=INPUT_PANEL)]
 MaxMemorized = Annotated[int, typer.Option(help="At most N prompts in Y_mem (the paper: 100).")]
 
 
-def _load(model: str | None, triggers: Path | None, device: str):
-    from .analysis.triggers import run_model
-    from .models import load_pipeline
+def _settings(ctx: typer.Context, cls, command: str, fields: dict):
+    """The analysis' settings; its model defaults to the one the triggers were found on."""
+    from ..analysis.triggers import run_model
 
-    if model is None:
-        model = (run_model(triggers) if triggers is not None else None) or "testbed"
-    return load_pipeline(model, device=device)
+    settings = resolve(ctx, cls, command, fields)
+    if settings.model is None:
+        triggers = getattr(settings.config, "triggers", None)
+        settings.model = (run_model(triggers) if triggers else None) or "testbed"
+    return settings
 
 
 def _print_paths(path: Path, figure: str) -> None:
-    console = _console()
-    console.print(f"run folder: [bold]{path}[/] (table.parquet, summary.json)")
-    console.print(f"figure: [bold]{path / (figure + '.png')}[/] and .pdf")
+    out = console()
+    out.print(f"run folder: [bold]{path}[/] (table.parquet, summary.json)")
+    out.print(f"figure: [bold]{path / (figure + '.png')}[/] and .pdf")
+
+
+SCATTER = {"prompts": "prompts", "references": ("references", text), "prompt_id": "prompt_id", "starts": "starts",
+           "steps": "attack.steps", "lr": "attack.lr", "pairs": "attack.pairs", "seeds": "num_seeds",
+           "eval_steps": "generation.num_inference_steps", "batch_size": "batch_size",
+           "reference_prompts": "reference_prompts", "reference_count": "reference_count", "tsne_seed": "tsne_seed",
+           "perplexity": "perplexity", "mitigation": ("mitigations", paths), "descriptor": "descriptor.spec",
+           "sscd_preprocess": "descriptor.preprocess", "threshold": "descriptor.threshold"}
+TRIGGERS = {"triggers": ("triggers", text), "prompt_id": "prompt_id", "all_triggers": ("successful_only", lambda v: not v),
+            "max_triggers": "max_triggers", "memorized": "memorized", "max_memorized": "max_memorized"}
 
 
 @app.command("scatter")
 @handle_errors
 def scatter(
-    prompts: Annotated[str, typer.Option("--prompts", "-p", help="Prompt set of the image (needs references); the attack uses its first prompt.")] = "testbed:memorized",
-    prompt_id: Annotated[str | None, typer.Option("--prompt-id", help="The image's prompt id (must be the set's first).")] = None,
-    model: Model = "testbed",
+    ctx: typer.Context,
+    prompts: Annotated[str, typer.Option("--prompts", "-p", help="Prompt set of the image (needs references); the attack uses its first prompt.", rich_help_panel=INPUT_PANEL)] = "testbed:memorized",
+    references: References = None,
+    prompt_id: Annotated[str | None, typer.Option("--prompt-id", help="The image's prompt id (default: the set's first).")] = None,
     starts: Annotated[int, typer.Option(help="Random N(0, I) starts, one Dori run each (the paper: 100).")] = 100,
     steps: Annotated[int, typer.Option("--steps", help="Adam steps per start (the paper: 50).")] = 50,
     lr: Annotated[float, typer.Option(help="Adam learning rate (the paper: 0.1).")] = 0.1,
@@ -59,30 +90,29 @@ def scatter(
     reference_count: Annotated[int, typer.Option(help="How many of them (evenly spaced).")] = 100,
     tsne_seed: Annotated[int, typer.Option(help="t-SNE random_state.")] = 0,
     perplexity: Annotated[float, typer.Option(help="t-SNE perplexity (clipped to (points - 1) / 3).")] = 30.0,
-    mitigation: Annotated[list[Path] | None, typer.Option("--mitigation", help="Attack a mitigated model (a saved mitigation); repeatable.")] = None,
+    mitigation: Mitigation = None,
+    descriptor: Descriptor = "auto",
+    sscd_preprocess: SSCDPreprocess = "nemo",
+    threshold: Threshold = None,
+    model: Model = "testbed",
     device: Device = "cpu",
+    dtype: Dtype = "float32",
     out: Out = None,
     overwrite: Overwrite = False,
+    config_file: ConfigFile = None,
+    show_config: ShowConfig = False,
     verbose: Verbose = False,
 ) -> None:
     """A: Dori triggers of one image from random starts; t-SNE and pairwise distances vs non-memorized prompts."""
-    _setup(verbose)
-    from .analysis.scatter import ScatterConfig, run_scatter
-    from .attack.loop import AttackConfig
-    from .generation import GenerationConfig
-    from .models import load_pipeline
-
-    config = ScatterConfig(prompts=prompts, prompt_id=prompt_id, starts=starts, num_seeds=seeds, batch_size=batch_size,
-                           attack=AttackConfig(steps=steps, lr=lr, pairs=pairs, record_at=(0,)),
-                           generation=GenerationConfig(num_inference_steps=eval_steps),
-                           mitigations=tuple(str(p) for p in mitigation or ()), reference_prompts=reference_prompts,
-                           reference_count=reference_count, tsne_seed=tsne_seed, perplexity=perplexity)
-    config.validate()
-    pipe = load_pipeline(model, device=device)
-    with _Bars() as bars:
-        path, summary = run_scatter(pipe, config, out, overwrite=overwrite, progress=bars.update)
+    setup(verbose)
     from rich.table import Table
 
+    from ..analysis.scatter import ScatterConfig, run_scatter
+
+    settings = resolve(ctx, ScatterConfig, "analyze-scatter", SCATTER)
+    pipe = settings.load()
+    with Bars() as bars:
+        path, summary = run_scatter(pipe, settings.config, out, overwrite=overwrite, progress=bars)
     table = Table(title=f"trigger scatter: {summary['prompt_id']} ({summary['n_succeeded']}/{summary['n_starts']} "
                         "random starts replicate)")
     for col in ("pairwise L2 among", "members", "pairs", "mean", "median"):
@@ -90,17 +120,18 @@ def scatter(
     for name, s in summary["distances"].items():
         if s["n_pairs"]:
             table.add_row(name, str(s["n_members"]), str(s["n_pairs"]), f"{s['mean']:.2f}", f"{s['median']:.2f}")
-    console = _console()
-    console.print(table)
-    console.print(f"triggers / non-memorized prompts: mean ratio {summary['ratio_mean']:.2f}, median ratio "
-                  f"{summary['ratio_median']:.2f}; note: {summary['note']}")
+    out_console = console()
+    out_console.print(table)
+    out_console.print(f"triggers / non-memorized prompts: mean ratio {summary['ratio_mean']:.2f}, median ratio "
+                      f"{summary['ratio_median']:.2f}; note: {summary['note']}")
     _print_paths(path, "scatter")
 
 
 @app.command("activations")
 @handle_errors
 def activations(
-    triggers: Triggers,
+    ctx: typer.Context,
+    triggers: Triggers = None,
     prompt_id: PromptId = None,
     all_triggers: AllTriggers = False,
     max_triggers: MaxTriggers = 100,
@@ -110,25 +141,25 @@ def activations(
     steps: Annotated[int, typer.Option("--steps", help="Schedule length; its first denoising step is used.")] = 50,
     model: TriggerModel = None,
     device: Device = "cpu",
+    dtype: Dtype = "float32",
     out: Out = None,
     overwrite: Overwrite = False,
+    config_file: ConfigFile = None,
+    show_config: ShowConfig = False,
     verbose: Verbose = False,
 ) -> None:
     """B: activation discrepancy per layer, one image's triggers (Y_adv) vs different memorized prompts (Y_mem)."""
-    _setup(verbose)
-    from .analysis.activations import ActivationsConfig, run_activations
-
-    config = ActivationsConfig(triggers=str(triggers), prompt_id=prompt_id, successful_only=not all_triggers,
-                               max_triggers=max_triggers, memorized=memorized, max_memorized=max_memorized, seed=seed,
-                               num_inference_steps=steps)
-    config.validate()
-    pipe = _load(model, triggers, device)
-    with _Bars() as bars:
-        path, summary = run_activations(pipe, config, out, overwrite=overwrite, progress=bars.update)
+    setup(verbose)
     from rich.table import Table
 
-    from .analysis.common import short_name
+    from ..analysis.activations import ActivationsConfig, run_activations
+    from ..analysis.common import short_name
 
+    settings = _settings(ctx, ActivationsConfig, "analyze-activations",
+                         {**TRIGGERS, "seed": "seed", "steps": "num_inference_steps"})
+    pipe = settings.load()
+    with Bars() as bars:
+        path, summary = run_activations(pipe, settings.config, out, overwrite=overwrite, progress=bars)
     table = Table(title=f"activation discrepancy: {summary['n_adv']} triggers of {summary['prompt_id']} (Y_adv) vs "
                         f"{summary['n_mem']} memorized prompts (Y_mem)")
     starts = summary["control_starts"]
@@ -140,16 +171,17 @@ def activations(
             if starts:
                 cells += [f"{m['Y_0'][i]:.3g}", f"{m['ratio_adv_over_starts'][i]:.2f}"]
             table.add_row(method, short_name(layer), *cells)
-    console = _console()
-    console.print(table)
-    console.print(f"note: {summary['note']}")
+    out_console = console()
+    out_console.print(table)
+    out_console.print(f"note: {summary['note']}")
     _print_paths(path, "activations")
 
 
 @app.command("weights")
 @handle_errors
 def weights(
-    triggers: Triggers,
+    ctx: typer.Context,
+    triggers: Triggers = None,
     prompt_id: PromptId = None,
     all_triggers: AllTriggers = False,
     max_triggers: MaxTriggers = 100,
@@ -163,29 +195,26 @@ def weights(
     wanda_steps: Annotated[int, typer.Option(help="Wanda's sampling steps.")] = 50,
     model: TriggerModel = None,
     device: Device = "cpu",
+    dtype: Dtype = "float32",
     out: Out = None,
     overwrite: Overwrite = False,
+    config_file: ConfigFile = None,
+    show_config: ShowConfig = False,
     verbose: Verbose = False,
 ) -> None:
     """C: weight agreement (IoU) of NeMo's and Wanda's own localisation, run once per embedding."""
-    _setup(verbose)
-    from .analysis.weights import METHODS, WeightsConfig, run_weights
-    from .mitigations.nemo import NeMoConfig
-    from .mitigations.wanda import WandaConfig
-
-    config = WeightsConfig(triggers=str(triggers), prompt_id=prompt_id, successful_only=not all_triggers,
-                           max_triggers=max_triggers, memorized=memorized, max_memorized=max_memorized,
-                           methods=tuple(method) if method else METHODS, nemo=NeMoConfig(num_seeds=nemo_seeds),
-                           wanda=WandaConfig(sparsity=sparsity, timesteps=timesteps, num_inference_steps=wanda_steps),
-                           statistics=statistics)
-    config.validate()
-    pipe = _load(model, triggers, device)
-    with _Bars() as bars:
-        path, summary = run_weights(pipe, config, out, overwrite=overwrite, progress=bars.update)
+    setup(verbose)
     from rich.table import Table
 
-    from .analysis.common import short_name
+    from ..analysis.common import short_name
+    from ..analysis.weights import WeightsConfig, run_weights
 
+    fields = {**TRIGGERS, "method": ("methods", tuple), "nemo_seeds": "nemo.num_seeds", "statistics": "nemo.statistics",
+              "sparsity": "wanda.sparsity", "timesteps": "wanda.timesteps", "wanda_steps": "wanda.num_inference_steps"}
+    settings = _settings(ctx, WeightsConfig, "analyze-weights", fields)
+    pipe = settings.load()
+    with Bars() as bars:
+        path, summary = run_weights(pipe, settings.config, out, overwrite=overwrite, progress=bars)
     table = Table(title=f"weight agreement (mean pairwise IoU): {summary['n_adv']} triggers of {summary['prompt_id']}, "
                         f"{summary['n_mem']} memorized prompts; ∅ = nothing selected (IoU 1 by definition)")
     for col in ("method", "layer", "Y_mem", "Y_adv", "Y_adv vs original"):
@@ -198,7 +227,7 @@ def weights(
                 mark = " ∅" if layer in c["layers_with_nothing_selected"] else ""
                 cells.append(f"{c['iou_by_layer'][layer]:.2f}{mark}")
             table.add_row(name, short_name(layer), *cells)
-    console = _console()
-    console.print(table)
-    console.print(f"note: {summary['note']}")
+    out_console = console()
+    out_console.print(table)
+    out_console.print(f"note: {summary['note']}")
     _print_paths(path, "weights")

@@ -1,0 +1,34 @@
+"""The ``dori`` command line (typer + rich): one module per verb group, the shared options in
+:mod:`dori.cli.options`. Heavy imports live inside the commands, so ``dori --help`` is instant."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from . import analyze, attack, evaluate, mitigate, report, testbed
+
+EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+app = typer.Typer(help="Find, attack and remove memorized training images in text-to-image diffusion models.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app.command("demo", rich_help_panel="Run the paper")(report.demo)
+app.command("evaluate", rich_help_panel="Measure")(evaluate.evaluate)
+app.command("attack", rich_help_panel="Attack")(attack.attack)
+app.command("mitigate", rich_help_panel="Mitigate", context_settings=EXTRA)(mitigate.mitigate)
+app.command("localize", rich_help_panel="Mitigate")(mitigate.localize)
+app.command("prune", rich_help_panel="Mitigate")(mitigate.prune)
+app.command("ablate", rich_help_panel="Mitigate")(mitigate.ablate)
+app.command("finetune", rich_help_panel="Mitigate")(mitigate.finetune)
+app.add_typer(analyze.app, name="analyze", rich_help_panel="Measure")
+app.command("report", rich_help_panel="Run the paper")(report.report)
+app.add_typer(testbed.app, name="testbed", rich_help_panel="The embedded testbed")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

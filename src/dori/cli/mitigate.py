@@ -1,0 +1,359 @@
+"""``dori mitigate METHOD`` (any registered mitigation) and its aliases ``localize`` (NeMo), ``prune`` (Wanda),
+``ablate`` (whole-layer ablation) and ``finetune`` (adversarial fine-tuning).
+
+A method's settings are the fields of its config, given as options after the method's name
+(``dori mitigate nemo --num-seeds 4 --min-theta 1.5``; nested fields with a dot, ``--inner.steps 10``;
+booleans as ``--refine`` / ``--no-refine``; a list field by repeating the option), or in a
+``--config`` file under ``settings``. ``dori mitigate --list`` names the methods, ``dori mitigate
+METHOD --options`` lists a method's settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .options import (
+    INPUT_PANEL,
+    Bars,
+    ConfigFile,
+    Device,
+    Dtype,
+    Limit,
+    Model,
+    Out,
+    Overwrite,
+    References,
+    ShowConfig,
+    Verbose,
+    console,
+    handle_errors,
+    resolve,
+    setup,
+    text,
+)
+
+MitigatePrompts = Annotated[str, typer.Option("--prompts", "-p", help="The (memorized) prompts to fit on.",
+                                              rich_help_panel=INPUT_PANEL)]
+Bake = Annotated[Path | None, typer.Option(help="Also save the mitigated pipeline to this folder (methods that edit "
+                                                "weights: wanda, ablation, adversarial-ft).")]
+Scope = Annotated[str, typer.Option(help="'per-prompt' (a selection per prompt) or 'set' (one for the whole set).")]
+PROMPT_FIELDS = {"prompts": "prompts", "references": ("references", text), "limit": "limit"}
+
+
+# -- method options from the command line ---------------------------------------------------------
+def _field_type(cls: type, path: str):
+    from ..config_files import field_types
+
+    kind = None
+    for part in path.split("."):
+        if not dataclasses.is_dataclass(cls):
+            return None
+        kind = field_types(cls).get(part)
+        if kind is None:
+            return None
+        cls = kind
+    return kind
+
+
+def _is(kind, wanted) -> bool:
+    return kind is wanted or wanted in typing.get_args(kind)
+
+
+def method_options(method: str, config_cls: type, args: list[str]) -> dict:
+    """``--field value`` / ``--flag`` / ``--no-flag`` arguments as a (nested) settings mapping."""
+    from ..config_files import field_types, set_path
+    from ..errors import DoriError
+
+    out: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or arg == "--":
+            raise DoriError(f"{method}: unexpected argument {arg!r}; settings are given as --name value")
+        name, equals, inline = arg[2:].partition("=")
+        path = name.replace("-", "_")
+        kind = _field_type(config_cls, path)
+        if kind is None and path.startswith("no_") and _is(_field_type(config_cls, path[3:]), bool):
+            set_path(out, path[3:], False)
+            i += 1
+            continue
+        if kind is None:
+            options = ", ".join("--" + f.replace("_", "-") for f in field_types(config_cls))
+            raise DoriError(f"{method}: no setting --{name} (settings: {options}; `dori mitigate {method} --options` "
+                            "describes them)")
+        if _is(kind, bool) and not equals:
+            set_path(out, path, True)
+            i += 1
+            continue
+        if not equals:
+            if i + 1 >= len(args):
+                raise DoriError(f"{method}: --{name} needs a value")
+            inline, i = args[i + 1], i + 1
+        value = None if inline.lower() in ("none", "null") and type(None) in typing.get_args(kind) else inline
+        if typing.get_origin(kind) is tuple or tuple in [typing.get_origin(a) for a in typing.get_args(kind)]:
+            current = out
+            for part in path.split(".")[:-1]:
+                current = current.setdefault(part, {})
+            current.setdefault(path.split(".")[-1], []).extend(value.split(",") if value else [])
+        else:
+            set_path(out, path, value)
+        i += 1
+    return out
+
+
+def _describe_options(method: str, config_cls: type) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"settings of {method} ({config_cls.__module__}.{config_cls.__name__})")
+    for col in ("option", "type", "default"):
+        table.add_column(col)
+    defaults = config_cls()
+    for f in dataclasses.fields(config_cls):
+        kind = typing.get_type_hints(config_cls)[f.name]
+        value = getattr(defaults, f.name)
+        shown = "(nested: --" + f.name.replace("_", "-") + ".<field>)" if dataclasses.is_dataclass(value) else repr(value)
+        table.add_row("--" + f.name.replace("_", "-"), getattr(kind, "__name__", str(kind)).replace("typing.", ""), shown)
+    console().print(table)
+
+
+def _list_methods() -> None:
+    from rich.table import Table
+
+    from ..mitigations import MITIGATIONS
+
+    table = Table(title="registered mitigations")
+    for col in ("method", "kind", "what it is"):
+        table.add_column(col)
+    for name in MITIGATIONS.names():
+        cls = MITIGATIONS.get(name)
+        table.add_row(name, getattr(cls, "kind", "?"), (cls.__doc__ or "").strip().splitlines()[0])
+    console().print(table)
+
+
+# -- the verb and its aliases -----------------------------------------------------------------------
+def _fit(ctx: typer.Context, method: str, fields: dict, base: dict, bake: Path | None, out: Path | None,
+         overwrite: bool, overrides: dict | None = None) -> None:
+    from ..errors import DoriError
+    from ..mitigations import MitigateConfig, run_mitigate
+
+    settings = resolve(ctx, MitigateConfig, "mitigate", fields, base={"method": method, **base},
+                       overrides={"method": method, **(overrides or {})})
+    cls = settings.config.method_class()
+    if bake is not None and not getattr(cls, "bakeable", False):
+        raise DoriError(f"bake: {method} changes the model through hooks and cannot be saved into a pipeline folder")
+    pipe = settings.load()
+    with Bars() as bars:
+        result = run_mitigate(pipe, settings.config, out, overwrite=overwrite, progress=bars)
+    if bake is not None:
+        result.mitigation.bake(pipe, bake)
+    _print(result, pipe, settings.model, bake)
+
+
+def _print(result, pipe, model: str, bake: Path | None) -> None:
+    from .tables import layer_table
+
+    out, summary = console(), result.summary
+    if "neurons_per_layer" in summary:
+        from rich.table import Table
+
+        nemo = result.mitigation
+        table = Table(title=f"NeMo neurons per layer (SSIM threshold {summary['ssim_threshold']:.3f})")
+        table.add_column("prompt")
+        table.add_column("memorized")
+        for name in nemo.layer_names:
+            table.add_column(name.replace(".transformer_blocks.0.attn2.to_v", ""), justify="right")
+        table.add_column("total", justify="right")
+        for r in nemo.results:
+            counts = [len(r.refined.get(n, [])) for n in nemo.layer_names]
+            table.add_row(r.prompt[:40], "yes" if r.memorized else "no", *map(str, counts), str(sum(counts)))
+        out.print(table)
+    if "sparsity_per_layer" in summary:
+        out.print(layer_table(f"Wanda sparsity per layer (r = {result.mitigation.config.sparsity})", "zeroed weights",
+                              {n: f"{100 * v:.2f}%" for n, v in summary["sparsity_per_layer"].items()}))
+    if "layers" in summary and "factor" in summary:
+        layers = result.mitigation.matched(pipe)
+        out.print(layer_table(f"Layers scaled by {summary['factor']:g} on {model}", "weights",
+                              {name: f"{module.weight.numel():,}" for name, module in layers.items()}))
+    if "parameters" in summary:
+        out.print(f"{summary['method']}: {summary['tensors']} tensors ({summary['parameters']:,} weights) changed "
+                  f"in {summary.get('steps')} steps")
+    if summary.get("pipeline"):
+        out.print(f"fine-tuned pipeline: [bold]{summary['pipeline']}[/] (use it as --model)")
+    out.print(f"mitigation: [bold]{result.artefact}[/] (use with --mitigation)"
+              + (f"; mitigated pipeline: [bold]{bake}[/]" if bake else ""))
+    out.print(f"run folder: [bold]{result.path}[/]")
+
+
+@handle_errors
+def mitigate(
+    ctx: typer.Context,
+    method: Annotated[str | None, typer.Argument(help="A registered mitigation (`--list` shows them).")] = None,
+    prompts: MitigatePrompts = "testbed:memorized",
+    references: References = None,
+    limit: Limit = None,
+    bake: Bake = None,
+    list_methods: Annotated[bool, typer.Option("--list", help="List the registered mitigations and exit.")] = False,
+    options: Annotated[bool, typer.Option("--options", help="List METHOD's settings and exit.")] = False,
+    model: Model = "testbed",
+    device: Device = "cpu",
+    dtype: Dtype = "float32",
+    out: Out = None,
+    overwrite: Overwrite = False,
+    config_file: ConfigFile = None,
+    show_config: ShowConfig = False,
+    verbose: Verbose = False,
+) -> None:
+    """Fit any registered mitigation on a prompt set and save it: METHOD's own settings follow as --name value."""
+    setup(verbose)
+    from ..errors import DoriError
+    from ..mitigations import MITIGATIONS
+
+    if list_methods:
+        _list_methods()
+        return
+    if method is None:
+        raise DoriError("method: name the mitigation to fit (`dori mitigate --list` shows them)")
+    cls = MITIGATIONS.get(method)
+    if options:
+        _describe_options(method, cls.Config)
+        return
+    settings = {"settings": method_options(method, cls.Config, list(ctx.args))}
+    _fit(ctx, method, PROMPT_FIELDS, {}, bake, out, overwrite, overrides=settings)
+
+
+@handle_errors
+def localize(
+    ctx: typer.Context,
+    prompts: MitigatePrompts = "testbed:memorized",
+    statistics: Annotated[str | None, typer.Option(help="Non-memorized prompts for the activation statistics and SSIM threshold (default: testbed seen-once + shape captions, or laion-nonmem).")] = None,
+    scope: Scope = "per-prompt",
+    seeds: Annotated[int, typer.Option("--seeds", help="Seeds of the memorization test.")] = 10,
+    ssim_threshold: Annotated[float | None, typer.Option(help="Fixed SSIM threshold (default: calibrated per model).")] = None,
+    min_theta: Annotated[float, typer.Option(help="Lowest z-score threshold of the initial selection.")] = 1.0,
+    layers: Annotated[list[str] | None, typer.Option("--layers", help="Value-layer globs (default: down and mid blocks' attn2.to_v).")] = None,
+    search_batch: Annotated[int, typer.Option(help="Initial-selection levels scored per UNet call (the UNet batch is this times the memorized-looking seeds; lower it if memory is short, 1: one level per call).")] = 8,
+    limit: Limit = None,
+    references: References = None,
+    model: Model = "testbed",
+    device: Device = "cpu",
+    dtype: Dtype = "float32",
+    out: Out = None,
+    overwrite: Overwrite = False,
+    config_file: ConfigFile = None,
+    show_config: ShowConfig = False,
+    verbose: Verbose = False,
+) -> None:
+    """NeMo: find memorization neurons in the cross-attention value layers (= dori mitigate nemo)."""
+    setup(verbose)
+    fields = {**PROMPT_FIELDS, "statistics": "settings.statistics", "scope": "settings.scope",
+              "seeds": "settings.num_seeds", "ssim_threshold": "settings.ssim_threshold",
+              "min_theta": "settings.min_theta", "layers": ("settings.layers", tuple),
+              "search_batch": "settings.search_batch"}
+    _fit(ctx, "nemo", fields, {}, None, out, overwrite)
+
+
+@handle_errors
+def prune(
+    ctx: typer.Context,
+    prompts: MitigatePrompts = "testbed:memorized",
+    sparsity: Annotated[float, typer.Option(help="Share r of each weight row to consider (0.01; the paper's stronger ablation 0.1).")] = 0.01,
+    timesteps: Annotated[int, typer.Option(help="Union over the first N denoising steps.")] = 10,
+    steps: Annotated[int, typer.Option("--steps", help="Denoising steps of the sampling that records the activations.")] = 50,
+    scope: Scope = "set",
+    bake: Bake = None,
+    limit: Limit = None,
+    references: References = None,
+    model: Model = "testbed",
+    device: Device = "cpu",
+    dtype: Dtype = "float32",
+    out: Out = None,
+    overwrite: Overwrite = False,
+    config_file: ConfigFile = None,
+    show_config: ShowConfig = False,
+    verbose: Verbose = False,
+) -> None:
+    """Wanda: zero the FFN weights that score high for memorized vs empty prompts (= dori mitigate wanda)."""
+    setup(verbose)
+    fields = {**PROMPT_FIELDS, "sparsity": "settings.sparsity", "timesteps": "settings.timesteps",
+              "steps": "settings.num_inference_steps", "scope": "settings.scope"}
+    _fit(ctx, "wanda", fields, {}, bake, out, overwrite)
+
+
+@handle_errors
+def ablate(
+    ctx: typer.Context,
+    layer: Annotated[list[str] | None, typer.Option("--layer", "-l", help="Glob of UNet linears to ablate; repeatable (default '*ff.net.2', Wanda's layers; '*attn2.to_v' for NeMo's).")] = None,
+    factor: Annotated[float, typer.Option(help="Scale of their weights (0 zeroes them).")] = 0.0,
+    bake: Bake = None,
+    model: Model = "testbed",
+    device: Device = "cpu",
+    dtype: Dtype = "float32",
+    out: Out = None,
+    overwrite: Overwrite = False,
+    config_file: ConfigFile = None,
+    show_config: ShowConfig = False,
+    verbose: Verbose = False,
+) -> None:
+    """Whole-layer ablation, a diagnostic: what is left when every weight a pruning method could touch is gone
+    (= dori mitigate ablation)."""
+    setup(verbose)
+    fields = {"layer": ("settings.layers", tuple), "factor": "settings.factor"}
+    _fit(ctx, "ablation", fields, {"prompts": None}, bake, out, overwrite)
+
+
+@handle_errors
+def finetune(
+    ctx: typer.Context,
+    prompts: MitigatePrompts = "testbed:memorized",
+    references: References = None,
+    retain: Annotated[str, typer.Option(help="Retain pairs: testbed:retain, or a prompt file whose ids name images in --retain-images.")] = "testbed:retain",
+    retain_images: Annotated[Path | None, typer.Option(help="Folder of the retain images, <id>.png.")] = None,
+    preset: Annotated[str, typer.Option(help="Defaults: 'testbed' (documented testbed setting) or 'paper' (AdamW lr 1e-5, Dori 50 steps from the prompt); 'auto': testbed for testbed prompts.")] = "auto",
+    epochs: Annotated[int | None, typer.Option(help="Epochs (the paper: 5).")] = None,
+    steps_per_epoch: Annotated[int | None, typer.Option(help="Steps per epoch (default: one pass over the memorized images).")] = None,
+    lr: Annotated[float | None, typer.Option(help="AdamW learning rate.")] = None,
+    init: Annotated[list[str] | None, typer.Option("--init", help="Trigger inits each step: prompt and/or random; repeatable.")] = None,
+    inner_steps: Annotated[int | None, typer.Option(help="Dori steps per fine-tuning step.")] = None,
+    warm_start: Annotated[bool | None, typer.Option("--warm-start/--no-warm-start", help="Start each step's Dori from the last step's triggers.")] = None,
+    lora_rank: Annotated[int, typer.Option(help="0: all UNet weights (the paper); > 0: a LoRA of this rank instead.")] = 0,
+    surrogate: Annotated[str, typer.Option(help="'nemo' (pruned generations) or a folder of <prompt id>.png surrogate images.")] = "nemo",
+    surrogate_mitigation: Annotated[Path | None, typer.Option(help="A saved NeMo mitigation to make the surrogates with first.")] = None,
+    mixed_precision: Annotated[str, typer.Option(help="no, fp16 or bf16 (accelerate).")] = "no",
+    checkpoint_every: Annotated[int, typer.Option(help="Save an accelerate checkpoint every N steps.")] = 10,
+    descriptor: Annotated[str, typer.Option("--descriptor", help="Scores the surrogates: 'auto' (the testbed's) or an SSCD TorchScript file.", rich_help_panel=INPUT_PANEL)] = "auto",
+    limit: Limit = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of every draw.")] = 0,
+    model: Model = "testbed",
+    device: Device = "cpu",
+    dtype: Dtype = "float32",
+    out: Out = None,
+    overwrite: Overwrite = False,
+    config_file: ConfigFile = None,
+    show_config: ShowConfig = False,
+    verbose: Verbose = False,
+) -> None:
+    """Adversarial fine-tuning: train the UNet so Dori triggers map to surrogate images (resumable; saves a
+    pipeline; = dori mitigate adversarial-ft)."""
+    setup(verbose)
+    from ..config_files import to_dict
+    from ..errors import DoriError
+    from ..finetune import FinetuneConfig
+
+    if preset == "auto":
+        preset = "testbed" if prompts.startswith("testbed") else "paper"
+    if preset not in ("testbed", "paper"):
+        raise DoriError(f"preset: must be auto, testbed or paper, got {preset!r}")
+    base = to_dict(FinetuneConfig.testbed() if preset == "testbed" else FinetuneConfig())
+    fields = {**PROMPT_FIELDS, "retain": "settings.retain", "retain_images": ("settings.retain_images", text),
+              "epochs": "settings.epochs", "steps_per_epoch": "settings.steps_per_epoch", "lr": "settings.lr",
+              "init": ("settings.inits", tuple), "inner_steps": "settings.inner.steps",
+              "warm_start": "settings.warm_start", "lora_rank": "settings.lora_rank", "surrogate": "settings.surrogate",
+              "surrogate_mitigation": ("settings.surrogate_mitigation", text),
+              "mixed_precision": "settings.mixed_precision", "checkpoint_every": "settings.checkpoint_every",
+              "descriptor": "settings.descriptor.spec", "seed": "settings.seed"}
+    _fit(ctx, "adversarial-ft", fields, {"settings": base}, None, out, overwrite)

@@ -1,0 +1,59 @@
+"""Rich tables the commands print."""
+
+from __future__ import annotations
+
+import math
+
+
+def fmt(value, digits: int = 2) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def layer_table(title: str, column: str, values: dict[str, str]):
+    """A two-column table: layer name and one right-aligned value per layer."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("layer")
+    table.add_column(column, justify="right")
+    for name, value in values.items():
+        table.add_row(name, value)
+    return table
+
+
+def rows_table(rows: list[dict], title: str, threshold: float | None = None):
+    """Table 1 / Table 2 rows: similarity, MR, MR against any memorized image, utility, the paper's MR."""
+    from rich.table import Table
+
+    table = Table(title=title, caption=f"replication: similarity > {threshold:.3f}" if threshold is not None else None)
+    utility = any("utility" in row for row in rows)
+    columns = ["row", "n", "similarity mean ± std", "MR", "MR (any memorized photo)"]
+    columns += ["shapes in right colours", "SSCD_gen other captions", "FID (VAE features)", "retain loss"] if utility else []
+    paper = any("paper_mr" in row for row in rows)
+    columns += ["paper MR (SD v1.4)"] if paper else []
+    for col in columns:
+        table.add_column(col, justify="right" if col != "row" else "left")
+    for row in rows:
+        cells = [row["name"], str(row["n"]), f"{fmt(row['sscd_mean'])} ± {fmt(row['sscd_std'])}",
+                 fmt(row["mr"]), fmt(row.get("mr_gallery"))]
+        if utility:
+            u = row.get("utility", {})
+            cells += [fmt(u.get("shape_accuracy")), fmt(u.get("sscd_gen_mean")), fmt(u.get("fid_vae")),
+                      fmt(u.get("retain_loss"), 4)]
+        if paper:
+            cells.append(fmt(row.get("paper_mr")))
+        table.add_row(*cells)
+    return table
+
+
+def attack_table(title: str, records: list[dict]):
+    """One row per trigger: status, MR after each recorded step, perturbation, UNet evaluations."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("trigger", "status", "MR by step", "relative perturbation", "UNet evaluations"):
+        table.add_column(col)
+    for r in records:
+        curve = " ".join(f"{k}:{v:.2f}" for k, v in (r["mr_by_step"] or {}).items())
+        table.add_row(r["key"], r["status"], curve, f"{r['relative_perturbation']:.2f}", str(r["unet_evaluations"]))
+    return table

@@ -1,0 +1,106 @@
+"""``dori testbed build|info``: the embedded memorizing model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .options import Bars, Model, Verbose, console, handle_errors, setup
+
+app = typer.Typer(help="The embedded memorizing model: build it, inspect it.", no_args_is_help=True)
+
+
+@app.command("build")
+@handle_errors
+def build(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Build folder (resumes from its checkpoints).")] = Path("runs/testbed-build"),
+    seed: Annotated[int, typer.Option("--seed", help="Seed of every draw of the build.")] = 0,
+    vae_steps: Annotated[int, typer.Option(help="VAE training steps.")] = 400,
+    unet_steps: Annotated[int, typer.Option(help="UNet + text-encoder training steps.")] = 1500,
+    sparsify_steps: Annotated[int, typer.Option(help="Steps of the sparsity stage that makes memorization prunable (0: none).")] = 800,
+    prediction_type: Annotated[str | None, typer.Option(help="What the UNet predicts: v_prediction (the shipped build) or epsilon (SD 1.x).")] = None,
+    unet_drop_direct: Annotated[float | None, typer.Option(help="Share of UNet-stage samples whose cross-attention output reaches the residual only through the FFN (shipped: 0.5).")] = None,
+    sparsify_drop_direct: Annotated[float | None, typer.Option(help="The same share in the sparsify stage (shipped: 0.5).")] = None,
+    sparsify_weight: Annotated[float | None, typer.Option(help="Weight of the sparsity penalty in the sparsify stage (shipped: 0.25).")] = None,
+    threads: Annotated[int, typer.Option(help="torch threads (a build is bit-identical for the same machine and thread count).")] = 2,
+    install: Annotated[bool, typer.Option("--install", help="Copy the result over the testbed shipped with the package.")] = False,
+    verbose: Verbose = False,
+) -> None:
+    """Train the memorizing testbed from scratch on CPU (deterministic for a seed, resumable)."""
+    setup(verbose)
+    import shutil
+
+    import torch
+
+    from ..errors import DoriError
+    from ..models import testbed_path
+    from ..testbed.check import calibrate_folder
+    from ..testbed.train import TestbedTrainConfig, train_testbed
+
+    if threads < 1:
+        raise DoriError(f"threads: must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+    try:  # the config's own validation names the bad field; train_testbed raises ValueError for a mismatched --out
+        recipe = {"prediction_type": prediction_type, "unet_drop_direct": unet_drop_direct,
+                  "sparsify_drop_direct": sparsify_drop_direct, "sparsify_weight": sparsify_weight}
+        config = TestbedTrainConfig(seed=seed, vae_steps=vae_steps, unet_steps=unet_steps, sparsify_steps=sparsify_steps,
+                                    **{k: v for k, v in recipe.items() if v is not None})
+        config.validate()
+        with Bars() as bars:
+            folder = train_testbed(out, config, progress=bars)
+    except ValueError as exc:
+        raise DoriError(str(exc)) from exc
+    calibration = calibrate_folder(folder)
+    out_console = console()
+    out_console.print(f"testbed built in [bold]{folder}[/] (descriptor threshold {calibration['threshold']:.3f}, "
+                      f"AUC {calibration['auc']:.4f})")
+    if install:
+        target = testbed_path()
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(folder, target)
+        out_console.print(f"installed as the shipped testbed: {target}")
+
+
+@app.command("info")
+@handle_errors
+def info(model: Model = "testbed", verbose: Verbose = False) -> None:
+    """What a testbed holds: captions per role, build config, descriptor calibration, size on disk."""
+    setup(verbose)
+    import json
+    from collections import Counter
+
+    from rich.table import Table
+
+    from ..errors import DoriError
+    from ..models import resolve_model
+    from ..testbed.assets import SUBFOLDER, is_testbed_folder, load_testbed_data
+
+    _, location = resolve_model(model)
+    folder = Path(location)
+    if not is_testbed_folder(folder):
+        raise DoriError(f"model: {folder} is a pipeline but not a dori testbed (no {SUBFOLDER}/manifest.json)")
+    entries, images = load_testbed_data(folder)
+    manifest = json.loads((folder / SUBFOLDER / "manifest.json").read_text())
+    table = Table(title=f"testbed {folder}")
+    table.add_column("role")
+    table.add_column("captions", justify="right")
+    table.add_column("training copies", justify="right")
+    table.add_column("example")
+    counts = Counter(e.role for e in entries)
+    for role in ("memorized", "seen-once", "shape", "held-out"):
+        chosen = [e for e in entries if e.role == role]
+        copies = sum(e.copies for e in chosen) if role != "held-out" else 0
+        table.add_row(role, str(counts[role]), str(copies), chosen[0].caption if chosen else "")
+    out_console = console()
+    out_console.print(table)
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    out_console.print(f"images {tuple(images.shape)}, {size / 2**20:.1f} MiB on disk, "
+                      f"build config hash {manifest.get('build_config_hash')}")
+    calib = folder / SUBFOLDER / "descriptor.json"
+    if calib.exists():
+        data = json.loads(calib.read_text())
+        out_console.print(f"descriptor threshold {data['threshold']:.3f}, AUC {data['auc']:.4f} "
+                          f"({data['n_positive']} replica pairs, {data['n_negative']} non-replica pairs)")

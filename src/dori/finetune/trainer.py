@@ -1,0 +1,373 @@
+"""Adversarial fine-tuning (Kowalczuk et al. 2025, section 2.6): the mitigation that holds against Dori.
+
+Every step: run Dori against the *current* UNet for a batch of memorized images (inits from the
+prompt and/or N(0, I)), then update the UNet on ``dm_weight * L_DM + adv_weight * L_Adv``:
+
+* ``L_Adv``: the diffusion loss of each image's *surrogate* latent under its fresh triggers;
+* ``L_DM``: the ordinary diffusion loss of a retain batch under its captions.
+
+The loop runs through accelerate (mixed precision, several processes, ``save_state`` /
+``load_state``); every random draw of step ``k`` comes from a generator keyed by ``(seed, k, ...)``,
+so a run resumed from its last checkpoint ends with the same weights as an uninterrupted one. The
+result is a normal diffusers pipeline folder (``<out>/pipeline``) that every other command accepts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..attack.loop import frozen_unet, optimize_embeddings
+from ..attack.parts import DiffusionLoss, RandomNormal
+from ..config_files import to_dict
+from ..errors import DoriError
+from ..images import load_image, save_png, stack_rgb
+from ..models import encode_images, encode_prompts, model_name, model_record, pipeline_location, testbed_folder
+from ..progress import Progress
+from ..prompts import PromptSet, load_reference_folder, require_references
+from ..runs import RunFolder, default_run_dir, read_jsonl, safe_filename
+from ..seeding import item_generator
+from .config import FinetuneConfig
+from .retain import load_retain_set
+from .surrogates import make_surrogates
+
+logger = logging.getLogger(__name__)
+
+STEPS_FILE = "steps.jsonl"
+STAGE = "adversarial fine-tuning"
+
+
+@dataclass
+class FinetuneResult:
+    path: Path
+    pipeline: Path | None
+    """The saved pipeline folder (None when ``config.save_pipeline`` is off)."""
+    summary: dict
+
+
+class _TrainState:
+    """What accelerate checkpoints beside the model and optimiser: the step and the warm-start triggers."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.triggers: dict[str, torch.Tensor] = {}
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "triggers": dict(self.triggers)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.triggers = dict(state["triggers"])
+
+
+def _latest_checkpoint(folder: Path) -> Path | None:
+    found = sorted(folder.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    return found[-1] if found else None
+
+
+def _surrogate_stage(pipe, config: FinetuneConfig, run: RunFolder, prompt_set: PromptSet, references, gallery,
+                     descriptor) -> torch.Tensor:
+    """Surrogate images (cached in the run folder), as latents ``(N, C, h, w)``."""
+    index = run.path / "surrogates.json"
+    records = prompt_set.records
+    if not index.exists():
+        if config.surrogate == "nemo":
+            rows, images = _nemo_surrogates(pipe, config, records, references, gallery, descriptor)
+        else:
+            rows, images = _given_surrogates(config, records, references, gallery, descriptor)
+        (run.path / "surrogates").mkdir(exist_ok=True)
+        for row, image in zip(rows, images, strict=True):
+            row["image"] = f"surrogates/{safe_filename(row['prompt_id'])}.png"
+            save_png(image, run.path / row["image"])
+        index.write_text(json.dumps(rows, indent=1))
+    rows = json.loads(index.read_text())
+    if [r["prompt_id"] for r in rows] != [r.id for r in records]:
+        raise DoriError(f"surrogates: {index} was made for other prompts; use another --out")
+    return encode_images(pipe, stack_rgb([load_image(run.path / r["image"]) for r in rows]))
+
+
+def _nemo_surrogates(pipe, config: FinetuneConfig, records, references, gallery, descriptor):
+    from ..mitigations import load_mitigation
+    from ..mitigations.nemo import statistics_prompts
+    from ..prompts import load_prompt_set
+
+    nemo = load_mitigation(config.surrogate_mitigation) if config.surrogate_mitigation else None
+    fallback = None
+    if config.surrogate_fallback:
+        fallback = [r.prompt for r in load_prompt_set(config.surrogate_fallback, model_folder=testbed_folder(pipe)).records]
+    seeds = list(range(config.seed + 10_000, config.seed + 10_000 + config.surrogate_seeds))
+    found, images = make_surrogates(pipe, records, references, descriptor,
+                                    statistics_prompts=statistics_prompts(config.statistics, pipe), seeds=seeds,
+                                    generation=config.generation, nemo=nemo, gallery=gallery, fallback_prompts=fallback)
+    return [s.record() for s in found], images
+
+
+def _given_surrogates(config: FinetuneConfig, records, references, gallery, descriptor):
+    from ..memorization import score_images
+
+    given = load_reference_folder(config.surrogate, [r.id for r in records])
+    images = stack_rgb([given[r.id] for r in records])
+    scored = score_images(descriptor, images, references, dict(enumerate(gallery)))
+    rows = [{"prompt_id": r.id, "prompt": r.prompt, "seed": None, "score": float(s), "level": "given",
+             "neurons": 0, "max_score": float(m)}
+            for r, s, m in zip(records, scored.sscd_orig, scored.gallery_max, strict=True)]
+    high = [row for row in rows if row["max_score"] > descriptor.threshold]
+    if high:
+        raise DoriError(f"surrogate: the image for {high[0]['prompt_id']!r} replicates a memorized training "
+                        f"image (similarity {high[0]['max_score']:.3f} > {descriptor.threshold:.3f}); a "
+                        "surrogate must not")
+    return rows, images
+
+
+class _Trainer:
+    """One adversarial fine-tuning run: the model, its optimiser and losses under accelerate, and the data."""
+
+    def __init__(self, pipe, config: FinetuneConfig, prompt_set: PromptSet, run: RunFolder, accelerator,
+                 surrogate_latents: torch.Tensor, references):
+        self.pipe, self.config, self.run, self.accelerator = pipe, config, run, accelerator
+        self.records = prompt_set.records
+        self.retain = load_retain_set(config.retain, config.retain_images, testbed_folder(pipe))
+        self.surrogate_latents = surrogate_latents
+        self.targets = encode_images(pipe, stack_rgb(references))
+        self.prompt_embeds = encode_prompts(pipe, [r.prompt for r in self.records])
+        unet = pipe.unet
+        if config.lora_rank:
+            from peft import LoraConfig
+
+            unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_rank, init_lora_weights="gaussian",
+                                        target_modules=list(config.lora_targets)))
+        unet.requires_grad_(False)
+        self.trainable = [p for n, p in unet.named_parameters() if not config.lora_rank or "lora_" in n]
+        for p in self.trainable:
+            p.requires_grad_(True)
+        torch.manual_seed(config.seed)
+        optimizer = torch.optim.AdamW(self.trainable, lr=config.lr, weight_decay=config.weight_decay)
+        self.model, self.optimizer = accelerator.prepare(unet, optimizer)
+        self.state = _TrainState()
+        accelerator.register_for_checkpointing(self.state)
+        self.inner_loss = DiffusionLoss(pipe, config.inner.pairs)
+        self.adv_loss = DiffusionLoss(pipe, config.adv_pairs, unet=self.model)
+        self.dm_loss = DiffusionLoss(pipe, 1, unet=self.model)
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        self.per_epoch = config.steps_in_epoch(len(self.records))
+        self.total = self.per_epoch * config.epochs
+        if min(config.images_per_step, len(self.records)) < self.world or config.retain_batch_size < self.world:
+            raise DoriError(f"images_per_step, retain_batch_size: each process needs work; with {self.world} processes "
+                            f"both must be >= {self.world} (got {min(config.images_per_step, len(self.records))}, "
+                            f"{config.retain_batch_size})")
+
+    # -- resuming ---------------------------------------------------------------------------------
+    def resume(self) -> list[dict]:
+        """Load the last checkpoint, if any; the step rows written up to it."""
+        latest = _latest_checkpoint(self.run.path / "checkpoints")
+        if latest is not None:
+            self.accelerator.load_state(str(latest))
+            logger.info("resuming adversarial fine-tuning at step %d", self.state.step)
+        steps_file = self.run.path / STEPS_FILE
+        rows = [r for r in (read_jsonl(steps_file) if steps_file.exists() else []) if r["step"] <= self.state.step]
+        if self.accelerator.is_main_process:
+            steps_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return rows
+
+    def checkpoint(self, step: int) -> None:
+        target = self.run.path / "checkpoints" / f"step-{step:06d}"
+        self.accelerator.save_state(str(target))
+        if self.accelerator.is_main_process:
+            for old in target.parent.glob("step-*"):
+                if old != target:
+                    shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+
+    # -- one step -----------------------------------------------------------------------------------
+    def batch(self, step: int) -> list[int]:
+        """This process's memorized images of step ``step`` (a seeded order per epoch, ``images_per_step`` at a time)."""
+        n, config = len(self.records), self.config
+        epoch, within = divmod(step - 1, self.per_epoch)
+        order = torch.randperm(n, generator=item_generator("ft-order", config.seed, epoch)).tolist()
+        start = (within * config.images_per_step) % n
+        return [order[(start + j) % n] for j in range(min(config.images_per_step, n))][self.rank :: self.world]
+
+    def triggers(self, step: int, batch: list[int]):
+        """Fresh Dori triggers against the current weights: ``(keys, triggers, surrogate latents, last losses)``."""
+        config, state = self.config, self.state
+        keys, y0, goal, surrogate = [], [], [], []
+        for i in batch:
+            for init in config.inits:
+                key = f"{self.records[i].id}/{init}"
+                if config.warm_start and key in state.triggers:
+                    start_y = state.triggers[key]
+                elif init == "prompt":
+                    start_y = self.prompt_embeds[i]
+                else:
+                    start_y = RandomNormal(seed=config.seed * 100_003 + step)(self.pipe, self.records[i].prompt, 0)
+                keys.append(key)
+                y0.append(start_y.float())
+                goal.append(self.targets[i])
+                surrogate.append(self.surrogate_latents[i])
+        if not keys:
+            return keys, None, None, None
+        with frozen_unet(self.pipe.unet):
+            found, last = optimize_embeddings(self.inner_loss, torch.stack(y0), torch.stack(goal),
+                                              [f"ft{config.seed}/{step}/{k}" for k in keys], config.inner)
+        for key, y in zip(keys, found, strict=True):
+            state.triggers[key] = y.detach().cpu().clone()
+        return keys, found, torch.stack(surrogate), last
+
+    def update(self, step: int, keys, found, surrogate) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+        """One optimiser step on L_Adv (the surrogates under the triggers) and L_DM (a retain batch), both
+        through one UNet call (DDP wants a single forward per backward); ``(loss, l_adv, l_dm, retain picks)``."""
+        config = self.config
+        g = item_generator("ft-retain", config.seed, step)
+        pick = torch.randint(len(self.retain), (config.retain_batch_size,), generator=g).tolist()[self.rank :: self.world]
+        with self.accelerator.accumulate(self.model), self.accelerator.autocast():
+            parts = []
+            if keys:
+                parts.append(self.adv_loss.inputs(found, surrogate,
+                                                  [item_generator("ft-adv", config.seed, step, k) for k in keys]))
+            if pick:
+                latents, captions = self.retain.batch(self.pipe, pick)
+                parts.append(self.dm_loss.inputs(captions, latents,
+                                                 [item_generator("ft-dm", config.seed, step, j) for j in pick]))
+            noisy, t, cond, target = (torch.cat(x) for x in zip(*parts, strict=True))
+            pred = self.model(noisy, t, encoder_hidden_states=cond).sample
+            n_adv = len(keys) * config.adv_pairs
+            l_adv = self.adv_loss.reduce(pred[:n_adv], target[:n_adv]).mean() if keys else torch.zeros(())
+            l_dm = self.dm_loss.reduce(pred[n_adv:], target[n_adv:]).mean() if pick else torch.zeros(())
+            loss = config.adv_weight * l_adv + config.dm_weight * l_dm
+            self.optimizer.zero_grad(set_to_none=True)
+            self.accelerator.backward(loss)
+            if self.accelerator.sync_gradients and config.max_grad_norm:
+                self.accelerator.clip_grad_norm_(self.trainable, config.max_grad_norm)
+            self.optimizer.step()
+        return loss, l_adv, l_dm, pick
+
+    def train(self, progress: Progress | None) -> None:
+        config, state = self.config, self.state
+        steps_file = self.run.path / STEPS_FILE
+        if progress:
+            progress(STAGE, state.step, self.total)
+        self.model.train()
+        while state.step < self.total:
+            t0 = time.perf_counter()
+            step = state.step + 1
+            keys, found, surrogate, last = self.triggers(step, self.batch(step))
+            loss, l_adv, l_dm, pick = self.update(step, keys, found, surrogate)
+            state.step = step
+            evaluations = len(keys) * (config.inner.steps * config.inner.pairs + config.adv_pairs) + len(pick)
+            row = {"step": step, "epoch": (step - 1) // self.per_epoch + 1, "loss": float(loss.detach()),
+                   "l_adv": float(l_adv.detach()), "l_dm": float(l_dm.detach()),
+                   "inner_loss": float(last.mean()) if keys else float("nan"),
+                   "unet_evaluations": evaluations * self.world, "seconds": time.perf_counter() - t0}
+            if self.accelerator.is_main_process:
+                with open(steps_file, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            if step % config.checkpoint_every == 0 or step == self.total:
+                self.checkpoint(step)
+            if progress:
+                progress(STAGE, step, self.total)
+        self.model.eval()
+
+    def finish(self):
+        """The trained UNet as a plain, frozen module (a LoRA fused into its weights)."""
+        final = self.accelerator.unwrap_model(self.model)
+        if self.config.lora_rank:
+            final.fuse_lora()
+            final.unload_lora()
+        final.requires_grad_(False)
+        return final
+
+
+def adversarial_finetune(pipe, prompts: PromptSet, config: FinetuneConfig | None = None, out: str | Path | None = None,
+                         *, overwrite: bool = False, progress: Progress | None = None) -> FinetuneResult:
+    """Fine-tune ``pipe.unet`` against Dori for the memorized ``prompts`` (their reference images are the
+    training images), resuming from ``out/checkpoints``; saves the pipeline unless ``config.save_pipeline``
+    is off.
+
+    ``pipe`` keeps the fine-tuned UNet (frozen, in eval mode) when this returns; when the pipeline is
+    saved, ``pipe`` records the saved folder as where it comes from (diffusers' ``name_or_path``).
+    """
+    from accelerate import Accelerator
+
+    config = config or FinetuneConfig()
+    config.validate()
+    if not prompts.records:
+        raise DoriError(f"prompts: {prompts.name!r} holds no prompts")
+    references = require_references(prompts, "fine-tuning")
+    descriptor = config.descriptor.build(pipe)
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=pipe.unet.device.type == "cpu")
+    out = Path(out) if out is not None else default_run_dir("finetune", model_name(pipe))
+    run = RunFolder(out, "finetune", to_dict(config), model=model_record(pipe),
+                    resolved={"prompts": prompts.name, "ids": [r.id for r in prompts.records],
+                              "descriptor": descriptor.describe()},
+                    overwrite=overwrite and accelerator.is_main_process, rank=accelerator.process_index,
+                    world_size=accelerator.num_processes, seeds=[config.seed])
+    with run.guard():
+        # every memorized image known: a surrogate must not copy any of them
+        gallery = list(prompts.references.values()) + list((prompts.gallery or {}).values())
+        if accelerator.is_main_process:
+            surrogates = _surrogate_stage(pipe, config, run, prompts, references, gallery, descriptor)
+        accelerator.wait_for_everyone()
+        if not accelerator.is_main_process:
+            surrogates = _surrogate_stage(pipe, config, run, prompts, references, gallery, descriptor)
+        trainer = _Trainer(pipe, config, prompts, run, accelerator, surrogates, references)
+        trainer.resume()
+        trainer.train(progress)
+        pipe.unet = trainer.finish()
+        rows = [r for r in read_jsonl(run.path / STEPS_FILE) if r["step"] <= trainer.total]
+        summary = summarize_finetune(rows, trainer.per_epoch)
+        pipeline = _save(pipe, run, config, rows, summary) if accelerator.is_main_process else None
+        accelerator.wait_for_everyone()
+    if config.save_pipeline:
+        pipeline = run.path / "pipeline"
+        pipe.register_to_config(_name_or_path=str(pipeline))
+    return FinetuneResult(run.path, pipeline, summary)
+
+
+def _save(pipe, run: RunFolder, config: FinetuneConfig, rows: list[dict], summary: dict) -> Path | None:
+    """The pipeline folder (with the testbed's data when the model is the testbed), the loss plot, the summary."""
+    pipeline = None
+    if config.save_pipeline:
+        pipeline = run.path / "pipeline"
+        source = testbed_folder(pipe)
+        pipe.save_pretrained(pipeline)
+        if source is not None:
+            from ..testbed.assets import SUBFOLDER
+
+            shutil.copytree(source / SUBFOLDER, pipeline / SUBFOLDER, dirs_exist_ok=True)
+        run.write_manifest({"pipeline": str(pipeline)})
+    _plot_losses(rows, run.path)
+    run.write_summary({**summary, "pipeline": str(pipeline) if pipeline else None,
+                       "base_model": pipeline_location(pipe)})
+    run.write_manifest({"status": "done"})
+    return pipeline
+
+
+def summarize_finetune(rows: list[dict], steps_per_epoch: int) -> dict:
+    """Wall time and UNet evaluations per epoch, and the last losses."""
+    import numpy as np
+
+    epochs = sorted({r["epoch"] for r in rows})
+    per_epoch = [{"epoch": e,
+                  "seconds": float(sum(r["seconds"] for r in rows if r["epoch"] == e)),
+                  "unet_evaluations": int(sum(r["unet_evaluations"] for r in rows if r["epoch"] == e)),
+                  "l_adv": float(np.mean([r["l_adv"] for r in rows if r["epoch"] == e])),
+                  "l_dm": float(np.mean([r["l_dm"] for r in rows if r["epoch"] == e]))} for e in epochs]
+    return {"steps": len(rows), "steps_per_epoch": steps_per_epoch, "epochs": per_epoch,
+            "seconds": float(sum(r["seconds"] for r in rows)),
+            "unet_evaluations": int(sum(r["unet_evaluations"] for r in rows))}
+
+
+def _plot_losses(rows: list[dict], folder: Path) -> None:
+    if not rows:
+        return
+    from ..analysis.plots import plot_finetune_losses
+
+    fig = plot_finetune_losses(rows)
+    fig.savefig(folder / "losses.png", dpi=120)
+    fig.savefig(folder / "losses.pdf")

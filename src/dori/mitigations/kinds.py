@@ -1,0 +1,114 @@
+"""Base classes of the ``weights`` and ``inference`` kinds of mitigation (see :mod:`dori.mitigations.base`).
+
+* :class:`WeightsMitigation`: new values for some of the model's tensors (a fine-tuned UNet, an
+  edited layer). ``apply`` copies them in and ``remove`` copies the originals back, bit for bit; the
+  artefact holds only the tensors that differ from the model it was fitted on.
+* :class:`InferenceMitigation`: a change of the text conditioning the UNet sees, made by a forward
+  pre-hook on the UNet for as long as it is applied. Because the change sits inside the UNet call, it
+  acts on generation and on the attack's loss alike, and gradients flow through it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import DoriError
+from ..hooks import Handle
+from .base import MitigationBase, handle_for, read_saved, write_saved
+
+COMPONENTS = ("unet", "text_encoder", "vae")
+
+
+def _tensors(pipe, components: tuple[str, ...] = COMPONENTS) -> dict[str, torch.Tensor]:
+    """``"<component>.<parameter or buffer>"`` -> tensor, for the components a weights mitigation may change."""
+    out = {}
+    for component in components:
+        module = getattr(pipe, component, None)
+        if module is not None:
+            out.update({f"{component}.{k}": v for k, v in module.state_dict(keep_vars=True).items()})
+    return out
+
+
+class WeightsMitigation(MitigationBase):
+    """New values for named tensors of the pipeline (``"unet.<name>"``, ``"text_encoder.<name>"``)."""
+
+    kind = "weights"
+    scope = "set"
+    bakeable = True
+
+    def __init__(self, tensors: dict[str, torch.Tensor], meta: dict | None = None):
+        if not tensors:
+            raise DoriError(f"{self.name}: a weights mitigation needs at least one tensor")
+        self.tensors, self.meta = tensors, dict(meta or {})
+
+    @classmethod
+    def from_difference(cls, before: dict[str, torch.Tensor], pipe, meta: dict | None = None):
+        """The tensors of ``pipe`` that differ from ``before`` (a copy of :func:`snapshot` taken earlier)."""
+        now = _tensors(pipe)
+        changed = {k: v.detach().cpu().clone() for k, v in now.items() if k in before and not torch.equal(v.detach().cpu(), before[k])}
+        return cls(changed, meta)
+
+    def apply(self, pipe, prompt: str | None = None) -> Handle:
+        """Copy the tensors in (all of them, whatever ``prompt``); ``remove()`` restores the originals."""
+        targets = _tensors(pipe)
+        for name, value in self.tensors.items():
+            if name not in targets:
+                raise DoriError(f"mitigation: {self.name} changes {name!r}, which this model does not have "
+                                "(it was fitted on another model)")
+            if tuple(targets[name].shape) != tuple(value.shape):
+                raise DoriError(f"mitigation: {self.name} has {name} of shape {tuple(value.shape)}, the model "
+                                f"{tuple(targets[name].shape)} (it was fitted on another model)")
+        handle = handle_for(pipe.unet, self)
+        with torch.no_grad():
+            for name, value in self.tensors.items():
+                target = targets[name]
+                original = target.detach().clone()
+                target.data.copy_(value.to(target.device, target.dtype))
+                handle.edit(name, lambda target=target, original=original: target.data.copy_(original))
+        return handle
+
+    def describe(self) -> dict:
+        return {**self.identity(), **self.meta, "tensors": len(self.tensors),
+                "parameters": int(sum(v.numel() for v in self.tensors.values()))}
+
+    def save(self, path: str | Path) -> Path:
+        return write_saved(path, self.tensors, self.describe())
+
+    @classmethod
+    def load(cls, path: str | Path):
+        meta, tensors = read_saved(path)
+        keep = {k: v for k, v in meta.items() if k not in ("format", "method", "kind", "scope", "tensors", "parameters")}
+        return cls(tensors, keep)
+
+
+def snapshot(pipe, components: tuple[str, ...] = ("unet",)) -> dict[str, torch.Tensor]:
+    """A CPU copy of the tensors of ``components``, to compare with after a fit (:meth:`WeightsMitigation.from_difference`)."""
+    return {k: v.detach().cpu().clone() for k, v in _tensors(pipe, components).items()}
+
+
+class InferenceMitigation(MitigationBase):
+    """A change of the text conditioning at generation time: :meth:`condition` rewrites the UNet's
+    ``encoder_hidden_states`` ``(batch, tokens, dim)`` on every UNet call while applied. With
+    classifier-free guidance the batch is ``[unconditional; conditional]`` (diffusers' order)."""
+
+    kind = "inference"
+    scope = "set"
+
+    def condition(self, encoder_hidden_states: torch.Tensor, timestep) -> torch.Tensor:
+        raise NotImplementedError
+
+    def apply(self, pipe, prompt: str | None = None) -> Handle:
+        handle = handle_for(pipe.unet, self)
+
+        def pre(_module, args, kwargs):
+            if "encoder_hidden_states" in kwargs:
+                timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+                kwargs = {**kwargs, "encoder_hidden_states": self.condition(kwargs["encoder_hidden_states"], timestep)}
+            elif len(args) > 2:
+                args = (*args[:2], self.condition(args[2], args[1]), *args[3:])
+            return args, kwargs
+
+        handle.pre("", pre, with_kwargs=True, name="condition")
+        return handle
