@@ -39,7 +39,6 @@ from dori.mitigations.nemo import (
 )
 from dori.models import initial_latents, load_pipeline
 from dori.prompts import prompts_for
-from dori.ssim import ms_ssim
 
 
 def reference_localize(pipe, layers, prompt, stats, threshold, config):
@@ -60,13 +59,13 @@ def reference_localize(pipe, layers, prompt, stats, threshold, config):
         return captured
 
     unblocked = diffs()
-    look = max_pairwise_ssim(unblocked, config.kernel_size) > threshold
+    look = max_pairwise_ssim(unblocked, config) > threshold
     if not look.any():
         return {}
     unblocked = unblocked[look]
 
     def ssim(selection):
-        return float(ms_ssim(unblocked, diffs(selection)[look], kernel_size=config.kernel_size).max())
+        return float(config.ssim(unblocked, diffs(selection)[look]).max())
 
     theta, k = config.initial_theta, config.initial_k
     max_k = max(layer.out_features for layer in layers.values())

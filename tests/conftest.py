@@ -20,9 +20,10 @@ def clip_tokenizer():
 
 
 def tiny_components(layout: str, tokenizer):
-    """Tiny random components in the layout of SD 1.x (epsilon, 1 head list) or SD 2.x (v_prediction,
-    head-dim list, linear projections), after diffusers' ``get_dummy_components``."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    """Tiny random components in the layout of SD 1.x (epsilon, PNDM as SD v1.4 ships, one head size)
+    or SD 2.x (v_prediction, DDIM, head-dim list, linear projections, another cross-attention width),
+    after diffusers' ``get_dummy_components``."""
+    from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
@@ -42,9 +43,12 @@ def tiny_components(layout: str, tokenizer):
         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_size=cross_dim, intermediate_size=37,
         layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=2, vocab_size=49408,
         max_position_embeddings=77, projection_dim=cross_dim))
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1,
-                              prediction_type="v_prediction" if sd2 else "epsilon")
+    if sd2:
+        scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                                  set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction")
+    else:  # SD v1.4's scheduler_config.json
+        scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                  skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
                 safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 

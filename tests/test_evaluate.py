@@ -112,3 +112,32 @@ def test_sscd_gen_against_a_baseline_run(tmp_path, setup, pipe):
     with pytest.raises(DoriError, match="has no image for"):
         run_evaluate(pipe, config_for(setup, baseline=str(tmp_path / "base"), seed=50), tmp_path / "other")
     assert not (tmp_path / "other").exists()
+
+
+def test_attack_and_nemo_share_their_work_among_processes(tmp_path, setup):
+    """``accelerate launch`` with 2 processes: each attacks / localises its share, the records and the saved
+    mitigation are those of one process."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "DORI_CACHE": str(tmp_path / "cache")}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dori"]
+    common = ["--model", setup["model"], "--prompts", setup["prompts"]]
+    attack = ["attack", *common, "--references", setup["references"], "--descriptor", setup["descriptor"],
+              "--steps", "2", "--seeds", "1", "--eval-steps", "2", "--restarts", "2"]
+    nemo = ["mitigate", "nemo", *common, "--statistics", setup["prompts"], "--num-seeds", "2",
+            "--num-inference-steps", "5", "--ssim-threshold", "0.2"]
+    for name, args in (("attack", attack), ("nemo", nemo)):
+        one = subprocess.run([sys.executable, "-m", "dori", *args, "--out", str(tmp_path / f"{name}-1")], env=env,
+                             capture_output=True, text=True)
+        assert one.returncode == 0, one.stderr[-2000:]
+        two = subprocess.run(launch + [*args, "--out", str(tmp_path / f"{name}-2")], env=env, capture_output=True,
+                             text=True)
+        assert two.returncode == 0, two.stderr[-2000:]
+        files = {p.name for p in (tmp_path / f"{name}-2").glob("records.rank*.jsonl")}
+        assert files == {"records.rank0.jsonl", "records.rank1.jsonl"}
+        a, b = (pd.read_parquet(tmp_path / f"{name}-{k}" / "records.parquet") for k in (1, 2))
+        assert list(a["key"]) == list(b["key"]) and len(a) == (6 if name == "attack" else 3)
+    from dori.mitigations import load_mitigation
+
+    single, shared = (load_mitigation(tmp_path / f"nemo-{k}" / "nemo.safetensors") for k in (1, 2))
+    assert [r.prompt for r in single.results] == [r.prompt for r in shared.results]
+    assert all(single.selection(r.prompt) == shared.selection(r.prompt) for r in single.results)

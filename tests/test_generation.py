@@ -33,7 +33,8 @@ def test_prompt_embeds_path_and_noise_norm(pipe):
     embeds = pipe.encode_prompt(["a cat", "a dog"], "cpu", 1, False)[0]
     by_embeds = generate(pipe, [0, 1], prompt_embeds=embeds, config=config)
     assert torch.allclose(by_text.images, by_embeds.images, atol=1e-5)
-    assert by_text.noise_norm.shape == (2, 4) and (by_text.noise_norm > 0).all()
+    calls = len(pipe.scheduler.timesteps)  # PNDM (SD v1.4's) makes 5 UNet calls for 4 steps
+    assert by_text.noise_norm.shape == (2, calls) and calls == 5 and (by_text.noise_norm > 0).all()
     no_cfg = generate(pipe, [0], ["a cat"], config=GenerationConfig(num_inference_steps=2, guidance_scale=1.0))
     assert no_cfg.noise_norm is None
 
@@ -43,3 +44,20 @@ def test_bad_generation_arguments(pipe):
         generate(pipe, [0], ["x"], config=GenerationConfig(num_inference_steps=0))
     with pytest.raises(DoriError, match="one seed per prompt"):
         generate(pipe, [0, 1], ["x"])
+
+
+def test_noise_norm_is_the_noise_difference_on_every_prediction_type():
+    """Wen et al.'s norm is ||eps_cond - eps_uncond||: on a v model the UNet's output difference is scaled
+    by sqrt(alpha_bar_t) (eps = sqrt(a) v + sqrt(1 - a) x_t, the same x_t on both halves)."""
+    from diffusers import DDIMScheduler
+
+    from dori.generation import epsilon_scale
+    from dori.mitigations.nemo import _epsilon
+
+    g = torch.Generator().manual_seed(0)
+    x, a, b = (torch.randn(1, 4, 8, 8, generator=g) for _ in range(3))
+    for kind in ("epsilon", "v_prediction", "sample"):
+        scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=kind)
+        for t in (981, 501, 21):
+            eps_diff = _epsilon(scheduler, a, x, t) - _epsilon(scheduler, b, x, t)
+            assert torch.allclose(eps_diff.norm(), epsilon_scale(scheduler, t) * (a - b).norm(), rtol=1e-4)

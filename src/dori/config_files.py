@@ -127,7 +127,8 @@ def set_path(data: dict, path: str, value: Any) -> None:
 def read_config_file(path: str | Path, command: str | None = None) -> tuple[dict, dict]:
     """``(config, model)`` from a YAML or JSON file; a run's ``manifest.json`` gives its ``config`` and
     ``model`` sections (and must be of ``command``); any other file is the config itself, except its
-    top-level ``model`` (a path or hub id), ``device`` and ``dtype``, which form the model section."""
+    top-level ``model`` (a path or hub id), ``device``, ``dtype`` and ``scheduler``, which form the
+    model section."""
     path = Path(path)
     if path.is_dir() and (path / "manifest.json").is_file():
         path = path / "manifest.json"
@@ -152,8 +153,8 @@ def read_config_file(path: str | Path, command: str | None = None) -> tuple[dict
         if command is not None and data.get("command") != command:
             raise DoriError(f"config: {path} is the manifest of a `{data.get('command')}` run, not of `{command}`")
         return dict(data["config"]), dict(data.get("model") or {})
-    model = {key: data.pop(name) for name, key in (("model", "location"), ("device", "device"), ("dtype", "dtype"))
-             if name in data}
+    model = {key: data.pop(name) for name, key in (("model", "location"), ("device", "device"), ("dtype", "dtype"),
+                                                   ("scheduler", "scheduler"), ("model_config", "model_config")) if name in data}
     if isinstance(model.get("location"), dict):  # ``model: {location: ..., dtype: ...}``
         model = {**model.pop("location"), **model}
     return data, model

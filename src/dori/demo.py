@@ -42,6 +42,7 @@ from .analysis.scatter import ScatterConfig
 from .analysis.weights import WeightsConfig
 from .attack.loop import AttackConfig
 from .config_files import to_dict
+from .descriptors import DescriptorConfig
 from .evaluate import EvaluateConfig, EvaluationResult, run_evaluate
 from .finetune import FinetuneConfig
 from .generation import GenerationConfig
@@ -49,7 +50,7 @@ from .memorization import summary_row
 from .mitigations.nemo import NeMoConfig
 from .mitigations.wanda import WandaConfig
 from .progress import Progress, labelled
-from .runs import RunFolder, default_run_dir, safe_filename
+from .runs import Processes, RunFolder, default_run_dir, safe_filename
 
 logger = logging.getLogger(__name__)
 
@@ -61,12 +62,24 @@ class DemoGroup:
     num_seeds: int
     limit: int | None
     score: str
+    references: str | None = None
+    """A folder of the prompts' training images (the testbed's sets carry theirs)."""
 
 
 @dataclass(frozen=True)
 class DemoConfig:
+    """The demo's stages and their settings. The defaults are the testbed's story; :meth:`paper` is the
+    same story on any model (the bundled Webster prompts, your references and descriptor)."""
+
     seed: int = 0
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    descriptor: DescriptorConfig = field(default_factory=DescriptorConfig)
+    memorized: str = "testbed:memorized"
+    """The memorized prompts that are mitigated, attacked, shown in the grid and analysed."""
+    references: str | None = None
+    """Their training images (a folder of ``<prompt id>.png``; the testbed's sets carry theirs)."""
+    limit: int | None = None
+    """Only the first N memorized prompts (a first look)."""
     groups: tuple[DemoGroup, ...] = (
         DemoGroup("memorized", "testbed:memorized", 10, None, "sscd_orig"),
         DemoGroup("seen-once", "testbed:seen-once", 2, 40, "sscd_orig"),
@@ -82,6 +95,13 @@ class DemoConfig:
     attack_config: AttackConfig = field(default_factory=AttackConfig)
     attack_seeds: int = 10
     control_targets: tuple[tuple[str, int], ...] = (("testbed:seen-once", 4), ("testbed:held-out", 4))
+    """Non-memorized prompt sets (and how many of each) Dori aims at: the false-positive control."""
+    control_references: str | None = None
+    """The training images of the control prompts (the testbed's sets carry theirs)."""
+    utility_groups: tuple[str, ...] = ("shape", "held-out")
+    """Groups whose captions measure what a mitigation does to other prompts (SSCD_gen, shape colours)."""
+    testbed_utility: bool = True
+    """The testbed's utility bundle per model (shape colours, FID with VAE features, retain loss)."""
     finetune: bool = True
     finetune_config: FinetuneConfig = field(default_factory=FinetuneConfig.testbed)
     finetune_cache: bool = True
@@ -95,6 +115,7 @@ class DemoConfig:
     weights: WeightsConfig = field(default_factory=lambda: WeightsConfig(max_triggers=6))
     report: bool = True
     grid_seeds: int = 2
+    title: str = "dori demo: memorization on the testbed"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -125,6 +146,35 @@ class DemoConfig:
                                   attack=AttackConfig(steps=10, record_at=(0,))),
             activations=ActivationsConfig(max_triggers=3, num_inference_steps=10),
             weights=WeightsConfig(max_triggers=2, methods=("wanda",)),
+        )
+
+    @classmethod
+    def paper(cls, memorized: str = "webster-sd1-vm", references: str | None = None, *,
+              non_memorized: str = "laion-nonmem", non_memorized_references: str | None = None,
+              limit: int | None = None, num_seeds: int = 10, seed: int = 0,
+              generation: GenerationConfig | None = None, descriptor: DescriptorConfig | None = None,
+              starts: int = 10, analyses: bool = True) -> DemoConfig:
+        """The paper's Table 1 and the locality analyses on any model: the memorized prompts (with their
+        training images) and, where their images are given too, the non-memorized prompts and Dori aimed
+        at them (the false-positive control). No fine-tuning (it needs retain data: ``dori finetune``)."""
+        generation = generation or GenerationConfig()
+        descriptor = descriptor or DescriptorConfig()
+        groups = [DemoGroup("memorized", memorized, num_seeds, limit, "sscd_orig", references)]
+        if non_memorized_references is not None:
+            groups.append(DemoGroup("non-memorized", non_memorized, num_seeds, limit, "sscd_orig",
+                                    non_memorized_references))
+        attack = dict(generation=generation, descriptor=descriptor)
+        return cls(
+            seed=seed, generation=generation, descriptor=descriptor, memorized=memorized, references=references,
+            limit=limit, groups=tuple(groups), attack_seeds=num_seeds,
+            control_targets=((non_memorized, limit or 40),) if non_memorized_references is not None else (),
+            control_references=non_memorized_references, utility_groups=("non-memorized",), testbed_utility=False,
+            finetune=False, analyses=analyses,
+            scatter=ScatterConfig(prompts=memorized, references=references, starts=starts, num_seeds=num_seeds,
+                                  reference_prompts=non_memorized, **attack),
+            activations=ActivationsConfig(memorized=memorized, max_triggers=starts),
+            weights=WeightsConfig(memorized=memorized, max_triggers=min(starts, 6)),
+            title=f"dori: memorization of {memorized}",
         )
 
 
@@ -171,26 +221,29 @@ class _Demo:
         self.threshold: float | None = None
 
     def evaluate(self, name: str, group: DemoGroup, mitigations: tuple[str, ...] = (), pipe=None) -> EvaluationResult:
-        config = EvaluateConfig(prompts=group.prompts, num_seeds=group.num_seeds, seed=self.config.seed,
-                                generation=self.config.generation, limit=group.limit, mitigations=mitigations)
+        config = EvaluateConfig(prompts=group.prompts, references=group.references, num_seeds=group.num_seeds,
+                                seed=self.config.seed, generation=self.config.generation,
+                                descriptor=self.config.descriptor, limit=group.limit, mitigations=mitigations)
         return run_evaluate(pipe or self.pipe, config, self.run.path / name, progress=labelled(self.progress, name))
 
     def attack(self, name: str, prompts: str, limit: int | None, mitigations: tuple[str, ...] = (), *, pipe=None,
-               init: str = "prompt", seed: int | None = None, attack: AttackConfig | None = None) -> list[dict]:
+               init: str = "prompt", seed: int | None = None, attack: AttackConfig | None = None,
+               references: str | None = None) -> list[dict]:
         from .attack.run import AttackRunConfig, run_attack
 
-        config = AttackRunConfig(prompts=prompts, limit=limit, init=init, num_seeds=self.config.attack_seeds,
-                                 seed=self.config.seed if seed is None else seed,
+        config = AttackRunConfig(prompts=prompts, references=references, limit=limit, init=init,
+                                 num_seeds=self.config.attack_seeds, seed=self.config.seed if seed is None else seed,
                                  attack=attack or self.config.attack_config, generation=self.config.generation,
-                                 mitigations=mitigations)
+                                 descriptor=self.config.descriptor, mitigations=mitigations)
         label = f"attack ({name})"
         return run_attack(pipe or self.pipe, config, self.run.path / f"attack-{name}",
                           progress=labelled(self.progress, label))[1]
 
-    def fit(self, method: str, prompts: str, settings, folder: str) -> Path:
+    def fit(self, method: str, settings, folder: str) -> Path:
         from .mitigations import MitigateConfig, run_mitigate
 
-        config = MitigateConfig(method, prompts, settings=to_dict(settings))
+        config = MitigateConfig(method, self.config.memorized, references=self.config.references,
+                                limit=self.config.limit, settings=to_dict(settings))
         return run_mitigate(self.pipe, config, self.run.path / folder, progress=labelled(self.progress, method)).artefact
 
     # -- the rows -------------------------------------------------------------------------------------
@@ -202,34 +255,38 @@ class _Demo:
             results[group.name] = self.evaluate(group.name, group)
             self.threshold = results[group.name].summary["threshold"]
             rows.append(summary_row(group.name, results[group.name].records, self.threshold, field=group.score))
-        utility_groups = [g for g in config.groups if g.name in ("shape", "held-out")]
-        rows[0]["utility"] = {"shape_accuracy": shape_accuracy([results[g.name] for g in utility_groups])}
+        utility_groups = [g for g in config.groups if g.name in config.utility_groups]
+        if config.testbed_utility:
+            rows[0]["utility"] = {"shape_accuracy": shape_accuracy([results[g.name] for g in utility_groups])}
         paths: dict[str, Path] = {}
         if not config.mitigations:
             return rows, paths
-        paths["nemo"] = self.fit("nemo", "testbed:memorized", config.nemo, "localize-nemo")
-        paths["wanda"] = self.fit("wanda", "testbed:memorized", config.wanda, "prune-wanda")
+        paths["nemo"] = self.fit("nemo", config.nemo, "localize-nemo")
+        paths["wanda"] = self.fit("wanda", config.wanda, "prune-wanda")
         memorized = config.groups[0]
         for name, path in paths.items():
             mitigation = (str(path),)
             row = summary_row(name, self.evaluate(name, memorized, mitigation).records, self.threshold, field="sscd_orig")
             others = [self.evaluate(f"{name}-{g.name}", g, mitigation) for g in utility_groups]
             gen = [r["sscd_gen"] for o in others for r in o.records]
-            row["utility"] = {"shape_accuracy": shape_accuracy(others),
-                              "sscd_gen_mean": float(np.mean(gen)), "sscd_gen_min": float(np.min(gen))}
+            if gen:
+                row["utility"] = {"sscd_gen_mean": float(np.mean(gen)), "sscd_gen_min": float(np.min(gen))}
+                if config.testbed_utility:
+                    row["utility"] = {"shape_accuracy": shape_accuracy(others), **row["utility"]}
             row["mitigation"] = str(path)
             rows.append(row)
         return rows, paths
 
     def table1_attacks(self, paths: dict[str, Path]) -> list[dict]:
         """Dori on non-memorized images (the false-positive control) and against NeMo and Wanda."""
-        control = [r for i, (prompts, limit) in enumerate(self.config.control_targets)
-                   for r in self.attack(f"control-{i}", prompts, limit)]
-        return [attack_row("non-memorized+dori", control, self.threshold),
-                attack_row("nemo+dori", self.attack("nemo", "testbed:memorized", None, (str(paths["nemo"]),)),
-                           self.threshold),
-                attack_row("wanda+dori", self.attack("wanda", "testbed:memorized", None, (str(paths["wanda"]),)),
-                           self.threshold)]
+        config = self.config
+        control = [r for i, (prompts, limit) in enumerate(config.control_targets)
+                   for r in self.attack(f"control-{i}", prompts, limit, references=config.control_references)]
+        rows = [attack_row("non-memorized+dori", control, self.threshold)] if control else []
+        for name in ("nemo", "wanda"):
+            records = self.attack(name, config.memorized, config.limit, (str(paths[name]),), references=config.references)
+            rows.append(attack_row(f"{name}+dori", records, self.threshold))
+        return rows
 
     def finetuned(self):
         """Adversarial fine-tuning of a copy of the model (cached by weights and settings); the copy."""
@@ -254,7 +311,9 @@ class _Demo:
         else:
             out = self.run.path / "finetune"
         ft_pipe = copy.deepcopy(self.pipe)
-        result = adversarial_finetune(ft_pipe, prompts_for(self.pipe, "testbed:memorized"), ft_config, out,
+        memorized = prompts_for(self.pipe, self.config.memorized, references=self.config.references,
+                                limit=self.config.limit)
+        result = adversarial_finetune(ft_pipe, memorized, ft_config, out,
                                       progress=labelled(self.progress, "adversarial fine-tuning"))
         (self.run.path / "finetune.json").write_text(json.dumps({**result.summary, "run": str(result.path)}, indent=1))
         for name in ("losses.png", "losses.pdf"):
@@ -272,8 +331,9 @@ class _Demo:
         fresh = AttackConfig(**{**self.config.attack_config.to_dict(), "seed": self.config.fresh_attack_seed})
         records = []
         for init in ("prompt", "random"):
-            records += self.attack(f"adversarial-ft-{init}", "testbed:memorized", None, pipe=ft_pipe, init=init,
-                                   seed=self.config.fresh_attack_seed, attack=fresh)
+            records += self.attack(f"adversarial-ft-{init}", self.config.memorized, self.config.limit, pipe=ft_pipe,
+                                   init=init, seed=self.config.fresh_attack_seed, attack=fresh,
+                                   references=self.config.references)
         return [row, attack_row("adversarial-ft+dori", records, self.threshold)], ft_pipe
 
     def utility(self, ft_pipe, rows: list[dict]) -> None:
@@ -326,40 +386,56 @@ class _Demo:
 def run_demo(pipe=None, config: DemoConfig | None = None, out: str | Path | None = None, *, overwrite: bool = False,
              progress: Progress | None = None) -> tuple[Path, list[dict]]:
     """Run (or resume) the demo on ``pipe`` (default: the shipped testbed); returns the folder and the rows."""
-    from .models import load_pipeline, model_record
+    from .models import load_pipeline, model_name, model_record
+    from .prompts import prompts_for, require_references
 
     config = config or DemoConfig()
     config.validate()
     pipe = pipe if pipe is not None else load_pipeline("testbed")
-    out = Path(out) if out is not None else default_run_dir("demo", "testbed")
-    run = RunFolder(out, "demo", to_dict(config), model=model_record(pipe), overwrite=overwrite, seeds=[config.seed])
+    # every stage attacks or scores the memorized prompts' training images: refuse a run without them now
+    require_references(prompts_for(pipe, config.memorized, references=config.references, limit=config.limit), "the demo")
+    out = Path(out) if out is not None else default_run_dir("demo", model_name(pipe))
+    processes = Processes(pipe)
+    run = processes.open(out, "demo", to_dict(config), model=model_record(pipe), overwrite=overwrite,
+                         seeds=[config.seed])
     demo = _Demo(pipe, config, run, progress)
     with run.guard():
+        # the evaluations, fits and attacks share their work among processes; the rest is the main one's
         rows, paths = demo.table1_models()
         if config.mitigations and config.attack:
             rows.extend(demo.table1_attacks(paths))
             seen = next((r for r in rows if r["name"] == "seen-once"), None)
             if seen is not None:
                 rows.insert(rows.index(seen) + 1, {**seen, "name": "non-memorized"})
+        ft_pipe = None
         if config.finetune:
             ft_rows, ft_pipe = demo.table2()
             rows.extend(ft_rows)
-            demo.utility(ft_pipe, rows)
-        _mr_figure(rows, run.path)
-        for row in rows:
-            if paper.paper_mr(row["name"]) is not None:
-                row["paper_mr"] = paper.paper_mr(row["name"])
-        if config.analyses:
-            demo.analyses()
-        write_grid(run.path, pipe, config)
-        run.write_summary(rows)
-        run.write_manifest({"status": "done", "threshold": demo.threshold})
-        if config.report:
-            from .report import write_report
-
-            write_report([run.path], run.path / "report.html", title="dori demo: memorization on the testbed")
+        with processes.main_only() as main:
+            if main:
+                _finish(demo, pipe, ft_pipe, rows)
     logger.info("demo written to %s", run.path)
     return run.path, rows
+
+
+def _finish(demo: _Demo, pipe, ft_pipe, rows: list[dict]) -> None:
+    """Utility, the MR figure, the paper's numbers, the analyses, the grid, the summary and the report."""
+    config, run = demo.config, demo.run
+    if config.finetune and config.testbed_utility:
+        demo.utility(ft_pipe, rows)
+    _mr_figure(rows, run.path)
+    for row in rows:
+        if paper.paper_mr(row["name"]) is not None:
+            row["paper_mr"] = paper.paper_mr(row["name"])
+    if config.analyses:
+        demo.analyses()
+    write_grid(run.path, pipe, config)
+    run.write_summary(rows)
+    run.write_manifest({"status": "done", "threshold": demo.threshold})
+    if config.report:
+        from .report import write_report
+
+        write_report([run.path], run.path / "report.html", title=config.title)
 
 
 def _mr_figure(rows: list[dict], folder: Path) -> None:
@@ -371,13 +447,26 @@ def _mr_figure(rows: list[dict], folder: Path) -> None:
         fig.savefig(folder / "mr_vs_steps.pdf")
 
 
+def _thumbnail(image, side: int = 256):
+    """A reference image as ``(3, H, W)`` in [0, 1], at most ``side`` pixels on its longer side."""
+    import torch.nn.functional as F
+
+    from .images import to_rgb, to_tensor
+
+    x = to_tensor(to_rgb(image))
+    scale = side / max(x.shape[-2:])
+    if scale < 1:
+        x = F.interpolate(x, scale_factor=scale, mode="bilinear", antialias=True, align_corners=False)
+    return x[0].clamp(0, 1)
+
+
 def write_grid(folder: Path, pipe, config: DemoConfig) -> Path:
     """``grid.json`` for the report: per memorized prompt and seed, the training image, the unmitigated,
     mitigated, and mitigated + Dori generations (whichever stages ran)."""
-    from .images import save_png, to_tensor
+    from .images import save_png
     from .prompts import prompts_for
 
-    memorized = prompts_for(pipe, "testbed:memorized")
+    memorized = prompts_for(pipe, config.memorized, references=config.references, limit=config.limit)
     (folder / "references").mkdir(exist_ok=True)
     columns = ["reference"]
     cells: dict[tuple[str, int], dict] = {}
@@ -385,7 +474,7 @@ def write_grid(folder: Path, pipe, config: DemoConfig) -> Path:
     seeds = list(range(config.seed, config.seed + config.grid_seeds))
     for record in memorized.records:
         name = f"references/{safe_filename(record.id)}.png"
-        save_png(to_tensor(memorized.references[record.id][None])[0], folder / name)
+        save_png(_thumbnail(memorized.references[record.id]), folder / name)
         for seed in seeds:
             cells[(record.id, seed)] = {"reference": {"image": name, "score": None}}
 

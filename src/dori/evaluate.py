@@ -24,7 +24,7 @@ from .memorization import per_prompt_table, score_images, sscd_gen, summary_row
 from .models import model_name, model_record
 from .progress import Progress, for_stage
 from .prompts import PromptRecord, prompts_for
-from .runs import RunFolder, config_hash, default_run_dir, safe_filename
+from .runs import Processes, RunFolder, config_hash, default_run_dir, safe_filename
 
 logger = logging.getLogger(__name__)
 
@@ -69,13 +69,6 @@ class EvaluationResult:
     path: Path
     records: list[dict]
     summary: dict
-
-
-def _distributed(pipe):
-    """accelerate's process state; on CPU several processes talk over gloo (``MULTI_CPU``)."""
-    from accelerate import PartialState
-
-    return PartialState(cpu=pipe.unet.device.type == "cpu")
 
 
 def image_path(run: RunFolder, prompt_id: str, seed: int) -> Path:
@@ -164,8 +157,8 @@ def run_evaluate(pipe, config: EvaluateConfig, out: str | Path | None = None, *,
     from .mitigations import load_mitigation
 
     config.validate()
-    state = _distributed(pipe)
-    rank, world = state.process_index, state.num_processes
+    processes = Processes(pipe)
+    rank, world = processes.rank, processes.world
     prompt_set = prompts_for(pipe, config.prompts, references=config.references, limit=config.limit)
     descriptor = config.descriptor.build(pipe)
     mitigations = [load_mitigation(path) for path in config.mitigations]
@@ -175,12 +168,8 @@ def run_evaluate(pipe, config: EvaluateConfig, out: str | Path | None = None, *,
     resolved = {"descriptor": descriptor.describe(),
                 "mitigations": [{"name": m.name, "scope": m.scope, "hash": config_hash(m.describe())} for m in mitigations]}
     out = Path(out) if out is not None else default_run_dir(command, model_name(pipe))
-    if world > 1 and rank != 0:
-        state.wait_for_everyone()
-    run = RunFolder(out, command, to_dict(config), model=model_record(pipe), resolved=resolved, overwrite=overwrite,
-                    rank=rank, world_size=world, seeds=config.seeds())
-    if world > 1 and rank == 0:
-        state.wait_for_everyone()
+    run = processes.open(out, command, to_dict(config), model=model_record(pipe), resolved=resolved,
+                         overwrite=overwrite, seeds=config.seeds())
     with run.guard():
         mine = items[rank::world]
         done = run.done_keys()
@@ -197,8 +186,7 @@ def run_evaluate(pipe, config: EvaluateConfig, out: str | Path | None = None, *,
             finished += len(chunk)
             if report:
                 report(finished, total)
-        if world > 1:
-            state.wait_for_everyone()
+        processes.barrier()
         records = sorted(run.records(), key=lambda r: r["key"])
         summary = _summary(prompt_set.name, config.prompts, records, descriptor)
         if rank == 0:

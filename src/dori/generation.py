@@ -48,24 +48,43 @@ class Generations:
     noise_norm: torch.Tensor | None
 
 
+def epsilon_scale(scheduler, timestep) -> float:
+    """The factor that turns a difference of two UNet outputs at ``timestep`` (same ``x_t``) into the
+    difference of their noise predictions: 1 for epsilon models, ``sqrt(alpha_bar_t)`` for v prediction."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return 1.0
+    alphas = scheduler.alphas_cumprod
+    index = int(round(float(timestep))) if timestep is not None else len(alphas) - 1
+    alpha = float(alphas[min(max(index, 0), len(alphas) - 1)])
+    if kind == "v_prediction":
+        return alpha**0.5
+    if kind == "sample":
+        return (alpha / max(1 - alpha, 1e-12)) ** 0.5
+    raise DoriError(f"scheduler: prediction_type {kind!r} is not supported")
+
+
 @contextmanager
-def track_noise_norm(unet: torch.nn.Module):
+def track_noise_norm(unet: torch.nn.Module, scheduler=None):
     """Record ||eps(x_t, y) - eps(x_t, y_empty)|| per image at every step of a CFG pipeline call.
 
     Wen et al. (ICLR 2024) detect memorization by this norm; it costs nothing extra here because
     the pipeline already evaluates the unconditional and the conditional prediction in one batch
-    ``[uncond, cond]``, which a forward hook splits.
+    ``[uncond, cond]``, which a forward hook splits. On a v- or sample-predicting model the UNet's
+    output difference is converted to the noise difference with ``scheduler``'s schedule.
     """
     steps: list[torch.Tensor] = []
 
-    def hook(_module, _args, output):
+    def hook(_module, args, kwargs, output):
         sample = output[0] if isinstance(output, tuple) else output.sample
         if sample.shape[0] % 2 == 0:
             uncond, cond = sample.float().chunk(2)
-            steps.append((cond - uncond).flatten(1).norm(dim=1).cpu())
+            timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+            scale = epsilon_scale(scheduler, timestep) if scheduler is not None else 1.0
+            steps.append(scale * (cond - uncond).flatten(1).norm(dim=1).cpu())
 
     with hooked(unet, "noise-norm") as hooks:
-        hooks.forward("", hook)
+        hooks.forward("", hook, with_kwargs=True)
         yield steps
 
 
@@ -103,7 +122,7 @@ def generate(pipe, seeds: list[int], prompts: list[str] | None = None, *, prompt
                 kwargs["negative_prompt_embeds"] = negative_prompt_embeds[sl].to(device, pipe.unet.dtype)
             elif empty is not None:
                 kwargs["negative_prompt_embeds"] = empty.expand(sl.stop - sl.start, -1, -1)
-        with track_noise_norm(pipe.unet) as steps:
+        with track_noise_norm(pipe.unet, pipe.scheduler) as steps:
             out = pipe(**kwargs).images
         images.append(out.float().cpu())
         if cfg and steps:

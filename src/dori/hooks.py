@@ -70,10 +70,12 @@ class Handle:
             raise
         self._undo.append((full, handle.remove))
 
-    def forward(self, path: str, fn: Callable, *, name: str | None = None) -> None:
-        """``fn(module, args, output) -> output | None`` after ``path``'s forward."""
+    def forward(self, path: str, fn: Callable, *, with_kwargs: bool = False, name: str | None = None) -> None:
+        """``fn(module, args, output) -> output | None`` (``fn(module, args, kwargs, output)`` with
+        ``with_kwargs``) after ``path``'s forward."""
         module = self._module(path)
-        self._register(name if name is not None else path, lambda: module.register_forward_hook(fn))
+        self._register(name if name is not None else path,
+                       lambda: module.register_forward_hook(fn, with_kwargs=with_kwargs))
 
     def pre(self, path: str, fn: Callable, *, with_kwargs: bool = False, name: str | None = None) -> None:
         """``fn(module, args) -> args | None`` (or ``fn(module, args, kwargs) -> (args, kwargs) | None``

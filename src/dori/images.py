@@ -28,11 +28,6 @@ def to_tensor(images) -> torch.Tensor:
     return tensor.permute(0, 3, 1, 2).contiguous()
 
 
-def stack_rgb(images: list[np.ndarray]) -> torch.Tensor:
-    """Same-size uint8 images (grey or colour) as one float ``(N, 3, H, W)`` batch."""
-    return to_tensor(np.stack([to_rgb(image) for image in images]))
-
-
 def load_image(path: Path) -> np.ndarray:
     """A file as uint8 ``(H, W, 3)``; a file that is not a readable image is a :class:`DoriError`."""
     from PIL import Image, UnidentifiedImageError

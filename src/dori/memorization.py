@@ -28,20 +28,34 @@ class ImageScores:
     gallery_match: list[str | None]
 
 
+def embed_arrays(descriptor: Descriptor, images: list[np.ndarray]) -> torch.Tensor:
+    """Descriptors ``(N, D)`` of uint8 images of any sizes (each size embedded as one batch)."""
+    from .images import to_rgb
+
+    tensors = [to_tensor(to_rgb(np.asarray(image))) for image in images]
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    for shape in dict.fromkeys(t.shape for t in tensors):
+        idx = [i for i, t in enumerate(tensors) if t.shape == shape]
+        for i, feat in zip(idx, descriptor.embed(torch.cat([tensors[i] for i in idx])), strict=True):
+            out[i] = feat
+    return torch.stack(out)
+
+
 def score_images(descriptor: Descriptor, images: torch.Tensor, references: list[np.ndarray | None],
                  gallery: dict[str, np.ndarray] | None = None) -> ImageScores:
-    """Similarity of each image ``(N, 3, H, W)`` to its own reference and to the closest gallery image."""
+    """Similarity of each image ``(N, 3, H, W)`` to its own reference (of any size) and to the closest
+    gallery image."""
     feats = descriptor.embed(images)
     n = feats.shape[0]
     orig = np.full(n, np.nan)
     have = [i for i, r in enumerate(references) if r is not None]
     if have:
-        ref_feats = descriptor.embed(torch.cat([to_tensor(references[i]) for i in have]))
+        ref_feats = embed_arrays(descriptor, [references[i] for i in have])
         orig[have] = (feats[have] * ref_feats).sum(dim=1).numpy()
     gmax, gmatch = np.full(n, np.nan), [None] * n
     if gallery:
         names = list(gallery)
-        sims = feats @ descriptor.embed(torch.cat([to_tensor(gallery[k]) for k in names])).T
+        sims = feats @ embed_arrays(descriptor, [gallery[k] for k in names]).T
         best = sims.max(dim=1)
         gmax = best.values.numpy().astype(float)
         gmatch = [names[j] for j in best.indices.tolist()]

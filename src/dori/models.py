@@ -44,8 +44,12 @@ def check_pipeline_folder(folder: Path) -> None:
         )
 
 
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+
 def resolve_model(model: str | os.PathLike) -> tuple[str, str]:
-    """Return ``(kind, location)`` with kind ``testbed``, ``folder`` or ``hub``; raise on a bad path."""
+    """Return ``(kind, location)`` with kind ``testbed``, ``folder``, ``single-file`` or ``hub``; raise on
+    a bad path."""
     text = str(model)
     if text == "testbed":
         folder = testbed_path()
@@ -53,6 +57,11 @@ def resolve_model(model: str | os.PathLike) -> tuple[str, str]:
             raise DoriError("model: the shipped testbed is missing; run `dori testbed build --install`")
         return "testbed", str(folder)
     path = Path(text).expanduser()
+    if path.is_file():
+        if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+            raise DoriError(f"model: {path} is a file; give a pipeline folder, or a single-file checkpoint "
+                            f"({', '.join(SINGLE_FILE_SUFFIXES)})")
+        return "single-file", str(path)
     if path.exists():
         check_pipeline_folder(path)
         return "folder", str(path)
@@ -74,13 +83,57 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     return DTYPES[name]
 
 
+SCHEDULERS = {"ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
+              "euler-a": "EulerAncestralDiscreteScheduler", "dpm": "DPMSolverMultistepScheduler",
+              "lms": "LMSDiscreteScheduler", "ddpm": "DDPMScheduler"}
+
+
+def swap_scheduler(pipe, scheduler: str) -> None:
+    """Give ``pipe`` another scheduler class (a short name such as ``ddim`` or a diffusers class name) with
+    the same noise schedule (``from_config`` of the current one)."""
+    import diffusers
+
+    name = SCHEDULERS.get(scheduler, scheduler)
+    cls = getattr(diffusers, name, None)
+    if cls is None or not hasattr(cls, "from_config") or not name.endswith("Scheduler"):
+        raise DoriError(f"scheduler: {scheduler!r} is not a diffusers scheduler (e.g. {', '.join(SCHEDULERS)} or a "
+                        "class name such as DDIMScheduler)")
+    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+
+
+def _from_single_file(path: str, config: str | os.PathLike | None, kwargs: dict):
+    """A single-file checkpoint (the original Stable Diffusion layout) through diffusers' ``from_single_file``,
+    offline: the component configs and the tokenizer come from ``config``, a pipeline folder (or hub id)
+    of the same architecture."""
+    from diffusers import StableDiffusionPipeline
+
+    if config is None:
+        raise DoriError(f"model_config: the single-file checkpoint {path} needs the configs of its components, which "
+                        "cannot be downloaded here: give --model-config DIR, a pipeline folder of the same "
+                        "architecture (e.g. stable-diffusion-v1-4 saved with save_pretrained)")
+    config_path = Path(config).expanduser()
+    if config_path.exists():
+        check_pipeline_folder(config_path)
+    try:
+        pipe = StableDiffusionPipeline.from_single_file(path, config=str(config), local_files_only=True, **kwargs)
+        pipe.register_to_config(_name_or_path=path)
+        return pipe
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise DoriError(f"model: could not load the single-file checkpoint {path} with the configs of {config} "
+                        f"({type(exc).__name__}: {str(exc)[:200]})") from exc
+
+
 def load_pipeline(model: str | os.PathLike = "testbed", device: str | torch.device = "cpu",
-                  dtype: str | torch.dtype = torch.float32):
+                  dtype: str | torch.dtype = torch.float32, scheduler: str | None = None,
+                  model_config: str | os.PathLike | None = None):
     """Load a ``StableDiffusionPipeline`` (SD 1.x, 2.x or the testbed) with its progress bar switched off.
 
-    ``model`` is ``"testbed"``, a local folder written by ``save_pretrained``, or a diffusers hub id
-    (downloaded only when the hub is reachable). The safety checker is not loaded. The result is a
-    plain diffusers pipeline: every function of dori takes one loaded any other way just as well.
+    ``model`` is ``"testbed"``, a local folder written by ``save_pretrained``, a single-file checkpoint
+    (``.safetensors`` / ``.ckpt`` in the original layout, with ``model_config``: a pipeline folder of the
+    same architecture for the component configs), or a diffusers hub id (downloaded only when the hub
+    is reachable). ``scheduler``: another sampler than the model's own (see :func:`swap_scheduler`). The
+    safety checker is not loaded. The result is a plain diffusers pipeline: every function of dori
+    takes one loaded any other way just as well.
     """
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
@@ -92,13 +145,20 @@ def load_pipeline(model: str | os.PathLike = "testbed", device: str | torch.devi
     transformers_logging.disable_progress_bar()
     kwargs = {"dtype": dtype, "safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(location, **kwargs)
+        if kind == "single-file":
+            pipe = _from_single_file(location, model_config, kwargs)
+        else:
+            pipe = StableDiffusionPipeline.from_pretrained(location, **kwargs)
+    except DoriError:
+        raise
     except (OSError, ValueError) as exc:
         if kind == "hub":
             raise DoriError(f"model: could not load hub id {location!r} ({type(exc).__name__}); the hub may be "
                             "unreachable: save the pipeline with save_pretrained and pass its folder") from exc
         raise DoriError(f"model: could not load {location}: {exc}") from exc
     pipe.set_progress_bar_config(disable=True)
+    if scheduler is not None:
+        swap_scheduler(pipe, scheduler)
     pipe.to(device)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.eval().requires_grad_(False)
@@ -201,15 +261,51 @@ def initial_latents(pipe, seeds: list[int]) -> torch.Tensor:
                       for s in seeds]).to(unet.device)
 
 
-def encode_images(pipe, images: torch.Tensor) -> torch.Tensor:
-    """VAE latents (posterior mean x ``vae.config.scaling_factor``) of images ``(N, 3, H, W)`` in [0, 1],
-    resized to the model's resolution first."""
+def center_square(images: torch.Tensor) -> torch.Tensor:
+    """The centred square crop of ``(N, C, H, W)`` images (Stable Diffusion's training images were
+    resized on the short side and centre-cropped)."""
+    h, w = images.shape[-2:]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    return images[..., top : top + side, left : left + side]
+
+
+def encode_images(pipe, images, batch_size: int | None = None) -> torch.Tensor:
+    """VAE latents (posterior mean x ``vae.config.scaling_factor``) ``(N, C, h, w)`` of ``images``: a float
+    ``(N, 3, H, W)`` batch in [0, 1], or a list of uint8 ``(H, W, 3)`` / ``(H, W)`` arrays of any sizes
+    (training images). Each is centre-cropped to a square and resized to the model's resolution; the
+    VAE sees ``batch_size`` images at a time (None: all at once)."""
     import torch.nn.functional as F
+
+    from .images import to_rgb, to_tensor
 
     vae = pipe.vae
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    x = images.to(vae.device, vae.dtype)
-    if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    batch = [images[i : i + 1] for i in range(len(images))] if isinstance(images, torch.Tensor) else \
+        [to_tensor(to_rgb(image)) for image in images]
+    squares = []
+    for x in batch:
+        x = center_square(x.float())
+        if x.shape[-2:] != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        squares.append(x)
+    x = torch.cat(squares).to(vae.device, vae.dtype)
     with torch.no_grad():
-        return vae.encode(x * 2 - 1).latent_dist.mean * vae.config.scaling_factor
+        chunks = x.split(batch_size) if batch_size else (x,)
+        return torch.cat([vae.encode(chunk * 2 - 1).latent_dist.mean for chunk in chunks]) * vae.config.scaling_factor
+
+
+def weights_fingerprint(*modules: torch.nn.Module, extra: object = ()) -> str:
+    """16 hex digits of the SHA-256 of the modules' tensors (names, shapes, dtypes and bytes) and ``extra``:
+    the identity of the weights a cached or saved result depends on. Tensors are hashed one at a time
+    (on the CPU), so memory stays at the largest tensor."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for i, module in enumerate(modules):
+        for name, tensor in module.state_dict().items():
+            t = tensor.detach()
+            h.update(f"{i}/{name}/{tuple(t.shape)}/{t.dtype}".encode())
+            h.update(t.cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h.update(repr(extra).encode())
+    return h.hexdigest()[:16]

@@ -21,7 +21,8 @@ from .images import load_image
 PROMPT_COLUMNS = ("prompt", "caption", "text")
 ID_COLUMNS = ("id", "index", "key")
 GROUP_COLUMNS = ("group", "type", "overfit_type", "role")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+URL_COLUMNS = ("url", "image_url", "link")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 #: Bundled sets: name -> (file, description, filter on group). Sources and licences: dori/data/README.md.
 BUNDLED: dict[str, tuple[str, str, str | None]] = {
@@ -42,6 +43,8 @@ class PromptRecord:
     id: str
     prompt: str
     group: str | None = None
+    url: str | None = None
+    """Where the training image was published (LAION's URL), when the set says."""
 
 
 @dataclass
@@ -79,15 +82,17 @@ def _records_from_rows(rows: list[dict], source: str) -> list[PromptRecord]:
     if prompt_col is None:
         raise DoriError(f"prompts: {source} has no prompt column (columns: {', '.join(map(str, columns))}; "
                         f"expected one of {', '.join(PROMPT_COLUMNS)})")
-    id_col, group_col = _pick(columns, ID_COLUMNS), _pick(columns, GROUP_COLUMNS)
+    id_col, group_col, url_col = _pick(columns, ID_COLUMNS), _pick(columns, GROUP_COLUMNS), _pick(columns, URL_COLUMNS)
+
+    def value(row: dict, column: str | None) -> str | None:
+        return str(row[column]).strip() if column and row.get(column) not in (None, "") else None
+
     records = []
     for i, row in enumerate(rows):
         text = str(row.get(prompt_col) or "").strip()
         if not text:
             continue
-        rid = str(row[id_col]).strip() if id_col and row.get(id_col) not in (None, "") else str(i)
-        group = str(row[group_col]).strip() if group_col and row.get(group_col) not in (None, "") else None
-        records.append(PromptRecord(rid, text, group))
+        records.append(PromptRecord(value(row, id_col) or str(i), text, value(row, group_col), value(row, url_col)))
     if not records:
         raise DoriError(f"prompts: {source} holds no prompts (the {prompt_col!r} column is empty)")
     ids = [r.id for r in records]
@@ -154,7 +159,8 @@ def testbed_prompt_set(name: str, folder: str | Path) -> PromptSet:
     from .testbed.assets import is_testbed_folder, load_testbed_data
 
     if not is_testbed_folder(folder):
-        raise DoriError(f"prompts: {name} needs the testbed model, but {folder} holds no testbed data")
+        raise DoriError(f"prompts: {name} are the testbed's captions, and {folder} is not the testbed; give --prompts "
+                        "(a bundled set such as webster-sd1-vm, or a CSV / JSONL / TXT file)")
     entries, images = load_testbed_data(folder)
     role = name.split(":", 1)[1] if ":" in name else None
     chosen = [e for e in entries if role is None or e.role == role]
@@ -197,7 +203,11 @@ def prompts_for(pipe, spec: str, *, references: str | Path | None = None, limit:
     came from, the reference images from ``references``, the first ``limit`` prompts."""
     from .models import testbed_folder
 
-    return load_prompt_set(spec, references=references, model_folder=testbed_folder(pipe)).subset(limit)
+    folder = testbed_folder(pipe)
+    if folder is None and (spec in TESTBED_SETS or spec.startswith("testbed:")):
+        raise DoriError(f"prompts: {spec} are the testbed's captions, and this model is not the testbed; give --prompts "
+                        "(a bundled set such as webster-sd1-vm, or a CSV / JSONL / TXT file)")
+    return load_prompt_set(spec, references=references, model_folder=folder).subset(limit)
 
 
 def require_references(prompt_set: PromptSet, what: str) -> list[np.ndarray]:

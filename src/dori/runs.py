@@ -100,6 +100,11 @@ def read_records(folder: Path) -> list[dict]:
     return list(by_key.values())
 
 
+INVOCATION: dict[str, str | None] = {}
+"""How the command line chose the settings (``preset``, ``config_file``), set by the CLI and recorded in
+every manifest it writes; empty when the library is called from Python."""
+
+
 class RunFolder:
     """One run's folder; ``rank`` / ``world_size`` come from accelerate when several processes share it.
 
@@ -118,6 +123,8 @@ class RunFolder:
         identity = {k: self.model.get(k) for k in ("location", "dtype")} if self.model else None
         self.hash = config_hash({"config": config, "model": identity, "resolved": self.resolved})
         self.rank, self.world_size = rank, world_size
+        self.barrier = lambda: None
+        """Waits for every process of the run (set by :class:`Processes`; nothing to wait for with one)."""
         self.images = self.path / "images"
         manifest_path = self.path / MANIFEST
         if manifest_path.exists():
@@ -147,6 +154,8 @@ class RunFolder:
         manifest = self.manifest() or {
             "command": self.command,
             "argv": sys.argv,
+            "preset": INVOCATION.get("preset"),
+            "config_file": INVOCATION.get("config_file"),
             "config": self.config,
             "model": self.model,
             "resolved": self.resolved,
@@ -239,3 +248,57 @@ def json_safe(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+_SOLO = {"on": False}
+
+
+class Processes:
+    """The processes sharing a run (accelerate's state; on CPU they talk over gloo): ``rank`` of ``world``.
+
+    A run launched with ``accelerate launch`` gives each process its share of the work items
+    (``items[rank::world]``) and its own records file; :meth:`barrier` waits for all of them. Inside
+    :meth:`main_only` the main process works alone (its nested runs see one process)."""
+
+    def __init__(self, pipe=None):
+        from accelerate import PartialState
+
+        cpu = pipe is None or pipe.unet.device.type == "cpu"
+        self.state = PartialState(cpu=cpu)
+        self.rank, self.world = self.state.process_index, self.state.num_processes
+        if _SOLO["on"]:
+            self.rank, self.world = 0, 1
+
+    @contextmanager
+    def main_only(self) -> Iterator[bool]:
+        """``with processes.main_only() as mine: if mine: ...``: the block's work in the main process only,
+        as a single-process run; the others wait at its end."""
+        if not self.main:
+            yield False
+            self.barrier()
+            return
+        _SOLO["on"] = True
+        try:
+            yield True
+        finally:
+            _SOLO["on"] = False
+        self.barrier()
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            self.state.wait_for_everyone()
+
+    def open(self, path: str | Path, command: str, config: dict, **kwargs) -> RunFolder:
+        """The run folder, made (or checked) by the main process first, then opened by the others."""
+        if not self.main:
+            self.barrier()
+        run = RunFolder(path, command, config, rank=self.rank, world_size=self.world,
+                        **{**kwargs, "overwrite": kwargs.get("overwrite", False) and self.main})
+        run.barrier = self.barrier
+        if self.main:
+            self.barrier()
+        return run

@@ -4,6 +4,11 @@ NeMo compares min-max scaled noise differences with MS-SSIM (Gaussian window 11,
 scales with betas 0.33). Latents smaller than that window (the testbed's are 8x8) cannot take it, so
 the window shrinks to the largest odd size that fits and the scales to those whose side is still at
 least the window; :func:`ssim_settings` says what is used, and callers record it.
+
+``normalize_betas`` (the default) rescales the betas to sum to 1, so that a single scale gives plain
+SSIM; the official code uses them as given (torchmetrics' convention), which for SD's 64x64 latents
+gives ``value ** 0.99`` of the normalised one: ``normalize_betas=False`` reproduces it, as a fixed
+threshold such as NeMo's 0.428 needs.
 """
 
 from __future__ import annotations
@@ -43,12 +48,13 @@ def _ssim_cs(x: torch.Tensor, y: torch.Tensor, window: torch.Tensor, data_range:
 
 
 def ms_ssim(x: torch.Tensor, y: torch.Tensor, kernel_size: int = 11, betas: tuple[float, ...] = NEMO_BETAS,
-            sigma: float = 1.5, data_range: float = 1.0) -> torch.Tensor:
+            sigma: float = 1.5, data_range: float = 1.0, normalize_betas: bool = True) -> torch.Tensor:
     """MS-SSIM per pair: ``x``, ``y`` ``(N, C, H, W)`` -> ``(N,)``. Contrast terms are clamped at 0."""
     kernel, betas = ssim_settings(min(x.shape[-2:]), kernel_size, betas)
     window = _window(kernel, sigma, x.shape[1], x.device, x.dtype)
     weights = torch.tensor(betas, device=x.device, dtype=x.dtype)
-    weights = weights / weights.sum()
+    if normalize_betas:
+        weights = weights / weights.sum()
     values = []
     for scale in range(len(betas)):
         ssim, cs = _ssim_cs(x, y, window, data_range)

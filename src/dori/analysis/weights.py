@@ -158,7 +158,7 @@ def localize_wanda(pipe, run, items: list[Item], embeds: torch.Tensor, layers: d
         base = input_norms(pipe, layers, [config.base_prompt], config)
     for k, item in enumerate(todo, start=1):
         target = input_norms(pipe, layers, None, config, prompt_embeds=embeds[item.index : item.index + 1])
-        masks = {name: wanda_masks(layer.weight, target[name], base[name], config.sparsity, config.timesteps)
+        masks = {name: wanda_masks(layer.weight, target[name], base[name], config.sparsity, config.timesteps, config.keep)
                  for name, layer in layers.items()}
         path = _mask_file(run.path, item.key("wanda"))
         save_file({name: m.to(torch.uint8).contiguous() for name, m in masks.items()}, str(path),

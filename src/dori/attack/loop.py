@@ -211,21 +211,27 @@ class EmbeddingAttack:
         optimizer = torch.optim.Adam([y], lr=cfg.lr)
         track = _Track(len(items), cfg.steps)
         recorded = cfg.recorded_steps()
+        outcome, checked_at = None, None  # the success check's last outcome and the step it was taken after
         with _Model(self.pipe.unet):
             if 0 in recorded:
-                track.record(0, self.success(y.detach(), which))
+                outcome, checked_at = self.success(y.detach(), which), 0
+                track.record(0, outcome)
+            step = 0
             for step in range(1, cfg.steps + 1):
                 idx = torch.nonzero(track.active).flatten().tolist()
                 if not idx:
+                    step -= 1
                     break
                 self._step(y, y0, goal, items, idx, step, optimizer, track)
                 if cfg.early_stop and step % cfg.check_every == 0:
                     self._early_stop(y, which, idx, step, track)
                 if step in recorded:
-                    track.record(step, self.success(y.detach(), which))
+                    outcome, checked_at = self.success(y.detach(), which), step
+                    track.record(step, outcome)
                 if on_step:
                     on_step(step, cfg.steps)
-        final = self.success(y.detach(), which)
+        # the triggers have not moved since the last check: its outcome is the final one
+        final = outcome if checked_at == step else self.success(y.detach(), which)
         return self._results(items, y, y0, final, track, recorded, time.perf_counter() - t0)
 
     def _step(self, y, y0, goal, items, idx: list[int], step: int, optimizer, track: _Track) -> None:

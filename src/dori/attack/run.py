@@ -20,12 +20,12 @@ from ..config_files import to_dict
 from ..descriptors import DescriptorConfig
 from ..errors import DoriError
 from ..generation import GenerationConfig
-from ..images import save_png, stack_rgb
+from ..images import save_png
 from ..memorization import mean_std, memorization_rate
 from ..models import encode_images, model_name, model_record
 from ..progress import Progress, for_stage
 from ..prompts import PromptSet, prompts_for, require_references
-from ..runs import RunFolder, default_run_dir, safe_filename
+from ..runs import Processes, RunFolder, default_run_dir, safe_filename
 from .loop import AttackConfig, AttackItem
 from .parts import CONSTRAINTS, FromPrompt, OtherPrompt, RandomNormal, make_constraint
 from .recipes import DEFAULT_RECIPE, RECIPES, build_attack
@@ -50,7 +50,9 @@ class AttackRunConfig:
     ids: tuple[str, ...] = ()
     recipe: str = DEFAULT_RECIPE
     init: str = "prompt"
-    other_prompt: str = "a red circle on a blue background"
+    other_prompt: str | None = None
+    """The start of ``init="other"``; None: a shape caption on the testbed, the first prompt of
+    ``laion-nonmem`` elsewhere."""
     restarts: int = 1
     num_seeds: int = 10
     seed: int = 0
@@ -78,15 +80,29 @@ class AttackRunConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def initializer(self):
+    def initializer(self, pipe=None):
         if self.init == "random":
             return RandomNormal(self.seed)
         if self.init == "other":
-            return OtherPrompt(self.other_prompt)
+            return OtherPrompt(self.other_prompt or default_other_prompt(pipe))
         return FromPrompt()
 
     def seeds(self) -> list[int]:
         return list(range(self.seed, self.seed + self.num_seeds))
+
+
+TESTBED_OTHER_PROMPT = "a red circle on a blue background"
+
+
+def default_other_prompt(pipe) -> str:
+    """A non-memorized prompt to start ``init="other"`` from: a shape caption on the testbed, the first
+    of the bundled non-memorized LAION prompts elsewhere."""
+    from ..models import testbed_folder
+    from ..prompts import load_prompt_set
+
+    if pipe is not None and testbed_folder(pipe) is not None:
+        return TESTBED_OTHER_PROMPT
+    return load_prompt_set("laion-nonmem").records[0].prompt
 
 
 def load_triggers(run: str | Path) -> dict[str, torch.Tensor]:
@@ -126,17 +142,21 @@ def run_attack(pipe, config: AttackRunConfig, out: str | Path | None = None, *, 
     descriptor = config.descriptor.build(pipe)
     mitigations = [load_mitigation(p) for p in config.mitigations]
     out = Path(out) if out is not None else default_run_dir(command, model_name(pipe))
-    run = RunFolder(out, command, to_dict(config), model=model_record(pipe),
-                    resolved={"descriptor": descriptor.describe(), "recipe": RECIPES.origin(config.recipe)},
-                    overwrite=overwrite, seeds=config.seeds())
+    processes = Processes(pipe)
+    resolved = {"descriptor": descriptor.describe(), "recipe": RECIPES.origin(config.recipe)}
+    if config.init == "other":
+        resolved["other_prompt"] = config.other_prompt or default_other_prompt(pipe)
+    run = processes.open(out, command, to_dict(config), model=model_record(pipe), resolved=resolved,
+                         overwrite=overwrite, seeds=config.seeds())
     with run.guard():
         (run.path / "triggers").mkdir(exist_ok=True)
-        targets = encode_images(pipe, stack_rgb(references))
+        targets = encode_images(pipe, references)
         items = [AttackItem(r.id, r.prompt, i, k) for i, r in enumerate(prompt_set.records)
                  for k in range(config.restarts)]
+        items = items[processes.rank :: processes.world]  # this process's share (all of them with one)
         done = run.done_keys()
         todo = [it for it in items if it.key not in done]
-        attack = build_attack(config.recipe, pipe, descriptor, references, initializer=config.initializer(),
+        attack = build_attack(config.recipe, pipe, descriptor, references, initializer=config.initializer(pipe),
                               seeds=config.seeds(), generation=config.generation, config=config.attack,
                               constraint=make_constraint(config.constraint, config.radius))
         per_prompt = any(m.scope == "per-prompt" for m in mitigations)
@@ -156,11 +176,14 @@ def run_attack(pipe, config: AttackRunConfig, out: str | Path | None = None, *, 
                 finished += len(batch)
                 if report:
                     report(finished, len(items))
+        processes.barrier()
         records = sorted(run.records(), key=lambda r: r["key"])
-        merged = {r["key"]: load_file(str(run.path / "triggers" / f"{safe_filename(r['key'])}.safetensors"))["trigger"]
-                  for r in records}
-        save_file(merged, str(run.path / "triggers.safetensors"))
-        run.finalize(summarize_attack(records))
+        if processes.main:
+            merged = {r["key"]: load_file(str(run.path / "triggers" / f"{safe_filename(r['key'])}.safetensors"))["trigger"]
+                      for r in records}
+            save_file(merged, str(run.path / "triggers.safetensors"))
+            run.finalize(summarize_attack(records))
+        processes.barrier()
     return run.path, records
 
 

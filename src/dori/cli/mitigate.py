@@ -25,9 +25,12 @@ from .options import (
     Dtype,
     Limit,
     Model,
+    ModelConfig,
     Out,
     Overwrite,
+    Preset,
     References,
+    Scheduler,
     ShowConfig,
     Verbose,
     console,
@@ -142,7 +145,7 @@ def _fit(ctx: typer.Context, method: str, fields: dict, base: dict, bake: Path |
     from ..mitigations import MitigateConfig, run_mitigate
 
     settings = resolve(ctx, MitigateConfig, "mitigate", fields, base={"method": method, **base},
-                       overrides={"method": method, **(overrides or {})})
+                       overrides={"method": method, **(overrides or {})}, method=method)
     cls = settings.config.method_class()
     if bake is not None and not getattr(cls, "bakeable", False):
         raise DoriError(f"bake: {method} changes the model through hooks and cannot be saved into a pipeline folder")
@@ -200,8 +203,11 @@ def mitigate(
     list_methods: Annotated[bool, typer.Option("--list", help="List the registered mitigations and exit.")] = False,
     options: Annotated[bool, typer.Option("--options", help="List METHOD's settings and exit.")] = False,
     model: Model = "testbed",
+    model_config: ModelConfig = None,
     device: Device = "cpu",
     dtype: Dtype = "float32",
+    scheduler: Scheduler = None,
+    preset: Preset = None,
     out: Out = None,
     overwrite: Overwrite = False,
     config_file: ConfigFile = None,
@@ -240,8 +246,11 @@ def localize(
     limit: Limit = None,
     references: References = None,
     model: Model = "testbed",
+    model_config: ModelConfig = None,
     device: Device = "cpu",
     dtype: Dtype = "float32",
+    scheduler: Scheduler = None,
+    preset: Preset = None,
     out: Out = None,
     overwrite: Overwrite = False,
     config_file: ConfigFile = None,
@@ -269,8 +278,11 @@ def prune(
     limit: Limit = None,
     references: References = None,
     model: Model = "testbed",
+    model_config: ModelConfig = None,
     device: Device = "cpu",
     dtype: Dtype = "float32",
+    scheduler: Scheduler = None,
+    preset: Preset = None,
     out: Out = None,
     overwrite: Overwrite = False,
     config_file: ConfigFile = None,
@@ -291,8 +303,11 @@ def ablate(
     factor: Annotated[float, typer.Option(help="Scale of their weights (0 zeroes them).")] = 0.0,
     bake: Bake = None,
     model: Model = "testbed",
+    model_config: ModelConfig = None,
     device: Device = "cpu",
     dtype: Dtype = "float32",
+    scheduler: Scheduler = None,
+    preset: Preset = None,
     out: Out = None,
     overwrite: Overwrite = False,
     config_file: ConfigFile = None,
@@ -311,9 +326,9 @@ def finetune(
     ctx: typer.Context,
     prompts: MitigatePrompts = "testbed:memorized",
     references: References = None,
-    retain: Annotated[str, typer.Option(help="Retain pairs: testbed:retain, or a prompt file whose ids name images in --retain-images.")] = "testbed:retain",
-    retain_images: Annotated[Path | None, typer.Option(help="Folder of the retain images, <id>.png.")] = None,
-    preset: Annotated[str, typer.Option(help="Defaults: 'testbed' (documented testbed setting) or 'paper' (AdamW lr 1e-5, Dori 50 steps from the prompt); 'auto': testbed for testbed prompts.")] = "auto",
+    retain: Annotated[str | None, typer.Option(help="Retain pairs: a folder of image-caption pairs (metadata.jsonl, or a .txt beside each image), or a prompt file with --retain-images / --retain-generate (default on the testbed: testbed:retain).", rich_help_panel=INPUT_PANEL)] = None,
+    retain_images: Annotated[Path | None, typer.Option(help="Folder of the retain prompt file's images, <id>.png.", rich_help_panel=INPUT_PANEL)] = None,
+    retain_generate: Annotated[bool, typer.Option("--retain-generate", help="Let the model generate the retain prompt file's images (the paper used LAION image-caption pairs).", rich_help_panel=INPUT_PANEL)] = False,
     epochs: Annotated[int | None, typer.Option(help="Epochs (the paper: 5).")] = None,
     steps_per_epoch: Annotated[int | None, typer.Option(help="Steps per epoch (default: one pass over the memorized images).")] = None,
     lr: Annotated[float | None, typer.Option(help="AdamW learning rate.")] = None,
@@ -329,8 +344,11 @@ def finetune(
     limit: Limit = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of every draw.")] = 0,
     model: Model = "testbed",
+    model_config: ModelConfig = None,
     device: Device = "cpu",
     dtype: Dtype = "float32",
+    scheduler: Scheduler = None,
+    preset: Preset = None,
     out: Out = None,
     overwrite: Overwrite = False,
     config_file: ConfigFile = None,
@@ -341,15 +359,14 @@ def finetune(
     pipeline; = dori mitigate adversarial-ft)."""
     setup(verbose)
     from ..config_files import to_dict
-    from ..errors import DoriError
     from ..finetune import FinetuneConfig
 
-    if preset == "auto":
-        preset = "testbed" if prompts.startswith("testbed") else "paper"
-    if preset not in ("testbed", "paper"):
-        raise DoriError(f"preset: must be auto, testbed or paper, got {preset!r}")
-    base = to_dict(FinetuneConfig.testbed() if preset == "testbed" else FinetuneConfig())
+    # the testbed's setting (FinetuneConfig.testbed) on the testbed's prompts or with --preset testbed; the
+    # paper's defaults otherwise, with the preset's own settings laid over them
+    testbed = preset == "testbed" or (preset is None and prompts.startswith("testbed"))
+    base = to_dict(FinetuneConfig.testbed() if testbed else FinetuneConfig())
     fields = {**PROMPT_FIELDS, "retain": "settings.retain", "retain_images": ("settings.retain_images", text),
+              "retain_generate": "settings.retain_generate",
               "epochs": "settings.epochs", "steps_per_epoch": "settings.steps_per_epoch", "lr": "settings.lr",
               "init": ("settings.inits", tuple), "inner_steps": "settings.inner.steps",
               "warm_start": "settings.warm_start", "lora_rank": "settings.lora_rank", "surrogate": "settings.surrogate",

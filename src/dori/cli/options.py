@@ -25,6 +25,14 @@ Model = Annotated[str, typer.Option("--model", "-m", help="'testbed', a pipeline
                                     rich_help_panel=MODEL_PANEL)]
 Device = Annotated[str, typer.Option("--device", help="torch device, e.g. cpu or cuda.", rich_help_panel=MODEL_PANEL)]
 Dtype = Annotated[str, typer.Option("--dtype", help="float32, float16 or bfloat16.", rich_help_panel=MODEL_PANEL)]
+ModelConfig = Annotated[Path | None, typer.Option("--model-config", help="For a single-file checkpoint (--model x.safetensors): "
+                                                  "a pipeline folder of the same architecture for its configs.",
+                                                  rich_help_panel=MODEL_PANEL)]
+Scheduler = Annotated[str | None, typer.Option("--scheduler", help="Another sampler than the model's own: ddim, pndm, "
+                                               "euler, dpm, ... or a diffusers class name.", rich_help_panel=MODEL_PANEL)]
+Preset = Annotated[str | None, typer.Option("--preset", help="Settings of a setting for every verb: paper-sd1, paper-sd2, "
+                                            "testbed (or a YAML file); --config and the command line still win.",
+                                            rich_help_panel=RUN_PANEL)]
 Prompts = Annotated[str, typer.Option("--prompts", "-p", help="Bundled set, testbed[:role], or a CSV/JSONL/TXT file.",
                                       rich_help_panel=INPUT_PANEL)]
 References = Annotated[Path | None, typer.Option(help="Folder of training images named <prompt id>.png (the testbed's "
@@ -54,7 +62,7 @@ Guidance = Annotated[float, typer.Option("--guidance", help="Classifier-free gui
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per pipeline call.")]
 
 #: Options of the model and the run that are never part of a verb's settings.
-COMMON = ("model", "device", "dtype", "out", "overwrite", "config_file", "show_config", "verbose")
+COMMON = ("model", "model_config", "device", "dtype", "scheduler", "preset", "out", "overwrite", "config_file", "show_config", "verbose")
 
 
 def console(stderr: bool = False):
@@ -141,6 +149,8 @@ class Settings:
     model: str
     device: str
     dtype: str
+    scheduler: str | None = None
+    model_config: str | None = None
 
     def load(self):
         """The pipeline (on this process's device when ``accelerate launch`` runs several)."""
@@ -152,7 +162,8 @@ class Settings:
         state = PartialState(cpu=device.startswith("cpu"))
         if state.num_processes > 1 and device.startswith("cuda"):
             device = str(state.device)
-        return load_pipeline(self.model, device=device, dtype=self.dtype)
+        return load_pipeline(self.model, device=device, dtype=self.dtype, scheduler=self.scheduler,
+                             model_config=self.model_config)
 
 
 def given(ctx: typer.Context, name: str) -> bool:
@@ -162,18 +173,26 @@ def given(ctx: typer.Context, name: str) -> bool:
 
 
 def resolve(ctx: typer.Context, cls: type, command: str, fields: dict[str, str | tuple[str, Callable]],
-            base: dict | None = None, overrides: dict | None = None) -> Settings:
-    """The verb's config of class ``cls``: its defaults, ``base`` laid over them, then the ``--config``
-    file, then ``overrides`` (settings parsed from the command line) and every option given on the
-    command line. ``fields`` maps option names to dotted config paths (with a converter where the
-    option's value needs one)."""
+            base: dict | None = None, overrides: dict | None = None, method: str | None = None) -> Settings:
+    """The verb's config of class ``cls``: its defaults, ``base`` laid over them, then the ``--preset``'s
+    section for ``command`` (and ``method``), the ``--config`` file, ``overrides`` (settings parsed from
+    the command line) and every option given on the command line. ``fields`` maps option names to
+    dotted config paths (with a converter where the option's value needs one)."""
     from ..config_files import from_dict, merge, read_config_file, set_path, to_dict
 
+    from ..runs import INVOCATION
+
     params = ctx.params
+    INVOCATION.update(preset=params.get("preset"), config_file=text(params.get("config_file")))
     data, model = merge(to_dict(cls()), base or {}), {}
+    if params.get("preset"):
+        from ..presets import section
+
+        part, model = section(params["preset"], command, method)
+        data = merge(data, part)
     if params.get("config_file") is not None:
-        from_file, model = read_config_file(params["config_file"], command)
-        data = merge(data, from_file)
+        from_file, from_file_model = read_config_file(params["config_file"], command)
+        data, model = merge(data, from_file), {**model, **from_file_model}
     data = merge(data, overrides or {})
     for name, target in fields.items():
         if given(ctx, name):
@@ -181,14 +200,15 @@ def resolve(ctx: typer.Context, cls: type, command: str, fields: dict[str, str |
             value = params[name]
             set_path(data, path, convert(value) if convert else value)
     config = from_dict(cls, data)
-    pick = {key: params[key] if given(ctx, key) else model.get(key) or params[key]
-            for key in ("device", "dtype")}
+    pick = {key: params[key] if given(ctx, key) else model.get(key) or params.get(key)
+            for key in ("device", "dtype", "scheduler", "model_config")}
+    pick["model_config"] = str(pick["model_config"]) if pick["model_config"] else None
     location = params["model"] if given(ctx, "model") else model.get("location") or params["model"]
     if params.get("show_config"):
         show_config(config, {"model": location, **pick})
         raise typer.Exit(0)
     config.validate()
-    return Settings(config, location, pick["device"], pick["dtype"])
+    return Settings(config, location, pick["device"], pick["dtype"], pick["scheduler"], pick["model_config"])
 
 
 def show_config(config, model: dict) -> None:
@@ -198,7 +218,8 @@ def show_config(config, model: dict) -> None:
 
     if hasattr(config, "resolved"):  # every setting of the method, not only those given
         config = config.resolved()
-    typer.echo(yaml.safe_dump({**model, **to_dict(config)}, sort_keys=False), nl=False)
+    shown = {k: v for k, v in model.items() if v is not None or k not in ("scheduler", "model_config")}
+    typer.echo(yaml.safe_dump({**shown, **to_dict(config)}, sort_keys=False), nl=False)
 
 
 def paths(values) -> tuple[str, ...]:

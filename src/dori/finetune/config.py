@@ -25,10 +25,13 @@ class FinetuneConfig:
     embedded testbed (docs/methods.md).
     """
 
-    retain: str = "testbed:retain"
-    """``testbed:retain`` (the testbed's shape and seen-once pairs) or a prompt file whose ids name
-    images in ``retain_images``."""
+    retain: str | None = None
+    """The retain pairs (:mod:`dori.finetune.retain`): a folder of image-caption pairs, a prompt file with
+    ``retain_images`` or ``retain_generate``, or ``testbed:retain``; None: ``testbed:retain`` on the
+    testbed, else an error naming the option."""
     retain_images: str | None = None
+    retain_generate: bool = False
+    """Make the retain images with the model itself from the prompt file ``retain`` (kept in the run folder)."""
     epochs: int = 5
     images_per_step: int = 8
     steps_per_epoch: int | None = None

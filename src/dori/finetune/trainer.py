@@ -27,14 +27,14 @@ from ..attack.loop import frozen_unet, optimize_embeddings
 from ..attack.parts import DiffusionLoss, RandomNormal
 from ..config_files import to_dict
 from ..errors import DoriError
-from ..images import load_image, save_png, stack_rgb
+from ..images import load_image, save_png
 from ..models import encode_images, encode_prompts, model_name, model_record, pipeline_location, testbed_folder
 from ..progress import Progress
 from ..prompts import PromptSet, load_reference_folder, require_references
 from ..runs import RunFolder, default_run_dir, read_jsonl, safe_filename
 from ..seeding import item_generator
 from .config import FinetuneConfig
-from .retain import load_retain_set
+from .retain import check_retain, load_retain_set
 from .surrogates import make_surrogates
 
 logger = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def _surrogate_stage(pipe, config: FinetuneConfig, run: RunFolder, prompt_set: P
         if config.surrogate == "nemo":
             rows, images = _nemo_surrogates(pipe, config, records, references, gallery, descriptor)
         else:
-            rows, images = _given_surrogates(config, records, references, gallery, descriptor)
+            rows, images = _given_surrogates(pipe, config, records, references, gallery, descriptor)
         (run.path / "surrogates").mkdir(exist_ok=True)
         for row, image in zip(rows, images, strict=True):
             row["image"] = f"surrogates/{safe_filename(row['prompt_id'])}.png"
@@ -89,7 +89,7 @@ def _surrogate_stage(pipe, config: FinetuneConfig, run: RunFolder, prompt_set: P
     rows = json.loads(index.read_text())
     if [r["prompt_id"] for r in rows] != [r.id for r in records]:
         raise DoriError(f"surrogates: {index} was made for other prompts; use another --out")
-    return encode_images(pipe, stack_rgb([load_image(run.path / r["image"]) for r in rows]))
+    return encode_images(pipe, [load_image(run.path / r["image"]) for r in rows])
 
 
 def _nemo_surrogates(pipe, config: FinetuneConfig, records, references, gallery, descriptor):
@@ -108,11 +108,18 @@ def _nemo_surrogates(pipe, config: FinetuneConfig, records, references, gallery,
     return [s.record() for s in found], images
 
 
-def _given_surrogates(config: FinetuneConfig, records, references, gallery, descriptor):
+def _given_surrogates(pipe, config: FinetuneConfig, records, references, gallery, descriptor):
+    """The user's surrogate images, resized to the model's resolution, checked against every memorized image."""
+    import torch.nn.functional as F
+
+    from ..images import to_rgb, to_tensor
     from ..memorization import score_images
+    from ..models import center_square
 
     given = load_reference_folder(config.surrogate, [r.id for r in records])
-    images = stack_rgb([given[r.id] for r in records])
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    images = torch.cat([F.interpolate(center_square(to_tensor(to_rgb(given[r.id]))), size=(size, size), mode="bilinear",
+                                      antialias=True, align_corners=False) for r in records]).clamp(0, 1)
     scored = score_images(descriptor, images, references, dict(enumerate(gallery)))
     rows = [{"prompt_id": r.id, "prompt": r.prompt, "seed": None, "score": float(s), "level": "given",
              "neurons": 0, "max_score": float(m)}
@@ -132,9 +139,11 @@ class _Trainer:
                  surrogate_latents: torch.Tensor, references):
         self.pipe, self.config, self.run, self.accelerator = pipe, config, run, accelerator
         self.records = prompt_set.records
-        self.retain = load_retain_set(config.retain, config.retain_images, testbed_folder(pipe))
+        self.retain = load_retain_set(config.retain, config.retain_images, testbed_folder(pipe),
+                                      generate_with=pipe if config.retain_generate else None,
+                                      cache=run.path / "retain", seed=config.seed, generation=config.generation)
         self.surrogate_latents = surrogate_latents
-        self.targets = encode_images(pipe, stack_rgb(references))
+        self.targets = encode_images(pipe, references)
         self.prompt_embeds = encode_prompts(pipe, [r.prompt for r in self.records])
         unet = pipe.unet
         if config.lora_rank:
@@ -299,6 +308,7 @@ def adversarial_finetune(pipe, prompts: PromptSet, config: FinetuneConfig | None
     if not prompts.records:
         raise DoriError(f"prompts: {prompts.name!r} holds no prompts")
     references = require_references(prompts, "fine-tuning")
+    check_retain(config.retain, config.retain_images, config.retain_generate, testbed_folder(pipe))
     descriptor = config.descriptor.build(pipe)
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=pipe.unet.device.type == "cpu")
     out = Path(out) if out is not None else default_run_dir("finetune", model_name(pipe))

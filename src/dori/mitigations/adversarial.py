@@ -25,6 +25,8 @@ class AdversarialFinetune(WeightsMitigation):
 
     name = "adversarial-ft"
     Config = FinetuneConfig
+    distributed_fit = True
+    """The fine-tuning shares each step among the processes itself (accelerate)."""
 
     @classmethod
     def fit(cls, pipe, prompts, config: FinetuneConfig | None = None, *, run=None,

@@ -14,11 +14,22 @@ Faithful to the algorithm of the official code (``ml-research/localizing_memoriz
 * refinement: layer-wise (last to first), then neuron-wise, re-activating what is not needed;
 * deactivation: forward hooks scaling the chosen channels (default factor 0).
 
-Deviations, all recorded in the saved sidecar: the SSIM threshold is calibrated per model (mean + 1
-std of pairwise SSIM on non-memorized prompts, guidance 7, as the official 0.428 was) instead of
-fixed; each seed has its own generator (the official code draws all seeds' latents from one); MS-SSIM
-shrinks its window and scales for latents smaller than 11x11 (see :mod:`dori.ssim`); classifier-free
-guidance, if enabled, splits ``[uncond, cond]`` the right way round (the official code swaps them).
+Deviations, all recorded in the saved sidecar, each with the official behaviour one setting away
+(``official=True``-style settings; the ``paper-sd1`` preset selects them all):
+
+* the SSIM threshold is calibrated per model (mean + 1 std of pairwise SSIM of non-memorized prompts at
+  guidance 7, as the official 0.428 was made) instead of fixed (``ssim_threshold``: a fixed value);
+* classifier-free guidance in that calibration splits ``[uncond, cond]`` the right way round; the
+  official code swaps them, so its 0.428 is a statistic of reversed guidance (``calibration_cfg``:
+  ``official`` reproduces it);
+* each seed has its own generator; the official code draws all seeds' latents from one
+  (``seed_draws``: ``official``);
+* MS-SSIM normalises its betas and shrinks its window and scales for latents smaller than 11x11
+  (:mod:`dori.ssim`; ``ms_ssim_betas``: ``official`` uses them as given);
+* the activation statistics come from the model's own non-memorized prompts; the official file
+  (mean and std of 50,000 LAION prompts on SD v1.4, MIT) can be given as ``statistics_file``.
+
+The detection always samples with DDIM (the official code's scheduler), whatever the pipeline's own.
 
 Speed (``benchmarks/nemo.py``): activations depend only on the text embedding, so neurons are scored
 with no UNet pass; the unblocked noise differences are the memorization test's; every blocked
@@ -31,9 +42,9 @@ memorization is local; Dori's triggers bring replication back under it.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -44,7 +55,7 @@ from safetensors.torch import load_file, save_file
 from ..config_files import from_dict
 from ..errors import DoriError
 from ..hooks import Handle, counting_calls, hooked
-from ..models import encode_prompts, initial_latents, linear_layers, testbed_folder
+from ..models import encode_prompts, initial_latents, linear_layers, testbed_folder, weights_fingerprint
 from ..progress import Progress
 from ..runs import cache_dir
 from ..ssim import ms_ssim, ssim_settings
@@ -85,6 +96,15 @@ class NeMoConfig:
     """How many of the non-memorized prompts calibrate the SSIM threshold (evenly spaced); the
     activation statistics use all of them (they need no UNet pass)."""
     kernel_size: int = 11
+    ms_ssim_betas: str = "normalized"
+    """``normalized`` (betas rescaled to sum 1) or ``official`` (as given, torchmetrics' convention)."""
+    calibration_cfg: str = "uncond-cond"
+    """Guidance in the threshold calibration: ``uncond-cond`` (diffusers' order) or ``official`` (swapped)."""
+    seed_draws: str = "per-seed"
+    """``per-seed`` generators, or ``official``: every seed's latent from one generator seeded by ``seed``."""
+    statistics_file: str | None = None
+    """The official statistics (``torch.save((means, stds))``, one tensor per value layer) instead of
+    statistics computed from ``statistics``."""
     search_batch: int = 8
     """Initial-selection levels (theta, k) scored per UNet call: the levels the schedule would visit
     next are scored together, each with its own seeds' channel masks, and the search reads them in
@@ -104,6 +124,26 @@ class NeMoConfig:
             raise DoriError(f"ssim_threshold: must be in [-1, 1], got {self.ssim_threshold}")
         if self.theta_step <= 0:
             raise DoriError(f"theta_step: must be > 0, got {self.theta_step}")
+        for name, allowed in (("ms_ssim_betas", ("normalized", "official")),
+                              ("calibration_cfg", ("uncond-cond", "official")),
+                              ("seed_draws", ("per-seed", "official"))):
+            if getattr(self, name) not in allowed:
+                raise DoriError(f"{name}: must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.statistics_file is not None and not Path(self.statistics_file).is_file():
+            raise DoriError(f"statistics_file: {self.statistics_file} does not exist")
+
+    def ssim(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """MS-SSIM of pairs ``(N, C, h, w)`` -> ``(N,)`` with this config's window and betas."""
+        return ms_ssim(x, y, kernel_size=self.kernel_size, normalize_betas=self.ms_ssim_betas == "normalized")
+
+    def latents(self, pipe) -> torch.Tensor:
+        """The initial latents of the ``num_seeds`` seeds ``(S, C, h, w)``."""
+        seeds = [self.seed + i for i in range(self.num_seeds)]
+        if self.seed_draws == "per-seed":
+            return initial_latents(pipe, seeds)
+        unet = pipe.unet
+        shape = (len(seeds), unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+        return torch.randn(shape, generator=torch.Generator().manual_seed(self.seed)).to(unet.device, unet.dtype)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -167,6 +207,23 @@ class ActivationStatistics:
         save_file(tensors, str(path), metadata={"n_prompts": str(self.n_prompts)})
 
     @classmethod
+    def from_official(cls, path: str | Path, layers: dict[str, torch.nn.Linear]) -> ActivationStatistics:
+        """The official statistics file: ``(means, stds)``, one tensor per value layer in execution order."""
+        try:
+            means, stds = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:  # a pickle error, a wrong structure: name the file
+            raise DoriError(f"statistics_file: {path} is not NeMo's statistics file ((means, stds) per layer)") from exc
+        names = list(layers)
+        if len(means) != len(names) or len(stds) != len(names):
+            raise DoriError(f"statistics_file: {path} has {len(means)} layers, the model {len(names)} value layers")
+        for name, mean in zip(names, means, strict=True):
+            if mean.numel() != layers[name].out_features:
+                raise DoriError(f"statistics_file: {path} has {mean.numel()} neurons for {name}, the model "
+                                f"{layers[name].out_features}")
+        return cls({n: m.float().flatten() for n, m in zip(names, means, strict=True)},
+                   {n: s.float().flatten() for n, s in zip(names, stds, strict=True)}, n_prompts=0)
+
+    @classmethod
     def load(cls, path: Path) -> ActivationStatistics:
         from safetensors import safe_open
 
@@ -178,16 +235,11 @@ class ActivationStatistics:
         return cls(mean, std, n)
 
 
-def model_fingerprint(pipe, layers: dict[str, torch.nn.Linear], *extra: object) -> str:
-    """A hash of what NeMo's cached numbers depend on: the value weights, the text encoder, the inputs."""
-    h = hashlib.sha256()
-    for name, layer in layers.items():
-        h.update(name.encode())
-        h.update(layer.weight.detach().float().cpu().numpy().tobytes())
-    for tensor in list(pipe.text_encoder.parameters())[-4:]:
-        h.update(tensor.detach().float().cpu().numpy().tobytes())
-    h.update(repr(extra).encode())
-    return h.hexdigest()[:16]
+def model_fingerprint(pipe, layers: dict[str, torch.nn.Linear], *extra: object, whole_unet: bool = False) -> str:
+    """A hash of what NeMo's cached numbers depend on: the text encoder, the value layers (or the whole
+    UNet, for the SSIM threshold), and ``extra`` (the prompts, the settings)."""
+    modules = [pipe.text_encoder, pipe.unet if whole_unet else torch.nn.ModuleList(layers.values())]
+    return weights_fingerprint(*modules, extra=(list(layers), *extra))
 
 
 # -- noise differences and the memorization test ------------------------------------------------------
@@ -210,8 +262,11 @@ def minmax_scale(x: torch.Tensor) -> torch.Tensor:
 
 
 def detection_step(pipe, config: NeMoConfig, device=None):
-    """``(scheduler, t)``: a fresh scheduler set to the detection schedule and the detection timestep."""
-    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    """``(scheduler, t)``: a DDIM scheduler (the official code's) of the pipeline's noise schedule, set to
+    the detection schedule, and the detection timestep."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     scheduler.set_timesteps(config.num_inference_steps, device=device or pipe.unet.device)
     return scheduler, scheduler.timesteps[config.detection_step]
 
@@ -219,7 +274,7 @@ def detection_step(pipe, config: NeMoConfig, device=None):
 @torch.no_grad()
 def noise_differences(pipe, embeds: torch.Tensor, latents: torch.Tensor, config: NeMoConfig,
                       uncond: torch.Tensor | None = None, guidance_scale: float | None = None,
-                      step=None) -> torch.Tensor:
+                      step=None, swap_guidance: bool = False) -> torch.Tensor:
     """Min-max scaled ``eps(x_T, t) - x_T`` at step ``detection_step`` for each latent (one UNet call).
 
     ``embeds``: ``(1, tokens, dim)`` (expanded over the latents) or ``(S, tokens, dim)``; ``step``:
@@ -236,22 +291,24 @@ def noise_differences(pipe, embeds: torch.Tensor, latents: torch.Tensor, config:
         context = torch.cat([uncond.expand(len(latents), -1, -1), cond])
         out = pipe.unet(torch.cat([model_in, model_in]), t, encoder_hidden_states=context).sample
         out_uncond, out_cond = out.chunk(2)
+        if swap_guidance:  # the official calibration's order: the halves read the wrong way round
+            out_uncond, out_cond = out_cond, out_uncond
         out = out_uncond + guidance * (out_cond - out_uncond)
     else:
         out = pipe.unet(model_in, t, encoder_hidden_states=cond).sample
     return minmax_scale((_epsilon(scheduler, out, x, t) - x).float())
 
 
-def pairwise_ssim(diffs: torch.Tensor, kernel_size: int = 11) -> torch.Tensor:
+def pairwise_ssim(diffs: torch.Tensor, config: NeMoConfig | None = None) -> torch.Tensor:
     """SSIM of every pair ``(i < j)`` of noise differences, ``(S * (S - 1) / 2,)``."""
     pairs = torch.combinations(torch.arange(len(diffs)), r=2)
-    return ms_ssim(diffs[pairs[:, 0]], diffs[pairs[:, 1]], kernel_size=kernel_size)
+    return (config or NeMoConfig()).ssim(diffs[pairs[:, 0]], diffs[pairs[:, 1]])
 
 
-def max_pairwise_ssim(diffs: torch.Tensor, kernel_size: int = 11) -> torch.Tensor:
+def max_pairwise_ssim(diffs: torch.Tensor, config: NeMoConfig | None = None) -> torch.Tensor:
     """For each seed, its highest SSIM with any other seed ``(S,)``."""
     pairs = torch.combinations(torch.arange(len(diffs)), r=2)
-    values = ms_ssim(diffs[pairs[:, 0]], diffs[pairs[:, 1]], kernel_size=kernel_size)
+    values = (config or NeMoConfig()).ssim(diffs[pairs[:, 0]], diffs[pairs[:, 1]])
     out = torch.full((len(diffs),), -math.inf)
     for col in (0, 1):
         out = out.scatter_reduce(0, pairs[:, col], values, reduce="amax")
@@ -285,27 +342,31 @@ def block_neurons(unet: torch.nn.Module, selection: Selection, factor: float = 0
 # -- localisation -------------------------------------------------------------------------------------
 def calibrate_ssim_threshold(pipe, layers: dict[str, torch.nn.Linear], prompts: list[str], config: NeMoConfig) -> float:
     """Mean + 1 std of pairwise SSIM of noise differences over non-memorized prompts (NeMo's 0.428 rule)."""
-    seeds = [config.seed + i for i in range(config.num_seeds)]
-    latents = initial_latents(pipe, seeds)
+    latents = config.latents(pipe)
     uncond = encode(pipe, [""])
     stride = max(1, len(prompts) // max(1, config.calibration_prompts))
     prompts = prompts[::stride][: config.calibration_prompts]
     values = []
     for prompt in prompts:
         diffs = noise_differences(pipe, encode(pipe, [prompt]), latents, config, uncond=uncond,
-                                  guidance_scale=config.calibration_guidance_scale)
-        values.append(pairwise_ssim(diffs, config.kernel_size))
+                                  guidance_scale=config.calibration_guidance_scale,
+                                  swap_guidance=config.calibration_cfg == "official")
+        values.append(pairwise_ssim(diffs, config))
     values = torch.cat(values)
     return float(values.mean() + values.std())
 
 
 def _cached(path: Path, compute: Callable[[], object], save: Callable[[object, Path], None], load: Callable[[Path], object]):
+    """``load(path)`` if it exists, else ``compute()`` saved there (through a temporary file, so that several
+    processes computing the same value never read a half-written one)."""
     if path.is_file():
         logger.info("using cached %s", path)
         return load(path)
     value = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    save(value, path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}{path.suffix}")
+    save(value, tmp)
+    tmp.replace(path)
     return value
 
 
@@ -382,7 +443,7 @@ class _Searcher:
             for name, mask in masks.items():
                 hooks.forward(name, lambda _m, _a, out, mask=mask: out * mask.to(out.dtype))
             blocked = noise_differences(self.pipe, self.embeds, self.latents.repeat(n, 1, 1, 1), self.config, step=self.step)
-        values = ms_ssim(self.vanilla.repeat(n, 1, 1, 1), blocked, kernel_size=self.config.kernel_size).view(n, seeds)
+        values = self.config.ssim(self.vanilla.repeat(n, 1, 1, 1), blocked).view(n, seeds)
         for key, value in zip(todo, values.max(dim=1).values.tolist(), strict=True):
             self._scored[key] = float(value)
 
@@ -451,9 +512,9 @@ def _search(pipe, layers, prompt: str, stats: ActivationStatistics, threshold: f
             prompt_embeds: torch.Tensor | None) -> PromptLocalization:
     seeds = [config.seed + i for i in range(config.num_seeds)]
     embeds = encode(pipe, [prompt]) if prompt_embeds is None else prompt_embeds.to(pipe.unet.device, pipe.unet.dtype)
-    latents = initial_latents(pipe, seeds)
+    latents = config.latents(pipe)
     detection = noise_differences(pipe, embeds, latents, config)
-    memorized_seeds = (max_pairwise_ssim(detection, config.kernel_size) > threshold).nonzero().flatten()
+    memorized_seeds = (max_pairwise_ssim(detection, config) > threshold).nonzero().flatten()
     result = PromptLocalization(prompt, bool(len(memorized_seeds)), [seeds[i] for i in memorized_seeds.tolist()])
     if not result.memorized:
         return result
@@ -489,6 +550,8 @@ class NeMo(MitigationBase):
     name = "nemo"
     kind = "hook"
     Config = NeMoConfig
+    distributed_fit = True
+    """With several processes (``accelerate launch``) each localises its share of the prompts."""
 
     def __init__(self, results: list[PromptLocalization], layers: list[str], config: NeMoConfig,
                  threshold: float | None = None, refined: bool = True):
@@ -512,13 +575,28 @@ class NeMo(MitigationBase):
         config = config or NeMoConfig()
         texts = [r.prompt for r in prompts.records]
         done, on_result = {}, None
+        known = PromptLocalization.__dataclass_fields__
+
+        def recorded() -> dict[str, PromptLocalization]:
+            return {r["prompt"]: PromptLocalization(**{k: v for k, v in r.items() if k in known}) for r in run.records()}
+
         if run is not None:
-            known = PromptLocalization.__dataclass_fields__
-            done = {r["prompt"]: PromptLocalization(**{k: v for k, v in r.items() if k in known}) for r in run.records()}
+            done = recorded()
 
             def on_result(result: PromptLocalization) -> None:
                 run.append([{"key": result.prompt, **asdict(result)}])
-        count = {"n": len(done)}
+
+            if run.world_size > 1:  # this process's share, then every process's results
+                mine = texts[run.rank :: run.world_size]
+                cls._localize_reporting(pipe, mine, config, done, on_result, progress)
+                run.barrier()
+                done = recorded()
+        return cls._localize_reporting(pipe, texts, config, done, on_result, progress)
+
+    @classmethod
+    def _localize_reporting(cls, pipe, texts: list[str], config: NeMoConfig, done: dict, on_result,
+                            progress: Progress | None) -> NeMo:
+        count = {"n": sum(t in done for t in texts)}
 
         def report(result: PromptLocalization) -> None:
             if on_result is not None:
@@ -528,7 +606,7 @@ class NeMo(MitigationBase):
                 progress("localize (NeMo)", count["n"], len(texts))
 
         if progress:
-            progress("localize (NeMo)", len(done), len(texts))
+            progress("localize (NeMo)", count["n"], len(texts))
         return cls.localize(pipe, texts, config, statistics_prompts=statistics_prompts(config.statistics, pipe),
                             done=done, on_result=report)
 
@@ -548,15 +626,20 @@ class NeMo(MitigationBase):
             raise DoriError(f"prompt_embeds: expected ({len(prompts)}, tokens, dim), one per prompt label, "
                             f"got {tuple(prompt_embeds.shape)}")
         layers = value_layers(pipe.unet, config.layers)
-        key = model_fingerprint(pipe, layers, sorted(statistics_prompts))
-        stats = _cached(cache_dir() / "nemo" / f"statistics-{key}.safetensors",
-                        lambda: ActivationStatistics.compute(pipe, layers, statistics_prompts),
-                        lambda s, p: s.save(p), ActivationStatistics.load)
+        if config.statistics_file is not None:
+            stats = ActivationStatistics.from_official(config.statistics_file, layers)
+        else:
+            key = model_fingerprint(pipe, layers, sorted(statistics_prompts))
+            stats = _cached(cache_dir() / "nemo" / f"statistics-{key}.safetensors",
+                            lambda: ActivationStatistics.compute(pipe, layers, statistics_prompts),
+                            lambda s, p: s.save(p), ActivationStatistics.load)
         threshold = config.ssim_threshold
         if threshold is None:
             setting = (config.num_seeds, config.seed, config.num_inference_steps, config.detection_step,
-                       config.calibration_guidance_scale, config.kernel_size, config.calibration_prompts)
-            tkey = model_fingerprint(pipe, layers, sorted(statistics_prompts), setting)
+                       config.calibration_guidance_scale, config.kernel_size, config.calibration_prompts,
+                       config.ms_ssim_betas, config.calibration_cfg, config.seed_draws,
+                       dict(pipe.scheduler.config))
+            tkey = model_fingerprint(pipe, layers, sorted(statistics_prompts), setting, whole_unet=True)
             threshold = _cached(cache_dir() / "nemo" / f"ssim-threshold-{tkey}.txt",
                                 lambda: calibrate_ssim_threshold(pipe, layers, statistics_prompts, config),
                                 lambda v, p: p.write_text(repr(v)), lambda p: float(p.read_text()))

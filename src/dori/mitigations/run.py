@@ -17,7 +17,7 @@ from ..errors import DoriError
 from ..models import model_name, model_record
 from ..progress import Progress
 from ..prompts import PromptSet, prompts_for
-from ..runs import RunFolder, default_run_dir
+from ..runs import Processes, default_run_dir
 from .base import MITIGATIONS, Mitigation
 
 
@@ -76,13 +76,24 @@ def run_mitigate(pipe, config: MitigateConfig, out: str | Path | None = None, *,
     if hasattr(cls, "check"):  # what can be checked on the model before anything is written
         cls.check(pipe, config.method_config())
     out = Path(out) if out is not None else default_run_dir(f"mitigate-{config.method}", model_name(pipe))
-    run = RunFolder(out, "mitigate", to_dict(config), model=model_record(pipe),
-                    resolved={"method": MITIGATIONS.origin(config.method)}, overwrite=overwrite)
+    processes = Processes(pipe)
+    run = processes.open(out, "mitigate", to_dict(config), model=model_record(pipe),
+                         resolved={"method": MITIGATIONS.origin(config.method)}, overwrite=overwrite)
+    path = run.path / f"{config.method}.safetensors"
     with run.guard():
-        mitigation = cls.fit(pipe, prompts, config.method_config(), run=run, progress=progress)
-        path = mitigation.save(run.path / f"{config.method}.safetensors")
+        # a method that shares its work among processes fits in every one; any other in the main one
+        everywhere = getattr(cls, "distributed_fit", False) or processes.world == 1
+        mitigation = cls.fit(pipe, prompts, config.method_config(), run=run, progress=progress) \
+            if everywhere or processes.main else None
+        if processes.main:
+            mitigation.save(path)
+        processes.barrier()
+        if mitigation is None:
+            mitigation = cls.load(path)
         summary = {"method": config.method, "kind": mitigation.kind, "scope": mitigation.scope, "mitigation": str(path),
                    **(mitigation.summary() if hasattr(mitigation, "summary") else {})}
-        run.finalize(summary)
+        if processes.main:
+            run.finalize(summary)
+        processes.barrier()
     logging.getLogger(__name__).info("%s written to %s", config.method, path)
     return MitigateResult(run.path, path, mitigation, summary)

@@ -7,9 +7,13 @@ does it; the second mitigation Finding Dori (Kowalczuk et al. 2025, section 4) a
 * Inputs ``X`` of each layer are recorded at every denoising step of normal sampling, for the
   target (memorized) prompts and for the base prompt ``""``; each token row is L2-normalised and the
   column norms ``||X_j||`` are accumulated over tokens and prompts, per step.
-* Score ``S_ij = |W_ij| * ||X_j||``; per output row keep the top ``ceil(r * d_in)`` weights by the
-  target score, only where ``S_target > S_base`` (r = 1% by default, 10% is the paper's stronger
-  ablation); the masks of the first ``tau = 10`` steps are OR-ed.
+* Score ``S_ij = |W_ij| * ||X_j||``; per output row keep the top ``r * d_in`` weights by the target
+  score (``keep="floor"``: ``int(r * d_in)`` as ConceptPrune; ``"ceil"``, the default, at least one
+  and never fewer than r of the row), only where ``S_target > S_base`` (r = 1% by default, 10% is
+  the paper's stronger ablation); the masks of the first ``tau = 10`` UNet calls are OR-ed.
+* Steps are counted by UNet call, as ConceptPrune's hooks count them, so any scheduler works (PNDM
+  makes 51 calls for 50 steps). At set scope the base prompt ``""`` is sampled once per target
+  prompt, as ConceptPrune pairs them: its norms are ``sqrt(N)`` times those of one run.
 * Applied as a reversible weight mask (``remove()`` writes the saved weights back, bit for bit), or
   baked into a saved pipeline folder.
 
@@ -48,9 +52,13 @@ class WandaConfig:
     base_prompt: str = ""
     batch_size: int = 8
     scope: str = "set"
+    keep: str = "ceil"
+    """Weights per row from ``r * d_in``: ``ceil`` (at least one) or ``floor`` (ConceptPrune's ``int``)."""
 
     def validate(self) -> None:
         check_scope(self.scope)
+        if self.keep not in ("ceil", "floor"):
+            raise DoriError(f"keep: must be ceil or floor, got {self.keep!r}")
         if not 0 < self.sparsity <= 1:
             raise DoriError(f"sparsity: must be in (0, 1], got {self.sparsity}")
         if not 1 <= self.timesteps <= self.num_inference_steps:
@@ -68,7 +76,8 @@ def ffn_layers(unet: torch.nn.Module, patterns: tuple[str, ...]) -> dict[str, to
 @torch.no_grad()
 def input_norms(pipe, layers: dict[str, torch.nn.Linear], prompts: list[str] | None, config: WandaConfig, *,
                 prompt_embeds: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Per layer, ``(steps, d_in)`` column norms of the row-normalised layer inputs over all prompts.
+    """Per layer, ``(calls, d_in)`` column norms of the row-normalised layer inputs over all prompts, one row
+    per UNet call of the sampling (as many as the scheduler makes).
 
     ``prompt_embeds``: ``(N, tokens, dim)`` text-encoder outputs (e.g. Dori triggers) to sample from
     instead of ``prompts`` (give one of the two); the unconditional embedding is the empty prompt's.
@@ -81,7 +90,7 @@ def input_norms(pipe, layers: dict[str, torch.nn.Linear], prompts: list[str] | N
         raise DoriError(f"prompt_embeds: expected (N, tokens, dim), got {tuple(prompt_embeds.shape)}")
     items = prompts if prompts is not None else prompt_embeds
 
-    sumsq = {name: torch.zeros(config.num_inference_steps, layer.in_features) for name, layer in layers.items()}
+    sumsq: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
     state = {"step": -1, "cfg": config.guidance_scale > 1.0}
 
     def on_unet(_module, _args):
@@ -94,7 +103,10 @@ def input_norms(pipe, layers: dict[str, torch.nn.Linear], prompts: list[str] | N
                 x = x.chunk(2)[1]
             x = x.reshape(-1, x.shape[-1])
             x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            sumsq[name][state["step"]] += (x**2).sum(0).cpu()
+            rows = sumsq[name]
+            while len(rows) <= state["step"]:
+                rows.append(torch.zeros(x.shape[-1]))
+            rows[state["step"]] += (x**2).sum(0).cpu()
 
         return hook
 
@@ -111,20 +123,23 @@ def input_norms(pipe, layers: dict[str, torch.nn.Linear], prompts: list[str] | N
                 generate(pipe, [config.seed] * len(chunk), chunk, config=gen)
             else:
                 generate(pipe, [config.seed] * len(chunk), prompt_embeds=chunk, config=gen)
-    return {name: s.sqrt() for name, s in sumsq.items()}
+    return {name: torch.stack(rows).sqrt() for name, rows in sumsq.items()}
 
 
 def wanda_masks(weight: torch.Tensor, target_norms: torch.Tensor, base_norms: torch.Tensor, sparsity: float,
-                timesteps: int) -> torch.Tensor:
-    """Union over the first ``timesteps`` steps of the per-step Wanda masks ``(out, in)``."""
+                timesteps: int, keep: str = "ceil") -> torch.Tensor:
+    """Union over the first ``timesteps`` UNet calls of the per-call Wanda masks ``(out, in)``."""
     w = weight.detach().abs().float().cpu()
-    keep = max(1, math.ceil(sparsity * w.shape[1]))
+    n = max(1, math.ceil(sparsity * w.shape[1])) if keep == "ceil" else int(sparsity * w.shape[1])
+    if n == 0:
+        return torch.zeros_like(w, dtype=torch.bool)
+    timesteps = min(timesteps, len(target_norms), len(base_norms))
     mask = torch.zeros_like(w, dtype=torch.bool)
     for step in range(timesteps):
         target = w * target_norms[step][None, :]
         base = w * base_norms[step][None, :]
         top = torch.zeros_like(mask)
-        top.scatter_(1, target.topk(keep, dim=1).indices, True)
+        top.scatter_(1, target.topk(n, dim=1).indices, True)
         mask |= top & (target > base)
     return mask
 
@@ -169,7 +184,10 @@ class Wanda(MitigationBase):
         masks = {}
         for i, (key, group) in enumerate(groups.items()):
             target = input_norms(pipe, layers, group, config)
-            masks[key] = {name: wanda_masks(layer.weight, target[name], base[name], config.sparsity, config.timesteps)
+            # the base prompt once per target prompt (identical runs: the sums of squares add up N times)
+            paired = {name: norms * math.sqrt(len(group)) for name, norms in base.items()}
+            masks[key] = {name: wanda_masks(layer.weight, target[name], paired[name], config.sparsity, config.timesteps,
+                                            config.keep)
                           for name, layer in layers.items()}
             if progress:
                 progress("prune (Wanda)", i + 1, len(groups))

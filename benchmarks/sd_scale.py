@@ -1,0 +1,193 @@
+"""Every verb on a pipeline of Stable Diffusion v1.4's shape (random weights, the published configs), at
+reduced cost, with the time and peak memory of each; and the UNet's time per call, to estimate what
+the paper's experiments cost.
+
+    python benchmarks/sd_scale.py                       # CPU: 256x256 (latents 32x32), 2-5 steps, one prompt
+    python benchmarks/sd_scale.py --device cuda --dtype bfloat16 --size 512
+
+Each verb runs as its own process through the CLI (``python -m dori ...``), so its peak resident
+memory is its own. Prints Markdown tables (UNet calls; verbs) and writes them as JSON to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import torch
+
+
+class StandInSSCD(torch.nn.Module):
+    """SSCD's file format and interface (TorchScript, (N, 3, H, W) -> (N, 512)), random weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 32, 7, stride=4)
+        self.fc = torch.nn.Linear(32, 512)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+def inputs(folder: Path, size: int) -> dict[str, Path]:
+    """A prompt file with a reference image, a non-memorized prompt file, retain pairs, an SSCD stand-in."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    (folder / "refs").mkdir(exist_ok=True)
+    Image.fromarray(rng.integers(0, 255, (size, size + 64, 3), dtype=np.uint8)).save(folder / "refs" / "p0.png")
+    (folder / "surrogates").mkdir(exist_ok=True)
+    Image.fromarray(np.full((size, size, 3), 128, dtype=np.uint8)).save(folder / "surrogates" / "p0.png")
+    (folder / "prompts.csv").write_text("id,prompt\np0,The No Limits Business Woman Podcast\n")
+    (folder / "nonmem.txt").write_text("a photo of a harbour at dawn\na bowl of fruit on a table\n")
+    torch.manual_seed(0)
+    torch.jit.script(StandInSSCD()).save(str(folder / "sscd.pt"))
+    return {"prompts": folder / "prompts.csv", "refs": folder / "refs", "nonmem": folder / "nonmem.txt",
+            "sscd": folder / "sscd.pt", "surrogates": folder / "surrogates"}
+
+
+def unet_times(folder: Path, device: str, dtype: torch.dtype, latent: int, repeats: int) -> list[dict]:
+    """Median seconds of one UNet forward and forward+backward (gradient to the conditioning only, as the
+    attack) at batch 1 and 8."""
+    from dori.models import load_pipeline
+
+    pipe = load_pipeline(folder, device=device, dtype=dtype)
+    unet = pipe.unet
+    rows = []
+    for batch in (1, 8):
+        x = torch.randn(batch, 4, latent, latent, device=device, dtype=dtype)
+        t = torch.full((batch,), 500, device=device)
+        y = torch.randn(batch, 77, unet.config.cross_attention_dim, device=device, dtype=dtype)
+        for kind in ("forward", "forward+backward"):
+            times = []
+            for _ in range(repeats + 1):
+                cond = y.clone().requires_grad_(kind != "forward")
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                with torch.set_grad_enabled(kind != "forward"):
+                    out = unet(x, t, encoder_hidden_states=cond).sample
+                    if kind != "forward":
+                        out.float().pow(2).mean().backward()
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            rows.append({"batch": batch, "call": kind, "seconds": float(np.median(times[1:])),
+                         "spread": [float(min(times[1:])), float(max(times[1:]))]})
+            print(f"  UNet {kind:17s} batch {batch}: {rows[-1]['seconds']:.3f} s", flush=True)
+    return rows
+
+
+def run_verb(name: str, args: list[str]) -> dict:
+    """One CLI command as its own process: wall seconds, peak resident memory, exit code."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "dori", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output = proc.stdout.read().decode(errors="replace")
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    seconds = time.perf_counter() - t0
+    row = {"verb": name, "seconds": round(seconds, 1), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2),
+           "exit": proc.returncode}
+    print(f"  {name:28s} {seconds:7.1f} s  peak {row['peak_rss_gib']:5.2f} GiB  exit {proc.returncode}", flush=True)
+    if proc.returncode != 0:
+        print(output[-3000:])
+    return row
+
+
+def verbs(model: Path, files: dict[str, Path], work: Path, device: str, dtype: str, finetune_dtype: str) -> list[dict]:
+    common = ["--model", str(model), "--device", device, "--dtype", dtype]
+    finetune_common = ["--model", str(model), "--device", device, "--dtype", finetune_dtype]
+    data = ["--prompts", str(files["prompts"]), "--references", str(files["refs"]), "--descriptor", str(files["sscd"])]
+    gen = work / "generation.yaml"
+    gen.write_text("generation: {num_inference_steps: 2, batch_size: 2}\n")
+    runs = work / "runs"
+    plan = [
+        ("evaluate (1 prompt x 2 seeds, 2 steps)", ["evaluate", *common, *data, "--seeds", "2", "--steps", "2",
+                                                    "--out", str(runs / "evaluate")]),
+        ("mitigate nemo (1 prompt)", ["mitigate", "nemo", *common, "--prompts", str(files["prompts"]), "--out",
+                                      str(runs / "nemo"), "--statistics", str(files["nonmem"]), "--num-seeds", "2",
+                                      "--num-inference-steps", "5", "--ssim-threshold", "0.2", "--search-batch", "2"]),
+        ("mitigate wanda (1 prompt, 3 steps)", ["mitigate", "wanda", *common, "--prompts", str(files["prompts"]),
+                                                "--out", str(runs / "wanda"), "--num-inference-steps", "3",
+                                                "--timesteps", "2"]),
+        ("attack (1 trigger, 3 steps, NeMo)", ["attack", *common, *data, "--steps", "3", "--seeds", "1",
+                                               "--eval-steps", "2", "--mitigation", str(runs / "nemo" / "nemo.safetensors"),
+                                               "--out", str(runs / "attack")]),
+        (f"finetune (2 steps, Dori 2 steps, {finetune_dtype})", ["finetune", *finetune_common, "--prompts", str(files["prompts"]), "--references",
+                                              str(files["refs"]), "--descriptor", str(files["sscd"]), "--retain",
+                                              str(files["nonmem"]), "--retain-generate", "--epochs", "1",
+                                              "--steps-per-epoch", "2", "--inner-steps", "2", "--surrogate",
+                                              str(files["surrogates"]), "--out", str(runs / "finetune"),
+                                              "--config", str(work / "finetune.yaml")]),
+        ("analyze scatter (2 starts, 2 steps)", ["analyze", "scatter", *common, *data, "--starts", "2", "--steps", "2",
+                                                 "--seeds", "1", "--eval-steps", "2", "--reference-prompts",
+                                                 str(files["nonmem"]), "--reference-count", "2", "--out",
+                                                 str(runs / "scatter")]),
+        ("analyze activations", ["analyze", "activations", *common, "--triggers", str(runs / "scatter"), "--all-triggers",
+                                 "--memorized", str(files["nonmem"]), "--steps", "5", "--out", str(runs / "activations")]),
+        ("analyze weights (Wanda)", ["analyze", "weights", *common, "--triggers", str(runs / "scatter"), "--all-triggers",
+                                     "--memorized", str(files["nonmem"]), "--method", "wanda", "--wanda-steps", "3",
+                                     "--timesteps", "2", "--out", str(runs / "weights")]),
+        ("report", ["report", str(runs / "evaluate"), str(runs / "attack"), "--out", str(runs / "report.html")]),
+    ]
+    (work / "finetune.yaml").write_text("settings:\n  images_per_step: 1\n  retain_batch_size: 1\n  adv_pairs: 2\n"
+                                        "  inner: {pairs: 2}\n  descriptor: {threshold: 1.0}\n"
+                                        "  generation: {num_inference_steps: 2, batch_size: 2}\n")
+    return [run_verb(name, args) for name, args in plan]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="sd14", choices=("sd14", "sd2-base"))
+    parser.add_argument("--size", type=int, default=256, help="Image side (latent side = size / 8).")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--finetune-dtype", default=None, help="dtype of the fine-tuning run (default: --dtype; on a "
+                        "CPU with 24 GiB, bfloat16: full fine-tuning of the 860M UNet in float32 with AdamW needs more)")
+    parser.add_argument("--work", type=Path, default=Path("runs/sd-scale"))
+    parser.add_argument("--out", type=Path, default=None, help="JSON file of the figures (default <work>/figures.json).")
+    parser.add_argument("--skip-verbs", action="store_true")
+    args = parser.parse_args()
+
+    from dori.models import parse_dtype
+    from dori.sd_shapes import build_sd_shaped, shaped_folder
+
+    print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, torch "
+          f"{torch.__version__}, threads {torch.get_num_threads()}, device {args.device}, dtype {args.dtype}", flush=True)
+    t0 = time.perf_counter()
+    latent = args.size // 8
+    model = build_sd_shaped(args.shape, shaped_folder(f"{args.shape}-{args.size}"), sample_size=latent)
+    built = time.perf_counter() - t0
+    shape = json.loads((model / "shape.json").read_text())
+    print(f"{args.shape}-shaped pipeline ({shape['parameters']}) in {model} ({built:.0f} s to build or find)",
+          flush=True)
+    figures = {"machine": {"cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                           "device": args.device, "dtype": args.dtype, "platform": platform.platform()},
+               "shape": shape, "size": args.size}
+    if not args.skip_verbs:  # first, in fresh processes: each verb's peak memory is its own
+        files = inputs(args.work / "inputs", args.size)
+        figures["verbs"] = verbs(model, files, args.work, args.device, args.dtype, args.finetune_dtype or args.dtype)
+    figures["unet"] = unet_times(model, args.device, parse_dtype(args.dtype), latent, args.repeats)
+    figures["unet_process_peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    out = args.out or args.work / "figures.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(figures, indent=1))
+    print(f"figures: {out}")
+    if any(v["exit"] != 0 for v in figures.get("verbs", [])):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
