@@ -5,8 +5,8 @@ per call, in one run of a few minutes.
     python benchmarks/gpu.py --compile           # the same with torch.compile on the UNet
 
 Prints: the machine; the bare UNet forward+backward (gradient to the conditioning only) against one
-Dori step at the same batch (8 (noise, t) pairs: the overhead ratio); NeMo's localisation per prompt
-(UNet calls and seconds); batched generation against the plain diffusers pipeline loop (images/s,
+Dori step at the same batch (8 (noise, t) pairs: the overhead ratio); NeMo's memorization test and one batch of
+search levels per prompt (UNet calls and seconds); batched generation against the plain diffusers pipeline loop (images/s,
 same images). Medians of ``--repeats`` runs with their spread.
 """
 
@@ -57,7 +57,7 @@ def main() -> None:
 
     cuda = args.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    name = torch.cuda.get_device_name() if cuda else platform.processor()
+    name = torch.cuda.get_device_name() if cuda else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     print(f"machine: {name}; torch {torch.__version__}; {args.dtype}; {args.size}x{args.size}; "
           f"compile {args.compile}; repeats {args.repeats}", flush=True)
     folder = build_sd_shaped("sd14", shaped_folder(f"sd14-{args.size}"), sample_size=args.size // 8)
@@ -94,16 +94,21 @@ def main() -> None:
     print(f"one Dori step (8 pairs):             {d[0] * 1000:.1f} ms ({d[1] * 1000:.1f}-{d[2] * 1000:.1f}); "
           f"overhead ratio {d[0] / b[0]:.3f}", flush=True)
 
-    # 2. NeMo's localisation per prompt (fixed threshold: the calibration is a one-off per model)
-    config = NeMoConfig(ssim_threshold=0.428, ms_ssim_betas="official", seed_draws="official")
+    # 2. NeMo per prompt. Random weights make every seed look memorized and no level of the search
+    # reaches the threshold, so the whole search (up to max_k levels, then a refinement neuron by
+    # neuron) is no real model's cost: time the memorization test and one batch of 8 search levels
+    # (one UNet call), what a real prompt's search costs per ``search_batch`` levels.
+    config = NeMoConfig(ssim_threshold=0.428, ms_ssim_betas="official", seed_draws="official", min_theta=3.0,
+                        refine=False)
     prompts = ["The No Limits Business Woman Podcast", "Director Danny Boyle Is Headed To TV With FX Deal"]
     with counting_calls(unet) as counter:
         t0 = time.perf_counter()
         nemo = NeMo.localize(pipe, prompts, config, statistics_prompts=["a photo", "a painting", "a drawing"])
         sync()
         seconds = time.perf_counter() - t0
-    print(f"NeMo localisation: {seconds / len(prompts):.2f} s and {counter.calls / len(prompts):.0f} UNet calls per "
-          f"prompt ({sum(r.memorized for r in nemo.results)} of {len(prompts)} flagged by the test)", flush=True)
+    print(f"NeMo test + 8 search levels: {seconds / len(prompts):.2f} s and {counter.calls / len(prompts):.1f} UNet "
+          f"calls per prompt, statistics of 3 prompts included ({sum(r.memorized for r in nemo.results)} of "
+          f"{len(prompts)} flagged by the test)", flush=True)
 
     # 3. batched generation vs the plain pipeline loop, same seeds
     prompt_list = [prompts[i % 2] for i in range(args.images)]
