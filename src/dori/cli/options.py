@@ -179,7 +179,6 @@ def resolve(ctx: typer.Context, cls: type, command: str, fields: dict[str, str |
     the command line) and every option given on the command line. ``fields`` maps option names to
     dotted config paths (with a converter where the option's value needs one)."""
     from ..config_files import from_dict, merge, read_config_file, set_path, to_dict
-
     from ..runs import INVOCATION
 
     params = ctx.params
