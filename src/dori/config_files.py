@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -70,21 +71,32 @@ def _convert(value: Any, kind: Any, where: str) -> Any:
             number = float(value)
         except ValueError:
             raise DoriError(f"{where}: expected an integer, got {value!r}") from None
-        if number != int(number):
+        if not math.isfinite(number) or number != int(number):
             raise DoriError(f"{where}: expected an integer, got {value!r}")
         return int(number)
     if kind is float:
         if isinstance(value, bool):
             raise DoriError(f"{where}: expected a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise DoriError(f"{where}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise DoriError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if kind is str:
         if not isinstance(value, str | int | float) or isinstance(value, bool):
             raise DoriError(f"{where}: expected text, got {value!r}")
         return str(value)
     return value
+
+
+def read_text(path: str | Path, field: str, what: str = "a text file") -> str:
+    """The UTF-8 text of ``path``; a DoriError naming ``field`` if it is not text (an image, random bytes)."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DoriError(f"{field}: {path} is not {what} (it is not UTF-8 text)") from None
 
 
 def field_types(cls: type) -> dict[str, Any]:
@@ -134,7 +146,7 @@ def read_config_file(path: str | Path, command: str | None = None) -> tuple[dict
         path = path / "manifest.json"
     if not path.is_file():
         raise DoriError(f"config: {path} does not exist (give a YAML or JSON file, or a run folder's manifest.json)")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "config", "a YAML or JSON file")
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
             import yaml

@@ -28,7 +28,6 @@ captions (similarity to the unmitigated image of the same seed; 1 = unchanged).
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 from dataclasses import asdict, dataclass, field
@@ -50,7 +49,7 @@ from .memorization import summary_row
 from .mitigations.nemo import NeMoConfig
 from .mitigations.wanda import WandaConfig
 from .progress import Progress, labelled
-from .runs import Processes, RunFolder, default_run_dir, safe_filename
+from .runs import Processes, RunFolder, default_run_dir, json_text, safe_filename
 
 logger = logging.getLogger(__name__)
 
@@ -220,10 +219,12 @@ class _Demo:
         self.pipe, self.config, self.run, self.progress = pipe, config, run, progress
         self.threshold: float | None = None
 
-    def evaluate(self, name: str, group: DemoGroup, mitigations: tuple[str, ...] = (), pipe=None) -> EvaluationResult:
+    def evaluate(self, name: str, group: DemoGroup, mitigations: tuple[str, ...] = (), pipe=None,
+                 union: bool = False) -> EvaluationResult:
         config = EvaluateConfig(prompts=group.prompts, references=group.references, num_seeds=group.num_seeds,
                                 seed=self.config.seed, generation=self.config.generation,
-                                descriptor=self.config.descriptor, limit=group.limit, mitigations=mitigations)
+                                descriptor=self.config.descriptor, limit=group.limit, mitigations=mitigations,
+                                mitigation_union=union)
         return run_evaluate(pipe or self.pipe, config, self.run.path / name, progress=labelled(self.progress, name))
 
     def attack(self, name: str, prompts: str, limit: int | None, mitigations: tuple[str, ...] = (), *, pipe=None,
@@ -267,7 +268,8 @@ class _Demo:
         for name, path in paths.items():
             mitigation = (str(path),)
             row = summary_row(name, self.evaluate(name, memorized, mitigation).records, self.threshold, field="sscd_orig")
-            others = [self.evaluate(f"{name}-{g.name}", g, mitigation) for g in utility_groups]
+            # utility prompts were not fitted on: every memorized prompt's selection applied together
+            others = [self.evaluate(f"{name}-{g.name}", g, mitigation, union=True) for g in utility_groups]
             gen = [r["sscd_gen"] for o in others for r in o.records]
             if gen:
                 row["utility"] = {"sscd_gen_mean": float(np.mean(gen)), "sscd_gen_min": float(np.min(gen))}
@@ -315,7 +317,7 @@ class _Demo:
                                 limit=self.config.limit)
         result = adversarial_finetune(ft_pipe, memorized, ft_config, out,
                                       progress=labelled(self.progress, "adversarial fine-tuning"))
-        (self.run.path / "finetune.json").write_text(json.dumps({**result.summary, "run": str(result.path)}, indent=1))
+        (self.run.path / "finetune.json").write_text(json_text({**result.summary, "run": str(result.path)}, indent=1))
         for name in ("losses.png", "losses.pdf"):
             if (result.path / name).exists():
                 shutil.copy(result.path / name, self.run.path / f"finetune_{name}")
@@ -340,14 +342,15 @@ class _Demo:
         """``utility`` per model row: shape-colour accuracy, FID with the original VAE's latents as features,
         and the retain denoising loss (:func:`dori.utility.testbed_utility`). NeMo's per-prompt neurons are
         all blocked together here (the union), a conservative reading of its utility cost."""
-        from .mitigations import load_mitigation, mitigated
+        from .mitigations import mitigated
+        from .mitigations.base import load_for
         from .utility import testbed_utility
 
         by_name = {r["name"]: r for r in rows}
         cases = [("memorized", self.pipe, ())]
         for name in ("nemo", "wanda"):
             if name in by_name and "mitigation" in by_name[name]:
-                cases.append((name, self.pipe, (load_mitigation(by_name[name]["mitigation"]),)))
+                cases.append((name, self.pipe, (load_for(self.pipe, by_name[name]["mitigation"]),)))
         if ft_pipe is not None:
             cases.append(("adversarial-ft", ft_pipe, ()))
         table = {}
@@ -357,7 +360,7 @@ class _Demo:
                                          seed=self.config.seed)
             by_name[name].setdefault("utility", {}).update(values)
             table[name] = values
-        (self.run.path / "utility.json").write_text(json.dumps(table, indent=1))
+        (self.run.path / "utility.json").write_text(json_text(table, indent=1))
 
     def analyses(self) -> None:
         """The three locality analyses at the demo's (scaled-down) counts; their figures are copied to the top."""
@@ -506,5 +509,5 @@ def write_grid(folder: Path, pipe, config: DemoConfig) -> Path:
     rows = [{"prompt_id": pid, "prompt": prompts[pid], "seed": seed, "cells": value}
             for (pid, seed), value in cells.items()]
     path = folder / "grid.json"
-    path.write_text(json.dumps({"columns": columns, "rows": rows}, indent=1))
+    path.write_text(json_text({"columns": columns, "rows": rows}, indent=1))
     return path

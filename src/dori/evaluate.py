@@ -8,6 +8,7 @@ number of processes.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import asdict, dataclass, field
@@ -24,7 +25,7 @@ from .memorization import per_prompt_table, score_images, sscd_gen, summary_row
 from .models import model_name, model_record
 from .progress import Progress, for_stage
 from .prompts import PromptRecord, prompts_for
-from .runs import Processes, RunFolder, config_hash, default_run_dir, safe_filename
+from .runs import MANIFEST, Processes, RunFolder, config_hash, default_run_dir, safe_filename
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,9 @@ class EvaluateConfig:
     baseline: str | None = None
     """A finished evaluate run of the same prompts and seeds: SSCD_gen compares each image with its image there."""
     mitigations: tuple[str, ...] = ()
+    mitigation_union: bool = False
+    """Apply a per-prompt mitigation's selections of every prompt together (needed for prompts it was not
+    fitted on, e.g. utility prompts); otherwise each prompt gets its own and an unknown prompt is refused."""
     """Saved mitigations (``.safetensors`` + ``.json``) applied while generating; SSCD_gen is then taken
     against the unmitigated image of the same (prompt, seed) unless ``baseline`` is given."""
 
@@ -78,17 +82,30 @@ def image_path(run: RunFolder, prompt_id: str, seed: int) -> Path:
 def _baseline_images(folder: str | Path) -> dict[str, Path]:
     import pandas as pd
 
-    table = pd.read_parquet(Path(folder) / "records.parquet", columns=["key", "image"])
+    manifest = Path(folder) / MANIFEST
+    command = None
+    if manifest.is_file():
+        try:
+            command = json.loads(manifest.read_text(encoding="utf-8")).get("command")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            command = "unreadable"
+    if command != "evaluate":
+        raise DoriError(f"baseline: {folder} is not an evaluate run (its manifest says {command!r})")
+    try:
+        table = pd.read_parquet(Path(folder) / "records.parquet", columns=["key", "image"])
+    except Exception as exc:  # pyarrow raises its own errors for damaged or foreign files
+        reason = " ".join(str(exc).split())[:120]
+        raise DoriError(f"baseline: {folder}/records.parquet is not readable ({type(exc).__name__}: {reason})") from None
     return {k: Path(folder) / img for k, img in zip(table["key"], table["image"], strict=True) if img}
 
 
-def _generate_mitigated(pipe, chunk, mitigations, generation: GenerationConfig) -> Generations:
+def _generate_mitigated(pipe, chunk, mitigations, generation: GenerationConfig, union: bool = False) -> Generations:
     """Generate ``chunk`` with the mitigations applied; per-prompt mitigations are applied prompt by prompt."""
     from .mitigations import mitigated
 
     if not mitigations:
         return generate(pipe, [s for _, s in chunk], [r.prompt for r, _ in chunk], config=generation)
-    per_prompt = any(m.scope == "per-prompt" for m in mitigations)
+    per_prompt = not union and any(m.scope == "per-prompt" for m in mitigations)
     groups = {}
     for i, (r, _) in enumerate(chunk):
         groups.setdefault(r.prompt if per_prompt else None, []).append(i)
@@ -121,7 +138,7 @@ class _Scorer:
 
     def records(self, run: RunFolder, chunk: list[tuple[PromptRecord, int]]) -> list[dict]:
         config, threshold = self.config, self.descriptor.threshold
-        gens = _generate_mitigated(self.pipe, chunk, self.mitigations, config.generation)
+        gens = _generate_mitigated(self.pipe, chunk, self.mitigations, config.generation, config.mitigation_union)
         scores = score_images(self.descriptor, gens.images, [self.prompt_set.references.get(r.id) for r, _ in chunk],
                               self.prompt_set.gallery)
         gen_scores = None
@@ -140,6 +157,7 @@ class _Scorer:
             orig = float(scores.sscd_orig[i])
             records.append({
                 "key": f"{r.id}#{s}", "prompt_id": r.id, "prompt": r.prompt, "group": r.group, "seed": s,
+                "truncated": r.truncated,
                 "sscd_orig": orig, "replicated": bool(orig > threshold) if not math.isnan(orig) else None,
                 "gallery_max": float(scores.gallery_max[i]), "gallery_match": scores.gallery_match[i],
                 "noise_norm_first": float(norm[0]) if norm is not None else None,
@@ -154,19 +172,23 @@ class _Scorer:
 def run_evaluate(pipe, config: EvaluateConfig, out: str | Path | None = None, *, overwrite: bool = False,
                  progress: Progress | None = None, command: str = "evaluate") -> EvaluationResult:
     """Run (or resume) an evaluation of ``pipe``; returns the run folder, all records and the summary."""
-    from .mitigations import load_mitigation
+    from .mitigations.base import load_for
 
     config.validate()
     processes = Processes(pipe)
     rank, world = processes.rank, processes.world
     prompt_set = prompts_for(pipe, config.prompts, references=config.references, limit=config.limit)
     descriptor = config.descriptor.build(pipe)
-    mitigations = [load_mitigation(path) for path in config.mitigations]
+    mitigations = [load_for(pipe, path, [r.prompt for r in prompt_set.records], union=config.mitigation_union)
+                   for path in config.mitigations]
     scorer = _Scorer(pipe, config, prompt_set, descriptor, mitigations)
     items = [(r, s) for r in prompt_set.records for s in config.seeds()]
     scorer.check_baseline(items)
     resolved = {"descriptor": descriptor.describe(),
                 "mitigations": [{"name": m.name, "scope": m.scope, "hash": config_hash(m.describe())} for m in mitigations]}
+    if not prompt_set.references and not prompt_set.gallery:
+        logger.warning("no training images for %s: SSCD scores and MR are not computed (give --references DIR)",
+                       config.prompts)
     out = Path(out) if out is not None else default_run_dir(command, model_name(pipe))
     run = processes.open(out, command, to_dict(config), model=model_record(pipe), resolved=resolved,
                          overwrite=overwrite, seeds=config.seeds())
@@ -198,6 +220,7 @@ def run_evaluate(pipe, config: EvaluateConfig, out: str | Path | None = None, *,
 def _summary(name: str, spec: str, records: list[dict], descriptor) -> dict:
     threshold = descriptor.threshold
     summary = {"threshold": threshold, "descriptor": descriptor.describe(), "prompts": spec,
+               "truncated_prompts": len({r["prompt_id"] for r in records if r.get("truncated")}),
                "rows": [summary_row(name, records, threshold)]}
     groups = sorted({r["group"] for r in records if r["group"] is not None})
     summary["rows"] += [summary_row(g, [r for r in records if r["group"] == g], threshold) for g in groups]

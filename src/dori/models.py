@@ -194,9 +194,13 @@ def model_name(model) -> str:
 
 def model_record(pipe) -> dict:
     """What a run's manifest says about its model: where it came from, its dtype and prediction type."""
+    from .fingerprint import model_identity
+
+    identity = model_identity(pipe, {"unet": pipe.unet, "text_encoder": pipe.text_encoder})
     return {"location": pipeline_location(pipe), "dtype": str(pipe.unet.dtype).removeprefix("torch."),
             "device": str(pipe.unet.device), "prediction_type": pipe.scheduler.config.prediction_type,
-            "scheduler": type(pipe.scheduler).__name__}
+            "scheduler": type(pipe.scheduler).__name__,
+            "identity": {"architecture": identity["architecture"], "probe": identity["probe"]}}
 
 
 def select_modules(root: torch.nn.Module, selector: Selector) -> dict[str, torch.nn.Module]:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import dataclass, field
+import logging
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -45,6 +46,9 @@ class PromptRecord:
     group: str | None = None
     url: str | None = None
     """Where the training image was published (LAION's URL), when the set says."""
+    truncated: bool = False
+    """Whether the model's tokenizer cuts the prompt (longer than its ``model_max_length`` tokens): the
+    model sees only the beginning (set by :func:`prompts_for`)."""
 
 
 @dataclass
@@ -129,7 +133,9 @@ def read_prompt_file(path: str | Path) -> list[PromptRecord]:
     path = Path(path)
     if not path.is_file():
         raise DoriError(f"prompts: file {path} does not exist")
-    return read_prompt_text(path.read_text(encoding="utf-8"), path.suffix.lower(), str(path))
+    from .config_files import read_text
+
+    return read_prompt_text(read_text(path, "prompts", "a prompt file"), path.suffix.lower(), str(path))
 
 
 def load_reference_folder(folder: str | Path, ids: list[str]) -> dict[str, np.ndarray]:
@@ -207,7 +213,26 @@ def prompts_for(pipe, spec: str, *, references: str | Path | None = None, limit:
     if folder is None and (spec in TESTBED_SETS or spec.startswith("testbed:")):
         raise DoriError(f"prompts: {spec} are the testbed's captions, and this model is not the testbed; give --prompts "
                         "(a bundled set such as webster-sd1-vm, or a CSV / JSONL / TXT file)")
-    return load_prompt_set(spec, references=references, model_folder=folder).subset(limit)
+    prompt_set = load_prompt_set(spec, references=references, model_folder=folder).subset(limit)
+    mark_truncated(pipe, prompt_set)
+    return prompt_set
+
+
+def mark_truncated(pipe, prompt_set: PromptSet) -> int:
+    """Mark the prompts ``pipe``'s tokenizer cuts (``record.truncated``) and warn once; returns how many."""
+    tokenizer = getattr(pipe, "tokenizer", None)
+    if tokenizer is None or not prompt_set.records:
+        return 0
+    limit = tokenizer.model_max_length
+    lengths = [len(ids) for ids in tokenizer([r.prompt for r in prompt_set.records], verbose=False).input_ids]
+    prompt_set.records = [replace(r, truncated=True) if n > limit else r
+                          for r, n in zip(prompt_set.records, lengths, strict=True)]
+    cut = [r for r in prompt_set.records if r.truncated]
+    if cut:
+        logging.getLogger(__name__).warning(
+            "%d of %d prompts of %s are longer than the tokenizer's %d tokens and are cut to them (first: %s); "
+            "records mark them truncated", len(cut), len(prompt_set.records), prompt_set.name, limit, cut[0].id)
+    return len(cut)
 
 
 def require_references(prompt_set: PromptSet, what: str) -> list[np.ndarray]:

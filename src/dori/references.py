@@ -28,7 +28,7 @@ from pathlib import Path
 
 from .errors import DoriError
 from .progress import Progress
-from .runs import safe_filename
+from .runs import check_writable, safe_filename
 
 logger = logging.getLogger(__name__)
 
@@ -201,9 +201,7 @@ def fetch_references(config: FetchConfig, out: str | Path, *, progress: Progress
     records = load_prompt_set(config.prompts).subset(config.limit).records
     if not any(r.url for r in records):
         raise DoriError(f"prompts: {config.prompts!r} lists no image URLs (a url column is needed)")
-    folder = Path(out)
-    if folder.exists() and not folder.is_dir():
-        raise DoriError(f"out: {folder} is a file, not a folder")
+    folder = check_writable(out)
     folder.mkdir(parents=True, exist_ok=True)
     rows: dict[str, Fetched] = {}
     with ThreadPoolExecutor(max_workers=config.workers) as pool:

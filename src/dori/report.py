@@ -34,7 +34,7 @@ from urllib.parse import quote
 import numpy as np
 
 from .errors import DoriError
-from .runs import MANIFEST
+from .runs import MANIFEST, check_writable
 
 logger = logging.getLogger(__name__)
 
@@ -118,11 +118,13 @@ class _Images:
 
 
 def _manifest_section(manifest: dict) -> dict:
-    shown = {"command", "argv", "status", "created", "finished", "git_sha", "seeds", "config_hash", "versions",
-             "config"}
+    shown = {"command", "argv", "status", "error", "created", "finished", "git_sha", "seeds", "config_hash",
+             "versions", "config"}
     fields = [("command", format_value(manifest.get("command"))),
               ("status", format_value(manifest.get("status"))),
               ("created", format_value(manifest.get("created")))]
+    if manifest.get("error"):
+        fields.append(("error", format_value(manifest["error"])))
     if "finished" in manifest:
         fields.append(("finished", format_value(manifest["finished"])))
     fields += [("git sha", format_value(manifest.get("git_sha"))), ("seeds", format_value(manifest.get("seeds")))]
@@ -315,6 +317,7 @@ def write_report(runs: list[str | Path], out: str | Path | None = None, *, title
     out_path = Path(out) if out is not None else Path(runs[0]) / "report.html"
     if out_path.is_dir():
         out_path = out_path / "report.html"
+    check_writable(out_path, file=True)
     html = render_report(runs, title=title, base=out_path.parent)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}")

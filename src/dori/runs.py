@@ -100,6 +100,31 @@ def read_records(folder: Path) -> list[dict]:
     return list(by_key.values())
 
 
+def check_writable(path: str | Path, *, file: bool = False, option: str = "out") -> Path:
+    """Refuse, before anything is created, an output ``path`` (a folder, or a ``file``) that cannot be
+    made: one that exists as the other kind, or whose nearest existing folder cannot be written to
+    (probed with a temporary file, which works on read-only filesystems and for root alike)."""
+    import tempfile
+
+    path = Path(path)
+    if path.exists():
+        if file and path.is_dir():
+            raise DoriError(f"{option}: {path} is a folder; give a file path")
+        if not file and not path.is_dir():
+            raise DoriError(f"{option}: {path} is a file; give a folder (an existing run folder, or a new one)")
+    parent = path if path.is_dir() else path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise DoriError(f"{option}: {path} cannot be created: {parent} is a file")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as exc:
+        raise DoriError(f"{option}: cannot create files in {parent} ({exc.strerror or exc})") from None
+    return path
+
+
 INVOCATION: dict[str, str | None] = {}
 """How the command line chose the settings (``preset``, ``config_file``), set by the CLI and recorded in
 every manifest it writes; empty when the library is called from Python."""
@@ -117,7 +142,7 @@ class RunFolder:
     def __init__(self, path: str | Path, command: str, config: dict, *, model: dict | None = None,
                  resolved: dict | None = None, overwrite: bool = False, rank: int = 0, world_size: int = 1,
                  seeds: Iterable[int] | None = None):
-        self.path = Path(path)
+        self.path = check_writable(path)
         self.command, self.config = command, config
         self.model, self.resolved = model or {}, resolved or {}
         identity = {k: self.model.get(k) for k in ("location", "dtype")} if self.model else None
@@ -167,7 +192,7 @@ class RunFolder:
         }
         manifest.update(updates or {})
         tmp = self.path / f".{MANIFEST}.{os.getpid()}"
-        tmp.write_text(json.dumps(manifest, indent=1, default=str))
+        tmp.write_text(json_text(manifest, indent=1))
         tmp.replace(self.path / MANIFEST)
 
     # -- records --------------------------------------------------------------------------
@@ -191,7 +216,7 @@ class RunFolder:
         return {r["key"] for r in self.records()}
 
     def append(self, records: Iterable[dict]) -> None:
-        lines = "".join(json.dumps(r, default=str) + "\n" for r in records)
+        lines = "".join(json_text(r) + "\n" for r in records)
         with open(self.records_file, "a", encoding="utf-8") as f:
             f.write(lines)
             f.flush()
@@ -215,7 +240,7 @@ class RunFolder:
     def write_summary(self, summary: dict) -> Path:
         """``summary.json`` as standard JSON (NaN and infinities written as null)."""
         path = self.path / "summary.json"
-        path.write_text(json.dumps(json_safe(summary), indent=1, default=str))
+        path.write_text(json_text(summary, indent=1))
         return path
 
     def finalize(self, summary: dict | None = None) -> Path:
@@ -245,9 +270,16 @@ def json_safe(value):
         return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [json_safe(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0 and not isinstance(value, str | bytes):
+        value = value.item()  # numpy and torch scalars
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def json_text(value, indent: int | None = None) -> str:
+    """``value`` as standard JSON: NaN and infinities written as null, paths and other objects as strings."""
+    return json.dumps(json_safe(value), indent=indent, default=str, allow_nan=False)
 
 
 _SOLO = {"on": False}

@@ -13,7 +13,7 @@ distance per group), ``summary.json``, ``scatter.png`` / ``scatter.pdf``.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -148,11 +148,15 @@ def run_scatter(pipe, config: ScatterConfig, out: str | Path | None = None, *, o
     from ..attack.run import run_attack
     from ..config_files import to_dict
     from ..models import model_name, model_record
-    from ..prompts import prompts_for
+    from ..prompts import prompts_for, require_references
     from ..runs import RunFolder, default_run_dir
 
     config.validate()
-    record = _pick_prompt(prompts_for(pipe, config.prompts), config.prompt_id)
+    # the attack's inputs (training images, descriptor) are read here, before the run folder exists
+    prompt_set = prompts_for(pipe, config.prompts, references=config.references)
+    record = _pick_prompt(prompt_set, config.prompt_id)
+    require_references(replace(prompt_set, records=[record]), "the scatter analysis's attack")
+    config.attack_run(record.id).descriptor.build(pipe)
     reference_spec = config.reference_prompts or default_reference_prompts(pipe)
     references = evenly_spaced([r.prompt for r in prompts_for(pipe, reference_spec).records], config.reference_count)
     if len(references) < 2:

@@ -47,13 +47,34 @@ def attack_folder(run: str | Path) -> Path:
 
 def run_model(run: str | Path) -> str | None:
     """The model a scatter or attack run used (its manifest's ``model.location``), if recorded."""
+    location = run_model_record(run).get("location")
+    return str(location) if location else None
+
+
+def run_model_record(run: str | Path) -> dict:
+    """The manifest's ``model`` record of a scatter or attack run (empty if none is readable)."""
     for folder in (Path(run), Path(run) / "attack"):
         manifest = folder / "manifest.json"
         if manifest.is_file():
-            model = (json.loads(manifest.read_text()).get("model") or {}).get("location")
+            try:
+                model = json.loads(manifest.read_text()).get("model") or {}
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+                raise DoriError(f"triggers: {manifest} is not a run manifest (not a JSON object)") from None
             if model:
-                return str(model)
-    return None
+                return model
+    return {}
+
+
+def check_trigger_model(pipe, run: str | Path) -> None:
+    """Refuse triggers found on another model than ``pipe`` (by the identity their run recorded)."""
+    from ..fingerprint import identity_mismatch
+
+    recorded = run_model_record(run)
+    if recorded.get("identity"):
+        why = identity_mismatch(recorded["identity"], pipe, {"unet": pipe.unet, "text_encoder": pipe.text_encoder})
+        if why:
+            raise DoriError(f"triggers: {run} were found on {recorded.get('location')}, not on this model ({why}); "
+                            "analyse them with that model (leave out --model)")
 
 
 def load_initial(folder: Path, keys: list[str]) -> torch.Tensor | None:
@@ -122,7 +143,10 @@ def analysis_inputs(pipe, config) -> tuple:
 
     adv = load_trigger_set(config.triggers, config.prompt_id, successful_only=config.successful_only,
                            limit=config.max_triggers)
+    check_trigger_model(pipe, config.triggers)
     check_embedding_shape(pipe, adv.triggers, "triggers")
+    if not bool(torch.isfinite(adv.triggers).all()):
+        raise DoriError(f"triggers: {adv.run} holds non-finite values (a damaged file or a diverged attack)")
     if len(adv) < 2:
         raise DoriError(f"triggers: need at least 2 triggers of {adv.prompt_id!r}, the run has {len(adv)} "
                         f"({'successful ' if config.successful_only else ''}of {adv.n_available})")

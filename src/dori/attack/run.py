@@ -63,6 +63,9 @@ class AttackRunConfig:
     constraint: str = "none"
     radius: float | None = None
     mitigations: tuple[str, ...] = ()
+    mitigation_union: bool = False
+    """Apply a per-prompt mitigation's selections of every prompt together; otherwise each target prompt
+    gets its own and a prompt it was not fitted on is refused."""
 
     def validate(self) -> None:
         if self.init not in INITS:
@@ -134,13 +137,15 @@ def _prompt_set(pipe, config: AttackRunConfig) -> PromptSet:
 def run_attack(pipe, config: AttackRunConfig, out: str | Path | None = None, *, overwrite: bool = False,
                progress: Progress | None = None, command: str = "attack") -> tuple[Path, list[dict]]:
     """Attack every (prompt, restart) of the set; returns the run folder and the records (sorted by key)."""
-    from ..mitigations import load_mitigation, mitigated
+    from ..mitigations import mitigated
+    from ..mitigations.base import load_for
 
     config.validate()
     prompt_set = _prompt_set(pipe, config)
     references = require_references(prompt_set, "the attack")
     descriptor = config.descriptor.build(pipe)
-    mitigations = [load_mitigation(p) for p in config.mitigations]
+    mitigations = [load_for(pipe, p, [r.prompt for r in prompt_set.records], union=config.mitigation_union)
+                   for p in config.mitigations]
     out = Path(out) if out is not None else default_run_dir(command, model_name(pipe))
     processes = Processes(pipe)
     resolved = {"descriptor": descriptor.describe(), "recipe": RECIPES.origin(config.recipe)}
@@ -159,7 +164,7 @@ def run_attack(pipe, config: AttackRunConfig, out: str | Path | None = None, *, 
         attack = build_attack(config.recipe, pipe, descriptor, references, initializer=config.initializer(pipe),
                               seeds=config.seeds(), generation=config.generation, config=config.attack,
                               constraint=make_constraint(config.constraint, config.radius))
-        per_prompt = any(m.scope == "per-prompt" for m in mitigations)
+        per_prompt = not config.mitigation_union and any(m.scope == "per-prompt" for m in mitigations)
         groups: dict[str | None, list[AttackItem]] = {}
         for it in todo:
             groups.setdefault(it.prompt if per_prompt else None, []).append(it)
@@ -172,7 +177,7 @@ def run_attack(pipe, config: AttackRunConfig, out: str | Path | None = None, *, 
                 batch = group[start : start + config.batch_size]
                 with mitigated(pipe, *mitigations, prompt=prompt):
                     results = attack.run(batch, targets)
-                _save_results(run, results, config.seeds())
+                _save_results(run, results, config.seeds(), {r.id for r in prompt_set.records if r.truncated})
                 finished += len(batch)
                 if report:
                     report(finished, len(items))
@@ -187,8 +192,9 @@ def run_attack(pipe, config: AttackRunConfig, out: str | Path | None = None, *, 
     return run.path, records
 
 
-def _save_results(run: RunFolder, results, seeds: list[int]) -> None:
-    """Each trigger's images and tensors first, then its record (so a record always has its files)."""
+def _save_results(run: RunFolder, results, seeds: list[int], truncated: set[str] = frozenset()) -> None:
+    """Each trigger's images and tensors first, then its record (so a record always has its files);
+    ``truncated``: ids of prompts the tokenizer cuts."""
     for result in results:
         name = safe_filename(result.key)
         if result.images is not None:
@@ -196,7 +202,8 @@ def _save_results(run: RunFolder, results, seeds: list[int]) -> None:
                 save_png(image, run.path / f"images/{name}__s{seed}.png")
         save_file({"trigger": result.trigger.contiguous(), "initial": result.initial.contiguous()},
                   str(run.path / "triggers" / f"{name}.safetensors"), metadata={"key": result.key})
-    run.append([{**r.record(), "images": [f"images/{safe_filename(r.key)}__s{seed}.png" for seed in seeds]
+    run.append([{**r.record(), "truncated": r.prompt_id in truncated,
+                 "images": [f"images/{safe_filename(r.key)}__s{seed}.png" for seed in seeds]
                  if r.images is not None else []} for r in results])
 
 

@@ -15,6 +15,7 @@ from .options import (
     Dtype,
     Limit,
     Mitigation,
+    MitigationUnion,
     Model,
     ModelConfig,
     Out,
@@ -35,7 +36,7 @@ from .options import (
 )
 
 FIELDS = {"prompts": "prompts", "references": ("references", text), "limit": "limit", "recipe": "recipe",
-          "mitigation": ("mitigations", paths), "init": "init", "other_prompt": "other_prompt",
+          "mitigation": ("mitigations", paths), "mitigation_union": "mitigation_union", "init": "init", "other_prompt": "other_prompt",
           "steps": "attack.steps", "lr": "attack.lr", "pairs": "attack.pairs", "restarts": "restarts",
           "seeds": "num_seeds", "seed": "seed", "early_stop": "attack.early_stop",
           "check_confirm": "attack.check_confirm", "constraint": "constraint", "radius": "radius",
@@ -50,6 +51,7 @@ def attack(
     prompts: Annotated[str, typer.Option("--prompts", "-p", help="Prompts whose training images to re-trigger (need references).", rich_help_panel=INPUT_PANEL)] = "testbed:memorized",
     references: References = None,
     mitigation: Mitigation = None,
+    mitigation_union: MitigationUnion = False,
     recipe: Annotated[str, typer.Option(help="A registered attack recipe (dori_kowalczuk2025: the paper's).")] = "dori_kowalczuk2025",
     init: Annotated[str, typer.Option(help="Start from the 'prompt' embedding, 'random' N(0, I), or an 'other' prompt's.")] = "prompt",
     other_prompt: Annotated[str | None, typer.Option(help="The prompt for --init other (default: a shape caption on the testbed, a non-memorized LAION prompt elsewhere).")] = None,

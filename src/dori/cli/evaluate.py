@@ -17,6 +17,7 @@ from .options import (
     Guidance,
     Limit,
     Mitigation,
+    MitigationUnion,
     Model,
     ModelConfig,
     Out,
@@ -44,7 +45,7 @@ FIELDS = {"prompts": "prompts", "references": ("references", text), "seeds": "nu
           "steps": "generation.num_inference_steps", "guidance": "generation.guidance_scale",
           "batch_size": "generation.batch_size", "descriptor": "descriptor.spec",
           "sscd_preprocess": "descriptor.preprocess", "threshold": "descriptor.threshold", "limit": "limit",
-          "baseline": ("baseline", text), "mitigation": ("mitigations", paths)}
+          "baseline": ("baseline", text), "mitigation": ("mitigations", paths), "mitigation_union": "mitigation_union"}
 
 
 @handle_errors
@@ -63,6 +64,7 @@ def evaluate(
     limit: Limit = None,
     baseline: Annotated[Path | None, typer.Option(help="A finished evaluate run of the same prompts/seeds: adds SSCD_gen.")] = None,
     mitigation: Mitigation = None,
+    mitigation_union: MitigationUnion = False,
     model: Model = "testbed",
     model_config: ModelConfig = None,
     device: Device = "cpu",

@@ -149,6 +149,10 @@ def _fit(ctx: typer.Context, method: str, fields: dict, base: dict, bake: Path |
     cls = settings.config.method_class()
     if bake is not None and not getattr(cls, "bakeable", False):
         raise DoriError(f"bake: {method} changes the model through hooks and cannot be saved into a pipeline folder")
+    if bake is not None:
+        from ..runs import check_writable
+
+        check_writable(bake, option="bake")
     pipe = settings.load()
     with Bars() as bars:
         result = run_mitigate(pipe, settings.config, out, overwrite=overwrite, progress=bars)

@@ -45,6 +45,9 @@ Threshold = Annotated[float | None, typer.Option(help="Replication threshold (de
                                                  rich_help_panel=INPUT_PANEL)]
 Mitigation = Annotated[list[Path] | None, typer.Option("--mitigation", help="A saved mitigation (.safetensors with its "
                                                        ".json); repeatable.", rich_help_panel=INPUT_PANEL)]
+MitigationUnion = Annotated[bool, typer.Option("--mitigation-union", help="Apply a per-prompt mitigation's "
+                                             "selections of every prompt together (for prompts it was not "
+                                             "fitted on).", rich_help_panel=INPUT_PANEL)]
 Limit = Annotated[int | None, typer.Option(help="Only the first N prompts.", rich_help_panel=INPUT_PANEL)]
 Out = Annotated[Path | None, typer.Option("--out", "-o", help="Run folder (default runs/<command>-<model>-<time>).",
                                           rich_help_panel=RUN_PANEL)]
@@ -105,6 +108,17 @@ def handle_errors(fn):
         except KeyboardInterrupt:
             console(stderr=True).print("interrupted: run the same command again to resume")
             raise typer.Exit(130) from None
+        except OSError as exc:  # the machine's answer (disk full, permission, missing file): the user's to fix
+            import logging
+
+            if logging.getLogger().isEnabledFor(logging.INFO):  # --verbose: the traceback too
+                raise
+            from rich.markup import escape
+
+            where = f": {exc.filename}" if exc.filename else ""
+            console(stderr=True).print(f"[bold red]error:[/] {escape((exc.strerror or str(exc)) + where)} "
+                                       "(--verbose shows where)", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
 
     return wrapper
 
@@ -126,15 +140,20 @@ class Bars:
                                  TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
                                  console=console(stderr=True), transient=False)
         self.tasks: dict[str, int] = {}
+        self.started = False
 
-    def __enter__(self):
-        self.progress.__enter__()
+    def __enter__(self):  # the display starts with the first report: an early error prints no empty bar
         return self
 
     def __exit__(self, *exc):
-        return self.progress.__exit__(*exc)
+        if self.started:
+            return self.progress.__exit__(*exc)
+        return None
 
     def __call__(self, stage: str, done: int, total: int, info: str = "") -> None:
+        if not self.started:
+            self.progress.__enter__()
+            self.started = True
         if stage not in self.tasks:
             self.tasks[stage] = self.progress.add_task(stage, total=total, info="")
         self.progress.update(self.tasks[stage], completed=done, total=total, info=info)
@@ -207,6 +226,10 @@ def resolve(ctx: typer.Context, cls: type, command: str, fields: dict[str, str |
         show_config(config, {"model": location, **pick})
         raise typer.Exit(0)
     config.validate()
+    if params.get("out") is not None:
+        from ..runs import check_writable
+
+        check_writable(params["out"])
     return Settings(config, location, pick["device"], pick["dtype"], pick["scheduler"], pick["model_config"])
 
 

@@ -36,9 +36,11 @@ def build(
 
     from ..errors import DoriError
     from ..models import testbed_path
+    from ..runs import check_writable
     from ..testbed.check import calibrate_folder
     from ..testbed.train import TestbedTrainConfig, train_testbed
 
+    check_writable(out)
     if threads < 1:
         raise DoriError(f"threads: must be >= 1, got {threads}")
     torch.set_num_threads(threads)

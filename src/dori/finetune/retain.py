@@ -14,6 +14,7 @@ The paper trains on regular LAION image-caption pairs (section 2.6). A retain se
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,19 +46,22 @@ class RetainSet:
 
 def _metadata(folder: Path) -> list[tuple[str, str]]:
     """``(file name, caption)`` pairs from ``metadata.jsonl`` / ``metadata.csv``, else from ``<image>.txt`` files."""
+    from ..config_files import read_text
+
     rows: list[dict] = []
     if (folder / "metadata.jsonl").is_file():
-        for n, line in enumerate((folder / "metadata.jsonl").read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(read_text(folder / "metadata.jsonl", "retain", "JSON lines").splitlines(), 1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as exc:
                     raise DoriError(f"retain: {folder / 'metadata.jsonl'} line {n} is not JSON ({exc.msg})") from exc
+                if not isinstance(rows[-1], dict):
+                    raise DoriError(f"retain: {folder / 'metadata.jsonl'} line {n} is not a JSON object")
     elif (folder / "metadata.csv").is_file():
-        with open(folder / "metadata.csv", encoding="utf-8", newline="") as f:
-            rows = list(csv.DictReader(f))
+        rows = list(csv.DictReader(io.StringIO(read_text(folder / "metadata.csv", "retain", "a CSV file"))))
     else:
-        pairs = [(p.name, p.with_suffix(".txt").read_text(encoding="utf-8").strip()) for p in sorted(folder.iterdir())
+        pairs = [(p.name, read_text(p.with_suffix(".txt"), "retain", "a caption").strip()) for p in sorted(folder.iterdir())
                  if p.suffix.lower() in IMAGE_SUFFIXES and p.with_suffix(".txt").is_file()]
         if not pairs:
             raise DoriError(f"retain: {folder} holds no image-caption pairs (give metadata.jsonl / metadata.csv with "
@@ -81,6 +85,23 @@ def load_retain_folder(folder: str | Path) -> RetainSet:
     return RetainSet([c for _, c in pairs], [load_image(folder / name) for name, _ in pairs])
 
 
+def check_retain_folder(folder: str | Path) -> None:
+    """Refuse a retain folder whose metadata cannot be read or whose images are missing or not images,
+    without decoding them (PIL's ``verify``)."""
+    from PIL import Image
+
+    folder = Path(folder)
+    pairs = _metadata(folder)
+    if not pairs:
+        raise DoriError(f"retain: {folder} holds no image-caption pairs")
+    for name, _ in pairs:
+        try:
+            with Image.open(folder / name) as image:
+                image.verify()
+        except Exception:  # PIL raises many kinds for a damaged or foreign file
+            raise DoriError(f"retain: {folder / name} is missing or not a readable image") from None
+
+
 def check_retain(spec: str | None, images: str | None, generate: bool, model_folder) -> None:
     """Refuse retain settings that cannot give pairs, before anything is loaded or written."""
     if spec is None and model_folder is None:
@@ -91,6 +112,8 @@ def check_retain(spec: str | None, images: str | None, generate: bool, model_fol
     if spec is not None and Path(spec).is_file() and images is None and not generate:
         raise DoriError(f"retain: the prompt file {spec!r} needs its images: --retain-images DIR (<id>.png) or "
                         "--retain-generate (the model's own generations)")
+    if spec is not None and Path(spec).is_file() and not load_prompt_set(spec).records:
+        raise DoriError(f"retain: {spec} holds no prompts")
 
 
 def load_retain_set(spec: str | None, images: str | None, model_folder: str | None, *, generate_with=None,

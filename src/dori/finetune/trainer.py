@@ -31,7 +31,7 @@ from ..images import load_image, save_png
 from ..models import encode_images, encode_prompts, model_name, model_record, pipeline_location, testbed_folder
 from ..progress import Progress
 from ..prompts import PromptSet, load_reference_folder, require_references
-from ..runs import RunFolder, default_run_dir, read_jsonl, safe_filename
+from ..runs import RunFolder, default_run_dir, json_text, read_jsonl, safe_filename
 from ..seeding import item_generator
 from .config import FinetuneConfig
 from .retain import check_retain, load_retain_set
@@ -85,7 +85,7 @@ def _surrogate_stage(pipe, config: FinetuneConfig, run: RunFolder, prompt_set: P
         for row, image in zip(rows, images, strict=True):
             row["image"] = f"surrogates/{safe_filename(row['prompt_id'])}.png"
             save_png(image, run.path / row["image"])
-        index.write_text(json.dumps(rows, indent=1))
+        index.write_text(json_text(rows, indent=1))
     rows = json.loads(index.read_text())
     if [r["prompt_id"] for r in rows] != [r.id for r in records]:
         raise DoriError(f"surrogates: {index} was made for other prompts; use another --out")
@@ -93,11 +93,11 @@ def _surrogate_stage(pipe, config: FinetuneConfig, run: RunFolder, prompt_set: P
 
 
 def _nemo_surrogates(pipe, config: FinetuneConfig, records, references, gallery, descriptor):
-    from ..mitigations import load_mitigation
+    from ..mitigations.base import load_for
     from ..mitigations.nemo import statistics_prompts
     from ..prompts import load_prompt_set
 
-    nemo = load_mitigation(config.surrogate_mitigation) if config.surrogate_mitigation else None
+    nemo = load_for(pipe, config.surrogate_mitigation) if config.surrogate_mitigation else None
     fallback = None
     if config.surrogate_fallback:
         fallback = [r.prompt for r in load_prompt_set(config.surrogate_fallback, model_folder=testbed_folder(pipe)).records]
@@ -136,12 +136,13 @@ class _Trainer:
     """One adversarial fine-tuning run: the model, its optimiser and losses under accelerate, and the data."""
 
     def __init__(self, pipe, config: FinetuneConfig, prompt_set: PromptSet, run: RunFolder, accelerator,
-                 surrogate_latents: torch.Tensor, references):
+                 surrogate_latents: torch.Tensor, references, retain=None):
         self.pipe, self.config, self.run, self.accelerator = pipe, config, run, accelerator
         self.records = prompt_set.records
-        self.retain = load_retain_set(config.retain, config.retain_images, testbed_folder(pipe),
-                                      generate_with=pipe if config.retain_generate else None,
-                                      cache=run.path / "retain", seed=config.seed, generation=config.generation)
+        self.retain = retain or load_retain_set(config.retain, config.retain_images, testbed_folder(pipe),
+                                                generate_with=pipe if config.retain_generate else None,
+                                                cache=run.path / "retain", seed=config.seed,
+                                                generation=config.generation)
         self.surrogate_latents = surrogate_latents
         self.targets = encode_images(pipe, references)
         self.prompt_embeds = encode_prompts(pipe, [r.prompt for r in self.records])
@@ -181,7 +182,7 @@ class _Trainer:
         steps_file = self.run.path / STEPS_FILE
         rows = [r for r in (read_jsonl(steps_file) if steps_file.exists() else []) if r["step"] <= self.state.step]
         if self.accelerator.is_main_process:
-            steps_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            steps_file.write_text("".join(json_text(r) + "\n" for r in rows))
         return rows
 
     def checkpoint(self, step: int) -> None:
@@ -275,7 +276,7 @@ class _Trainer:
                    "unet_evaluations": evaluations * self.world, "seconds": time.perf_counter() - t0}
             if self.accelerator.is_main_process:
                 with open(steps_file, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                    f.write(json_text(row) + "\n")
             if step % config.checkpoint_every == 0 or step == self.total:
                 self.checkpoint(step)
             if progress:
@@ -309,6 +310,9 @@ def adversarial_finetune(pipe, prompts: PromptSet, config: FinetuneConfig | None
         raise DoriError(f"prompts: {prompts.name!r} holds no prompts")
     references = require_references(prompts, "fine-tuning")
     check_retain(config.retain, config.retain_images, config.retain_generate, testbed_folder(pipe))
+    # read (and check) the retain pairs before the run folder exists; generated ones are made inside it
+    retain = None if config.retain_generate else load_retain_set(config.retain, config.retain_images,
+                                                                 testbed_folder(pipe))
     descriptor = config.descriptor.build(pipe)
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=pipe.unet.device.type == "cpu")
     out = Path(out) if out is not None else default_run_dir("finetune", model_name(pipe))
@@ -325,7 +329,7 @@ def adversarial_finetune(pipe, prompts: PromptSet, config: FinetuneConfig | None
         accelerator.wait_for_everyone()
         if not accelerator.is_main_process:
             surrogates = _surrogate_stage(pipe, config, run, prompts, references, gallery, descriptor)
-        trainer = _Trainer(pipe, config, prompts, run, accelerator, surrogates, references)
+        trainer = _Trainer(pipe, config, prompts, run, accelerator, surrogates, references, retain)
         trainer.resume()
         trainer.train(progress)
         pipe.unet = trainer.finish()

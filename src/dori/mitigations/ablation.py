@@ -63,11 +63,18 @@ class LayerAblation(MitigationBase):
         """Nothing to learn: checks that the layers exist on ``pipe``."""
         ablation = cls(config)
         ablation.matched(pipe)
-        return ablation
+        return ablation.stamp(pipe)
 
     @classmethod
     def check(cls, pipe, config: AblationConfig) -> None:
         linear_layers(pipe.unet, config.layers)
+
+    def depends_on(self, pipe) -> dict[str, torch.nn.Module]:
+        """Nothing but the architecture: scaling layers means the same on any weights."""
+        return {}
+
+    def validate_for(self, pipe) -> None:
+        self.matched(pipe)
 
     def matched(self, pipe) -> dict[str, torch.nn.Linear]:
         """The layers this ablation scales on ``pipe``'s UNet (a DoriError naming the globs if none)."""

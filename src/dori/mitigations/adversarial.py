@@ -29,6 +29,17 @@ class AdversarialFinetune(WeightsMitigation):
     """The fine-tuning shares each step among the processes itself (accelerate)."""
 
     @classmethod
+    def check(cls, pipe, config: FinetuneConfig) -> None:
+        """The retain pairs and the copy descriptor, read before the run folder exists."""
+        from ..finetune.retain import check_retain, check_retain_folder
+        from ..models import testbed_folder
+
+        check_retain(config.retain, config.retain_images, config.retain_generate, testbed_folder(pipe))
+        if config.retain is not None and Path(config.retain).is_dir():
+            check_retain_folder(config.retain)
+        config.descriptor.build(pipe)
+
+    @classmethod
     def fit(cls, pipe, prompts, config: FinetuneConfig | None = None, *, run=None,
             progress: Progress | None = None) -> AdversarialFinetune:
         """Fine-tune against Dori for the memorized ``prompts`` (a :class:`~dori.prompts.PromptSet` with
@@ -48,7 +59,7 @@ class AdversarialFinetune(WeightsMitigation):
         pipe.unet = unet  # the same module object, trained: put the original weights back
         pipe.unet.load_state_dict({k.removeprefix("unet."): v for k, v in before.items()})
         pipe.register_to_config(_name_or_path=location)
-        return fitted
+        return fitted.stamp(pipe)
 
     def summary(self) -> dict:
         return {"tensors": len(self.tensors), "parameters": int(sum(v.numel() for v in self.tensors.values())),

@@ -90,22 +90,60 @@ def sidecar_path(path: str | Path) -> Path:
 
 
 def write_saved(path: str | Path, tensors: dict, meta: dict) -> Path:
-    """Save ``tensors`` as ``<path>.safetensors`` and ``meta`` as its JSON sidecar; returns the tensor file."""
+    """Save ``tensors`` as ``<path>.safetensors`` and ``meta`` as its JSON sidecar (with the tensor file's
+    SHA-256, so that damaged bytes are refused on load); both written through temporary files and
+    readable by everyone (mode 0644 under the usual umask); returns the tensor file."""
+    import hashlib
+    import os
+
     from safetensors.torch import save_file
+
+    from ..runs import json_text
 
     path = Path(path).with_suffix(".safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
-    sidecar_path(path).write_text(json.dumps({"format": FORMAT, **meta}, indent=1, default=str))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+    side = sidecar_path(path)
+    side_tmp = side.with_name(f".{side.name}.{os.getpid()}")
+    side_tmp.write_text(json_text({"format": FORMAT, **meta, "sha256": digest}, indent=1))
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in (tmp, side_tmp):
+        file.chmod(0o666 & ~umask)
+    tmp.replace(path)
+    side_tmp.replace(side)
     return path
 
 
 def read_saved(path: str | Path) -> tuple[dict, dict]:
-    """``(sidecar, tensors)`` of a saved mitigation."""
-    from safetensors.torch import load_file
+    """``(sidecar, tensors)`` of a saved mitigation; a DoriError if either is damaged."""
+    import hashlib
+
+    from safetensors.torch import load
 
     path = Path(path).with_suffix(".safetensors")
-    return json.loads(sidecar_path(path).read_text()), load_file(str(path))
+    meta = read_sidecar(path)
+    data = path.read_bytes()
+    if meta.get("sha256") and hashlib.sha256(data).hexdigest() != meta["sha256"]:
+        raise DoriError(f"mitigation: {path} is damaged (its bytes do not match the checksum in {sidecar_path(path).name})")
+    try:
+        tensors = load(data)
+    except Exception as exc:  # safetensors raises its own error type for every malformed file
+        raise DoriError(f"mitigation: {path} is not a readable safetensors file ({exc})") from None
+    return meta, tensors
+
+
+def read_sidecar(path: str | Path) -> dict:
+    side = sidecar_path(path)
+    try:
+        meta = json.loads(side.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DoriError(f"mitigation: {side} is not a mitigation sidecar ({exc})") from None
+    if not isinstance(meta, dict):
+        raise DoriError(f"mitigation: {side} is not a mitigation sidecar (not a JSON object)")
+    return meta
 
 
 def method_of(meta: dict) -> str | None:
@@ -114,20 +152,44 @@ def method_of(meta: dict) -> str | None:
 
 
 def load_mitigation(path: str | Path) -> Mitigation:
-    """Load a saved mitigation (``x.safetensors`` + ``x.json``) of any registered method."""
+    """Load a saved mitigation (``x.safetensors`` + ``x.json``) of any registered method; a DoriError
+    naming the file if it is missing, damaged or not what its sidecar says."""
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path.with_suffix(".safetensors")
     meta = sidecar_path(path)
     if not path.is_file() or not meta.is_file():
         raise DoriError(f"mitigation: {path} and its sidecar {meta.name} must both exist")
-    try:
-        name = method_of(json.loads(meta.read_text()))
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
-        raise DoriError(f"mitigation: {meta} is not a mitigation sidecar (not a JSON object)") from exc
+    name = method_of(read_sidecar(path))
     if not name:
         raise DoriError(f"mitigation: {meta} names no method")
-    return MITIGATIONS.get(name).load(path)
+    try:
+        mitigation = MITIGATIONS.get(name).load(path)
+    except DoriError:
+        raise
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError, RuntimeError) as exc:
+        raise DoriError(f"mitigation: {path} is not a valid {name} file ({type(exc).__name__}: {exc})") from None
+    if isinstance(mitigation, MitigationBase):
+        mitigation.made_for = read_sidecar(path).get("model")
+    return mitigation
+
+
+def load_for(pipe, path: str | Path, prompts: list[str] | None = None, *, union: bool = False) -> Mitigation:
+    """:func:`load_mitigation`, refused unless it was fitted on ``pipe``'s model and fits its layers; with
+    ``prompts`` (those it will be applied for), a per-prompt mitigation must hold a selection for each,
+    unless ``union`` (every prompt's selection applied together)."""
+    mitigation = load_mitigation(path)
+    if isinstance(mitigation, MitigationBase):
+        mitigation.check_model(pipe, path)
+        mitigation.validate_for(pipe)
+        fitted = mitigation.fitted_prompts()
+        if prompts is not None and fitted is not None and mitigation.scope == "per-prompt" and not union:
+            missing = [p for p in prompts if p not in set(fitted)]
+            if missing:
+                raise DoriError(f"mitigation: {path} was fitted per prompt on {len(fitted)} prompts and has no "
+                                f"selection for {len(missing)} of these (first: {missing[0]!r}); fit it on them, "
+                                "or apply every prompt's selection together (--mitigation-union)")
+    return mitigation
 
 
 class MitigationBase:
@@ -137,10 +199,43 @@ class MitigationBase:
     kind: ClassVar[str]
     bakeable: ClassVar[bool] = False
     """Whether ``apply`` only edits weights (no hooks), so that the mitigated model can be saved."""
+    made_for: dict | None = None
+    """The model it was fitted on (:func:`dori.fingerprint.model_identity`), saved in the sidecar."""
 
     def identity(self) -> dict:
         """The fields every sidecar starts with."""
-        return {"method": self.name, "kind": self.kind, "scope": self.scope}
+        return {"method": self.name, "kind": self.kind, "scope": self.scope, "model": self.made_for}
+
+    def depends_on(self, pipe) -> dict[str, torch.nn.Module]:
+        """The modules whose weights give the mitigation its meaning (probed in ``made_for``)."""
+        return {"unet": pipe.unet}
+
+    def stamp(self, pipe):
+        """Record ``pipe``'s model as the one this mitigation was fitted on; returns ``self``."""
+        from ..fingerprint import model_identity
+
+        self.made_for = model_identity(pipe, self.depends_on(pipe))
+        return self
+
+    def check_model(self, pipe, source: str | Path = "mitigation") -> None:
+        """Refuse a model other than the one this mitigation was fitted on (no record: nothing to check)."""
+        from ..fingerprint import identity_mismatch
+        from ..models import pipeline_location
+
+        if not self.made_for:
+            return
+        why = identity_mismatch(self.made_for, pipe, self.depends_on(pipe))
+        if why:
+            raise DoriError(f"mitigation: {source} was fitted on {self.made_for.get('location') or 'a model in memory'}, "
+                            f"not on this model ({pipeline_location(pipe) or 'in memory'}: {why}); fit it on this model")
+
+    def validate_for(self, pipe) -> None:
+        """Refuse content that cannot apply to ``pipe`` (out-of-range indices, wrong shapes), before any run
+        folder is created."""
+
+    def fitted_prompts(self) -> list[str] | None:
+        """The prompts a per-prompt mitigation holds selections for (None: it applies to any prompt)."""
+        return None
 
     def bake(self, pipe, folder: str | Path, prompt: str | None = None) -> Path:
         """Save the pipeline with the mitigation applied (a normal diffusers folder); only for methods

@@ -50,8 +50,7 @@ class WeightsMitigation(MitigationBase):
         changed = {k: v.detach().cpu().clone() for k, v in now.items() if k in before and not torch.equal(v.detach().cpu(), before[k])}
         return cls(changed, meta)
 
-    def apply(self, pipe, prompt: str | None = None) -> Handle:
-        """Copy the tensors in (all of them, whatever ``prompt``); ``remove()`` restores the originals."""
+    def validate_for(self, pipe) -> None:
         targets = _tensors(pipe)
         for name, value in self.tensors.items():
             if name not in targets:
@@ -60,6 +59,11 @@ class WeightsMitigation(MitigationBase):
             if tuple(targets[name].shape) != tuple(value.shape):
                 raise DoriError(f"mitigation: {self.name} has {name} of shape {tuple(value.shape)}, the model "
                                 f"{tuple(targets[name].shape)} (it was fitted on another model)")
+
+    def apply(self, pipe, prompt: str | None = None) -> Handle:
+        """Copy the tensors in (all of them, whatever ``prompt``); ``remove()`` restores the originals."""
+        self.validate_for(pipe)
+        targets = _tensors(pipe)
         handle = handle_for(pipe.unet, self)
         with torch.no_grad():
             for name, value in self.tensors.items():
@@ -79,7 +83,11 @@ class WeightsMitigation(MitigationBase):
     @classmethod
     def load(cls, path: str | Path):
         meta, tensors = read_saved(path)
-        keep = {k: v for k, v in meta.items() if k not in ("format", "method", "kind", "scope", "tensors", "parameters")}
+        for name, value in tensors.items():
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise DoriError(f"mitigation: {path} holds non-finite values in {name}")
+        keep = {k: v for k, v in meta.items()
+                if k not in ("format", "method", "kind", "scope", "model", "sha256", "tensors", "parameters")}
         return cls(tensors, keep)
 
 
@@ -95,6 +103,10 @@ class InferenceMitigation(MitigationBase):
 
     kind = "inference"
     scope = "set"
+
+    def depends_on(self, pipe) -> dict[str, torch.nn.Module]:
+        """The text encoder, whose output the mitigation rewrites."""
+        return {"text_encoder": pipe.text_encoder}
 
     def condition(self, encoder_hidden_states: torch.Tensor, timestep) -> torch.Tensor:
         raise NotImplementedError

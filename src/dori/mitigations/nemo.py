@@ -214,10 +214,16 @@ class ActivationStatistics:
         except Exception as exc:  # a pickle error, a wrong structure: name the file
             raise DoriError(f"statistics_file: {path} is not NeMo's statistics file ((means, stds) per layer)") from exc
         names = list(layers)
+        if not (isinstance(means, list | tuple) and isinstance(stds, list | tuple)):
+            raise DoriError(f"statistics_file: {path} is not NeMo's statistics file ((means, stds) per layer)")
         if len(means) != len(names) or len(stds) != len(names):
             raise DoriError(f"statistics_file: {path} has {len(means)} layers, the model {len(names)} value layers")
-        for name, mean in zip(names, means, strict=True):
-            if mean.numel() != layers[name].out_features:
+        for name, mean, std in zip(names, means, stds, strict=True):
+            if not (isinstance(mean, torch.Tensor) and isinstance(std, torch.Tensor)):
+                raise DoriError(f"statistics_file: {path} is not NeMo's statistics file ((means, stds) per layer)")
+            if not (bool(torch.isfinite(mean).all()) and bool(torch.isfinite(std).all())):
+                raise DoriError(f"statistics_file: {path} holds non-finite statistics for {name}")
+            if mean.numel() != layers[name].out_features or std.numel() != mean.numel():
                 raise DoriError(f"statistics_file: {path} has {mean.numel()} neurons for {name}, the model "
                                 f"{layers[name].out_features}")
         return cls({n: m.float().flatten() for n, m in zip(names, means, strict=True)},
@@ -566,7 +572,9 @@ class NeMo(MitigationBase):
 
     @classmethod
     def check(cls, pipe, config: NeMoConfig) -> None:
-        value_layers(pipe.unet, config.layers)
+        layers = value_layers(pipe.unet, config.layers)
+        if config.statistics_file is not None:
+            ActivationStatistics.from_official(config.statistics_file, layers)
 
     @classmethod
     def fit(cls, pipe, prompts, config: NeMoConfig | None = None, *, run=None, progress: Progress | None = None) -> NeMo:
@@ -652,7 +660,7 @@ class NeMo(MitigationBase):
             if on_result is not None and prompt not in (done or {}):
                 on_result(result)
             results.append(result)
-        return cls(results, list(layers), config, threshold)
+        return cls(results, list(layers), config, threshold).stamp(pipe)
 
     def selection(self, prompt: str | None = None) -> Selection:
         """The neurons deactivated for ``prompt`` (per-prompt scope) or for every prompt (set scope)."""
@@ -662,7 +670,28 @@ class NeMo(MitigationBase):
             return pick(result) if result is not None else {}
         return _union([pick(r) for r in self.results])
 
+    def depends_on(self, pipe) -> dict[str, torch.nn.Module]:
+        """The text encoder (the activations that chose the neurons) and the value layers (the neurons)."""
+        return {"text_encoder": pipe.text_encoder,
+                "values": torch.nn.ModuleList(value_layers(pipe.unet, self.layer_names).values())}
+
+    def validate_for(self, pipe) -> None:
+        layers = dict(pipe.unet.named_modules())
+        for result in self.results:
+            for selection in (result.initial, result.refined):
+                for name, idx in selection.items():
+                    layer = layers.get(name)
+                    if not isinstance(layer, torch.nn.Linear):
+                        raise DoriError(f"mitigation: NeMo blocks neurons of {name!r}, which this model does not have")
+                    if idx and (min(idx) < 0 or max(idx) >= layer.out_features):
+                        raise DoriError(f"mitigation: NeMo blocks neuron {max(idx)} of {name}, which has "
+                                        f"{layer.out_features} (the file is damaged or made for another model)")
+
+    def fitted_prompts(self) -> list[str]:
+        return [r.prompt for r in self.results]
+
     def apply(self, pipe, prompt: str | None = None) -> Handle:
+        self.validate_for(pipe)
         handle = handle_for(pipe.unet, self)
         return block_neurons(pipe.unet, self.selection(prompt), self.config.scaling_factor, handle)
 
@@ -698,10 +727,19 @@ class NeMo(MitigationBase):
                     sel[stage][name] = value.tolist()
             results.append(PromptLocalization(**info, initial=sel["initial"], refined=sel["refined"]))
         config = from_dict(NeMoConfig, {**meta["config"], "scope": meta.get("scope", "per-prompt")}, "nemo")
-        return cls(results, meta["layers"], config, meta["ssim_threshold"], meta.get("refined", True))
+        config.validate()
+        threshold = meta["ssim_threshold"]
+        if not isinstance(threshold, int | float) or not math.isfinite(threshold):
+            raise DoriError(f"mitigation: {path} has SSIM threshold {threshold!r}, not a finite number")
+        bad = [k for k, v in tensors.items() if v.dtype != torch.int64 or v.ndim != 1]
+        if bad:
+            raise DoriError(f"mitigation: {path} holds {bad[0]!r}, not a list of neuron indices")
+        return cls(results, meta["layers"], config, threshold, meta.get("refined", True))
 
     def with_scope(self, scope: str) -> NeMo:
-        return NeMo(self.results, self.layer_names, replace(self.config, scope=scope), self.threshold, self.refined)
+        other = NeMo(self.results, self.layer_names, replace(self.config, scope=scope), self.threshold, self.refined)
+        other.made_for = self.made_for
+        return other
 
 
 __all__ = ["NeMo", "NeMoConfig", "ActivationStatistics", "PromptLocalization", "block_neurons", "value_layers",

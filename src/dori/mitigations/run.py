@@ -18,7 +18,7 @@ from ..models import model_name, model_record
 from ..progress import Progress
 from ..prompts import PromptSet, prompts_for
 from ..runs import Processes, default_run_dir
-from .base import MITIGATIONS, Mitigation
+from .base import MITIGATIONS, Mitigation, MitigationBase
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,8 @@ def run_mitigate(pipe, config: MitigateConfig, out: str | Path | None = None, *,
         mitigation = cls.fit(pipe, prompts, config.method_config(), run=run, progress=progress) \
             if everywhere or processes.main else None
         if processes.main:
+            if isinstance(mitigation, MitigationBase) and mitigation.made_for is None:
+                mitigation.stamp(pipe)  # a plugin's fit that did not record its model
             mitigation.save(path)
         processes.barrier()
         if mitigation is None:

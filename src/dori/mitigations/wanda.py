@@ -61,8 +61,11 @@ class WandaConfig:
             raise DoriError(f"keep: must be ceil or floor, got {self.keep!r}")
         if not 0 < self.sparsity <= 1:
             raise DoriError(f"sparsity: must be in (0, 1], got {self.sparsity}")
+        if self.num_inference_steps < 1:
+            raise DoriError(f"num_inference_steps (--steps): must be >= 1, got {self.num_inference_steps}")
         if not 1 <= self.timesteps <= self.num_inference_steps:
-            raise DoriError(f"timesteps: must be in [1, num_inference_steps], got {self.timesteps}")
+            raise DoriError(f"timesteps: must be in [1, num_inference_steps = {self.num_inference_steps}], "
+                            f"got {self.timesteps}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -191,7 +194,7 @@ class Wanda(MitigationBase):
                           for name, layer in layers.items()}
             if progress:
                 progress("prune (Wanda)", i + 1, len(groups))
-        return cls(masks, config, list(prompts))
+        return cls(masks, config, list(prompts)).stamp(pipe)
 
     def mask_for(self, prompt: str | None = None) -> dict[str, torch.Tensor]:
         if self.scope == "set":
@@ -204,15 +207,27 @@ class Wanda(MitigationBase):
                 union[name] = union[name] | m if name in union else m.clone()
         return union
 
+    def depends_on(self, pipe) -> dict[str, torch.nn.Module]:
+        """The FFN layers whose weights were scored."""
+        return {"ffn": torch.nn.ModuleList(ffn_layers(pipe.unet, self.config.layers).values())}
+
+    def validate_for(self, pipe) -> None:
+        layers = ffn_layers(pipe.unet, self.config.layers)
+        for masks in self.masks.values():
+            for name, mask in masks.items():
+                if name not in layers:
+                    raise DoriError(f"mitigation: the model has no layer {name!r}")
+                if tuple(mask.shape) != tuple(layers[name].weight.shape):
+                    raise DoriError(f"mitigation: the Wanda mask of {name} is {tuple(mask.shape)}, the layer's weight "
+                                    f"{tuple(layers[name].weight.shape)} (it was made for another model)")
+
+    def fitted_prompts(self) -> list[str] | None:
+        return None if self.scope == "set" else list(self.masks)
+
     def apply(self, pipe, prompt: str | None = None) -> Handle:
+        self.validate_for(pipe)
         layers = ffn_layers(pipe.unet, self.config.layers)
         masks = self.mask_for(prompt)
-        for name, mask in masks.items():
-            if name not in layers:
-                raise DoriError(f"mitigation: the model has no layer {name!r}")
-            if tuple(mask.shape) != tuple(layers[name].weight.shape):
-                raise DoriError(f"mitigation: the Wanda mask of {name} is {tuple(mask.shape)}, the layer's weight "
-                                f"{tuple(layers[name].weight.shape)} (it was made for another model)")
         handle = handle_for(pipe.unet, self)
         with torch.no_grad():
             for name, mask in masks.items():
@@ -248,6 +263,15 @@ class Wanda(MitigationBase):
         masks: dict[str, dict[str, torch.Tensor]] = {k: {} for k in meta["keys"]}
         for key, value in tensors.items():
             i, name = key.split("/", 1)
+            if value.dtype != torch.uint8 or value.ndim != 2 or bool((value > 1).any()):
+                raise DoriError(f"mitigation: {path} holds {key!r}, which is not a 0/1 weight mask")
             masks[meta["keys"][int(i)]][name] = value.bool()
         config = from_dict(WandaConfig, {**meta["config"], "scope": meta.get("scope", "set")}, "wanda")
-        return cls(masks, config, meta["prompts"])
+        config.validate()
+        wanda = cls(masks, config, meta["prompts"])
+        saved = meta.get("sparsity_per_layer") or {}
+        for name, share in wanda.sparsity_per_layer().items():
+            if name in saved and not math.isclose(share, saved[name], rel_tol=1e-6, abs_tol=1e-9):
+                raise DoriError(f"mitigation: {path} masks {share:.4%} of {name}, its sidecar says {saved[name]:.4%} "
+                                "(the file is damaged)")
+        return wanda

@@ -25,7 +25,9 @@ def load_preset(name: str) -> dict:
 
     path = Path(name)
     if path.suffix in (".yaml", ".yml") and path.is_file():
-        text = path.read_text(encoding="utf-8")
+        from ..config_files import read_text
+
+        text = read_text(path, "preset", "a YAML file")
     elif name in names():
         text = (resources.files("dori") / "presets" / f"{name}.yaml").read_text(encoding="utf-8")
     else:
