@@ -51,11 +51,9 @@ def _probe(modules: dict[str, torch.nn.Module]) -> dict[str, list[float]]:
 
 
 def model_identity(pipe, modules: dict[str, torch.nn.Module]) -> dict:
-    """What an artefact records of the model it was made on: where it was loaded from, its architecture,
-    and a probe of ``modules`` (``{label: module}``: the weights the artefact depends on)."""
-    from .models import pipeline_location
-
-    return {"location": pipeline_location(pipe), "architecture": architecture(pipe), "probe": _probe(modules)}
+    """What an artefact records of the model it was made on: its architecture and a probe of ``modules``
+    (``{label: module}``: the weights the artefact depends on)."""
+    return {"architecture": architecture(pipe), "probe": _probe(modules)}
 
 
 def identity_mismatch(recorded: dict, pipe, modules: dict[str, torch.nn.Module]) -> str | None:

@@ -200,7 +200,7 @@ def model_record(pipe) -> dict:
     return {"location": pipeline_location(pipe), "dtype": str(pipe.unet.dtype).removeprefix("torch."),
             "device": str(pipe.unet.device), "prediction_type": pipe.scheduler.config.prediction_type,
             "scheduler": type(pipe.scheduler).__name__,
-            "identity": {"architecture": identity["architecture"], "probe": identity["probe"]}}
+            "identity": identity}
 
 
 def select_modules(root: torch.nn.Module, selector: Selector) -> dict[str, torch.nn.Module]:

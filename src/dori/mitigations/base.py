@@ -213,8 +213,9 @@ class MitigationBase:
     def stamp(self, pipe):
         """Record ``pipe``'s model as the one this mitigation was fitted on; returns ``self``."""
         from ..fingerprint import model_identity
+        from ..models import pipeline_location
 
-        self.made_for = model_identity(pipe, self.depends_on(pipe))
+        self.made_for = {"location": pipeline_location(pipe), **model_identity(pipe, self.depends_on(pipe))}
         return self
 
     def check_model(self, pipe, source: str | Path = "mitigation") -> None:
