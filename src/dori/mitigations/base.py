@@ -220,12 +220,18 @@ class MitigationBase:
 
     def check_model(self, pipe, source: str | Path = "mitigation") -> None:
         """Refuse a model other than the one this mitigation was fitted on (no record: nothing to check)."""
-        from ..fingerprint import identity_mismatch
+        from ..fingerprint import architecture, identity_mismatch
         from ..models import pipeline_location
 
         if not self.made_for:
             return
-        why = identity_mismatch(self.made_for, pipe, self.depends_on(pipe))
+        if self.made_for.get("architecture") != architecture(pipe):
+            why = "another architecture"
+        else:
+            try:
+                why = identity_mismatch(self.made_for, pipe, self.depends_on(pipe))
+            except DoriError:  # the layers it names are not there
+                why = "other layers"
         if why:
             raise DoriError(f"mitigation: {source} was fitted on {self.made_for.get('location') or 'a model in memory'}, "
                             f"not on this model ({pipeline_location(pipe) or 'in memory'}: {why}); fit it on this model")
