@@ -298,3 +298,15 @@ def test_every_verb_refuses_malformed_files_without_a_traceback(setup, tmp_path)
         except AssertionError as exc:
             failures.append(f"{' '.join(args[:2])} ... {' '.join(a for a in args if '/bad/' in a)}: {str(exc)[:300]}")
     assert not failures, "\n".join(failures)
+
+
+def test_a_model_with_non_finite_weights_is_refused(setup, tmp_path):
+    from dori.models import load_pipeline
+
+    pipe = load_pipeline(setup["model"])
+    with torch.no_grad():
+        next(pipe.unet.parameters()).view(-1)[0] = float("nan")
+    pipe.save_pretrained(tmp_path / "nan-model")
+    refused(["evaluate", "--model", str(tmp_path / "nan-model"), "--prompts", setup["prompts"], "--references",
+             setup["refs"], "--descriptor", setup["sscd"], "--out", str(tmp_path / "o")], contains="non-finite weights",
+            out=tmp_path / "o")

@@ -160,8 +160,14 @@ def load_pipeline(model: str | os.PathLike = "testbed", device: str | torch.devi
     if scheduler is not None:
         swap_scheduler(pipe, scheduler)
     pipe.to(device)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+    for name in ("unet", "vae", "text_encoder"):
+        module = getattr(pipe, name)
         module.eval().requires_grad_(False)
+        for tensor_name, tensor in module.state_dict().items():  # a damaged checkpoint must not draw black images
+            # one pass: a sum is finite exactly when every value is (weights never overflow float32)
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor.sum(dtype=torch.float32))):
+                raise DoriError(f"model: {location} has non-finite weights in {name}.{tensor_name} (a damaged "
+                                "checkpoint)")
     logger.info("loaded %s pipeline from %s", kind, location)
     return pipe
 
