@@ -310,3 +310,13 @@ def test_a_model_with_non_finite_weights_is_refused(setup, tmp_path):
     refused(["evaluate", "--model", str(tmp_path / "nan-model"), "--prompts", setup["prompts"], "--references",
              setup["refs"], "--descriptor", setup["sscd"], "--out", str(tmp_path / "o")], contains="non-finite weights",
             out=tmp_path / "o")
+
+
+def test_the_weight_probe_reaches_the_last_element_of_any_tensor():
+    from dori.fingerprint import _probe
+
+    big = torch.nn.Linear(29491200 // 320, 320, bias=False)  # 2^24 < numel: float32 cannot count to it exactly
+    with torch.no_grad():
+        big.weight.view(-1)[-1] = 7.0
+    probe = _probe({"m": big})
+    assert len(probe["m.weight"]) == 8 and probe["m.weight"][-1] == 7.0

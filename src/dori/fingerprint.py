@@ -45,7 +45,8 @@ def _probe(modules: dict[str, torch.nn.Module]) -> dict[str, list[float]]:
     out = {}
     for name in names:
         flat = tensors[name].detach().reshape(-1)
-        idx = torch.linspace(0, flat.numel() - 1, min(PROBE_VALUES, flat.numel())).round().long()
+        k = min(PROBE_VALUES, flat.numel())  # integer positions: float ones round past the end of large tensors
+        idx = torch.arange(k, dtype=torch.int64) * (flat.numel() - 1) // max(k - 1, 1)
         out[name] = [float(f"{v:.6g}") for v in flat[idx.to(flat.device)].float().cpu().tolist()]
     return out
 
