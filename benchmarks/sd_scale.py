@@ -27,18 +27,6 @@ import numpy as np
 import torch
 
 
-class StandInSSCD(torch.nn.Module):
-    """SSCD's file format and interface (TorchScript, (N, 3, H, W) -> (N, 512)), random weights."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 32, 7, stride=4)
-        self.fc = torch.nn.Linear(32, 512)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
-
-
 def inputs(folder: Path, size: int) -> dict[str, Path]:
     """A prompt file with a reference image, a non-memorized prompt file, retain pairs, an SSCD stand-in."""
     from PIL import Image
@@ -51,8 +39,9 @@ def inputs(folder: Path, size: int) -> dict[str, Path]:
     Image.fromarray(np.full((size, size, 3), 128, dtype=np.uint8)).save(folder / "surrogates" / "p0.png")
     (folder / "prompts.csv").write_text("id,prompt\np0,The No Limits Business Woman Podcast\n")
     (folder / "nonmem.txt").write_text("a photo of a harbour at dawn\na bowl of fruit on a table\n")
-    torch.manual_seed(0)
-    torch.jit.script(StandInSSCD()).save(str(folder / "sscd.pt"))
+    from dori.sd_shapes import write_sscd_stand_in
+
+    write_sscd_stand_in(folder / "sscd.pt", channels=32, dim=512, kernel=7, stride=4)
     return {"prompts": folder / "prompts.csv", "refs": folder / "refs", "nonmem": folder / "nonmem.txt",
             "sscd": folder / "sscd.pt", "surrogates": folder / "surrogates"}
 

@@ -5,26 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
-
-class TinySSCD(torch.nn.Module):
-    """Same file format as SSCD (TorchScript, image -> descriptor); tiny random weights."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 8, 3, stride=2)
-        self.fc = torch.nn.Linear(8, 16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+from dori.sd_shapes import write_sscd_stand_in
 
 
 def write_sscd(path: Path) -> Path:
-    torch.manual_seed(0)
-    torch.jit.script(TinySSCD()).save(str(path))
-    return path
+    """A tiny TorchScript stand-in for SSCD (16 outputs)."""
+    return write_sscd_stand_in(path)
 
 
 def write_prompts_with_references(folder: Path, prompts: list[str]) -> tuple[Path, Path]:

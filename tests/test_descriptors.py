@@ -4,26 +4,12 @@ import torch
 
 from dori.descriptors import SSCDDescriptor, TestbedDescriptor, make_descriptor, preprocess_sscd, roc_auc, similarity
 from dori.errors import DoriError
-
-
-class TinySSCD(torch.nn.Module):
-    """A stand-in for an SSCD network in the same TorchScript format (conv + global pooling + linear)."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 8, 3, stride=2)
-        self.fc = torch.nn.Linear(8, 16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+from tests.helpers import write_sscd
 
 
 @pytest.fixture
 def sscd_file(tmp_path):
-    torch.manual_seed(0)
-    path = tmp_path / "sscd_disc_mixup.torchscript.pt"
-    torch.jit.script(TinySSCD()).save(str(path))
-    return path
+    return write_sscd(tmp_path / "sscd_disc_mixup.torchscript.pt")
 
 
 def test_preprocessing_conventions():

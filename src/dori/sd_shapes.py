@@ -22,6 +22,26 @@ from .errors import DoriError
 
 logger = logging.getLogger(__name__)
 
+
+class SSCDStandIn(torch.nn.Module):
+    """SSCD's file format and interface (TorchScript, ``(N, 3, H, W) -> (N, dim)``) with random weights:
+    conv, global pooling, linear. Tests use a tiny one, the SD-size benchmark one of SSCD's 512 outputs."""
+
+    def __init__(self, channels: int = 8, dim: int = 16, kernel: int = 3, stride: int = 2):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, channels, kernel, stride=stride)
+        self.fc = torch.nn.Linear(channels, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+def write_sscd_stand_in(path: str | Path, seed: int = 0, **shape) -> Path:
+    """Save an :class:`SSCDStandIn` (``shape``: its constructor's arguments) as TorchScript at ``path``."""
+    torch.manual_seed(seed)
+    torch.jit.script(SSCDStandIn(**shape)).save(str(path))
+    return Path(path)
+
 SD14_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
@@ -33,7 +53,7 @@ SD2_UNET = {**SD14_UNET, "cross_attention_dim": 1024, "attention_head_dim": (5, 
             "use_linear_projection": True}
 VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, block_out_channels=(128, 256, 512, 512),
            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
-           act_fn="silu", sample_size=512, scaling_factor=0.18215)
+           act_fn="silu", sample_size=512, scaling_factor=0.18215)  # the published config's value (written, not used)
 CLIP_L14 = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                 max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=768,
                 bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
