@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -57,11 +58,19 @@ def model_identity(pipe, modules: dict[str, torch.nn.Module]) -> dict:
     return {"architecture": architecture(pipe), "probe": _probe(modules)}
 
 
-def identity_mismatch(recorded: dict, pipe, modules: dict[str, torch.nn.Module]) -> str | None:
-    """Why ``pipe`` is not the model ``recorded`` (a :func:`model_identity`) describes, or None if it is."""
+def identity_mismatch(recorded: dict, pipe, modules: Callable[[], dict[str, torch.nn.Module]]) -> str | None:
+    """Why ``pipe`` is not the model ``recorded`` (a :func:`model_identity`) describes, or None if it is.
+    ``modules`` gives the probed modules once the architecture matches (a DoriError from it: the layers
+    are not there)."""
+    from .errors import DoriError
+
     if recorded.get("architecture") != architecture(pipe):
         return "another architecture"
-    stored, current = recorded.get("probe") or {}, _probe(modules)
+    try:
+        current = _probe(modules())
+    except DoriError:
+        return "other layers"
+    stored = recorded.get("probe") or {}
     if set(stored) != set(current):
         return "other layers"
     pairs = [(a, b) for name in stored for a, b in zip(stored[name], current[name], strict=False)]

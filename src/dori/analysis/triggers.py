@@ -71,7 +71,7 @@ def check_trigger_model(pipe, run: str | Path) -> None:
 
     recorded = run_model_record(run)
     if recorded.get("identity"):
-        why = identity_mismatch(recorded["identity"], pipe, {"unet": pipe.unet, "text_encoder": pipe.text_encoder})
+        why = identity_mismatch(recorded["identity"], pipe, lambda: {"unet": pipe.unet, "text_encoder": pipe.text_encoder})
         if why:
             raise DoriError(f"triggers: {run} were found on {recorded.get('location')}, not on this model ({why}); "
                             "analyse them with that model (leave out --model)")

@@ -160,7 +160,8 @@ def load_mitigation(path: str | Path) -> Mitigation:
     meta = sidecar_path(path)
     if not path.is_file() or not meta.is_file():
         raise DoriError(f"mitigation: {path} and its sidecar {meta.name} must both exist")
-    name = method_of(read_sidecar(path))
+    sidecar = read_sidecar(path)
+    name = method_of(sidecar)
     if not name:
         raise DoriError(f"mitigation: {meta} names no method")
     try:
@@ -170,7 +171,7 @@ def load_mitigation(path: str | Path) -> Mitigation:
     except (KeyError, ValueError, TypeError, IndexError, AttributeError, RuntimeError) as exc:
         raise DoriError(f"mitigation: {path} is not a valid {name} file ({type(exc).__name__}: {exc})") from None
     if isinstance(mitigation, MitigationBase):
-        mitigation.made_for = read_sidecar(path).get("model")
+        mitigation.made_for = sidecar.get("model")
     return mitigation
 
 
@@ -220,18 +221,12 @@ class MitigationBase:
 
     def check_model(self, pipe, source: str | Path = "mitigation") -> None:
         """Refuse a model other than the one this mitigation was fitted on (no record: nothing to check)."""
-        from ..fingerprint import architecture, identity_mismatch
+        from ..fingerprint import identity_mismatch
         from ..models import pipeline_location
 
         if not self.made_for:
             return
-        if self.made_for.get("architecture") != architecture(pipe):
-            why = "another architecture"
-        else:
-            try:
-                why = identity_mismatch(self.made_for, pipe, self.depends_on(pipe))
-            except DoriError:  # the layers it names are not there
-                why = "other layers"
+        why = identity_mismatch(self.made_for, pipe, lambda: self.depends_on(pipe))
         if why:
             raise DoriError(f"mitigation: {source} was fitted on {self.made_for.get('location') or 'a model in memory'}, "
                             f"not on this model ({pipeline_location(pipe) or 'in memory'}: {why}); fit it on this model")
