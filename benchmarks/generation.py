@@ -1,21 +1,23 @@
 """Images per second: dori's batched, per-image-seeded generation vs a plain ``pipe(prompt, generator=...)`` loop.
 
 Both produce the same images (same model, prompts, seeds and steps); the script checks that and
-prints both rates and their ratio.
+prints both rates (medians of ``--repeats`` runs, with their range) and their ratio.
 
     python benchmarks/generation.py                      # the shipped testbed
     python benchmarks/generation.py --model PATH --device cuda --steps 50 --batch-size 8
+    python benchmarks/generation.py --model ~/.cache/dori/sd-shaped/sd14-64 --prompts laion-nonmem \
+        --size 128 --n-prompts 2 --seeds 2 --steps 10 --batch-size 4      # SD 1.4's shape on CPU, 128 px
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from measure import machine_line, ratio_range, timed
 
 from dori.generation import GenerationConfig, generate
 from dori.models import load_pipeline
@@ -33,6 +35,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each (median)")
+    parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -41,36 +45,32 @@ def main() -> None:
     records = records[:: max(1, len(records) // args.n_prompts)][: args.n_prompts]
     prompts = [r.prompt for r in records for _ in range(args.seeds)]
     seeds = [s for _ in records for s in range(args.seeds)]
-    config = GenerationConfig(num_inference_steps=args.steps, guidance_scale=args.guidance, batch_size=args.batch_size)
+    config = GenerationConfig(num_inference_steps=args.steps, guidance_scale=args.guidance, batch_size=args.batch_size,
+                              height=args.size, width=args.size)
     generate(pipe, seeds[:2], prompts[:2], config=config)  # warm-up
+    out: dict[str, torch.Tensor] = {}
 
-    def sync():
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
+    def ours():
+        out["ours"] = generate(pipe, seeds, prompts, config=config).images
 
-    sync()
-    t0 = time.perf_counter()
-    ours = generate(pipe, seeds, prompts, config=config).images
-    sync()
-    t_ours = time.perf_counter() - t0
+    def plain():
+        images = []
+        for prompt, seed in zip(prompts, seeds, strict=True):
+            images.append(pipe(prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                               height=args.size, width=args.size,
+                               generator=torch.Generator().manual_seed(seed), output_type="pt").images.float().cpu())
+        out["plain"] = torch.cat(images)
 
-    t0 = time.perf_counter()
-    plain = []
-    for prompt, seed in zip(prompts, seeds, strict=True):
-        out = pipe(prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                   generator=torch.Generator().manual_seed(seed), output_type="pt").images
-        plain.append(out.float().cpu())
-    sync()
-    t_plain = time.perf_counter() - t0
-    plain = torch.cat(plain)
-
+    t_ours = timed(ours, repeats=args.repeats, device=args.device)
+    t_plain = timed(plain, repeats=args.repeats, device=args.device)
     n = len(prompts)
-    diff = (ours - plain).abs().max().item()
+    diff = (out["ours"] - out["plain"]).abs().max().item()
+    print(machine_line(args.device))
     print(f"model {args.model}  images {n} ({len(records)} prompts x {args.seeds} seeds)  steps {args.steps}  "
-          f"guidance {args.guidance}  device {args.device}  threads {torch.get_num_threads()}")
-    print(f"dori batched (batch {args.batch_size}): {n / t_ours:8.2f} images/s  ({t_ours:.2f} s)")
-    print(f"plain pipe() loop:        {n / t_plain:8.2f} images/s  ({t_plain:.2f} s)")
-    print(f"speed-up: {t_plain / t_ours:.2f}x   max |pixel difference| {diff:.2e}")
+          f"guidance {args.guidance}  size {args.size or 'default'}")
+    print(f"dori batched (batch {args.batch_size}): {n / t_ours.median:8.2f} images/s  ({t_ours})")
+    print(f"plain pipe() loop:        {n / t_plain.median:8.2f} images/s  ({t_plain})")
+    print(f"speed-up: {ratio_range(t_plain, t_ours)}x   max |pixel difference| {diff:.2e}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ memorized-looking ones are picked; the refinement recomputes the unblocked noise
 dori scores neurons straight from the text embedding (no UNet pass), computes the unblocked noise
 differences once and evaluates each blocked set in one UNet call with all seeds batched.
 
-Prints UNet calls and wall time per prompt for both, the ratio, and whether the neurons agree.
+Prints, per prompt and for both, the UNet calls, the UNet samples (rows of all calls: the arithmetic
+both must do) and the wall time (median of ``--repeats``), the ratio, and whether the neurons agree.
 
     python benchmarks/nemo.py                  # the testbed's memorized captions
 """
@@ -17,11 +18,11 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from measure import machine_line, timed
 
 from dori.hooks import counting_calls, hooked
 from dori.mitigations.nemo import (
@@ -103,6 +104,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--min-theta", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per prompt and method (median)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -113,28 +115,31 @@ def main() -> None:
     stats = ActivationStatistics.compute(pipe, layers, non_memorized)
     threshold = calibrate_ssim_threshold(pipe, layers, non_memorized, config)
     records = prompts_for(pipe, args.prompts, limit=args.limit).records
-    print(f"model {args.model}  {len(layers)} value layers  SSIM threshold {threshold:.3f}  threads {torch.get_num_threads()}")
-    totals = {"dori": [0, 0.0], "reference": [0, 0.0]}
+    print(machine_line("cpu"))
+    print(f"model {args.model}  {len(layers)} value layers  SSIM threshold {threshold:.3f}  repeats {args.repeats}")
+    names = ("dori", "reference")
+    totals = {n: {"calls": 0, "samples": 0, "seconds": 0.0} for n in names}
     for record in records:
-        with counting_calls(pipe.unet) as counter:
-            t0 = time.perf_counter()
-            ours = localize_prompt(pipe, layers, record.prompt, stats, threshold, config)
-            t_ours, calls_ours = time.perf_counter() - t0, counter.calls
-        with counting_calls(pipe.unet) as counter:
-            t0 = time.perf_counter()
-            ref = reference_localize(pipe, layers, record.prompt, stats, threshold, config)
-            t_ref, calls_ref = time.perf_counter() - t0, counter.calls
-        same = {n: v for n, v in ours.refined.items() if v} == {n: sorted(v) for n, v in ref.items() if v}
-        totals["dori"][0] += calls_ours
-        totals["dori"][1] += t_ours
-        totals["reference"][0] += calls_ref
-        totals["reference"][1] += t_ref
-        print(f"{record.id:28s} neurons {ours.n_neurons():4d}  UNet calls {calls_ours:5d} vs {calls_ref:6d}  "
-              f"time {t_ours:6.2f} s vs {t_ref:7.2f} s  ({t_ref / max(t_ours, 1e-9):5.1f}x)  identical neurons: {same}")
+        found, row = {}, {}
+        for name, search in (("dori", lambda r=record: localize_prompt(pipe, layers, r.prompt, stats, threshold, config).refined),
+                             ("reference", lambda r=record: reference_localize(pipe, layers, r.prompt, stats, threshold, config))):
+            with counting_calls(pipe.unet) as counter:
+                found[name] = search()
+            row[name] = {"calls": counter.calls, "samples": counter.samples,
+                         "time": timed(search, repeats=args.repeats)}
+            totals[name]["calls"] += counter.calls
+            totals[name]["samples"] += counter.samples
+            totals[name]["seconds"] += row[name]["time"].median
+        same = {n: v for n, v in found["dori"].items() if v} == {n: sorted(v) for n, v in found["reference"].items() if v}
+        ours, ref = row["dori"], row["reference"]
+        print(f"{record.id:28s} neurons {sum(len(v) for v in found['dori'].values()):4d}  UNet calls {ours['calls']:4d} vs "
+              f"{ref['calls']:5d}  samples {ours['samples']:5d} vs {ref['samples']:5d}  time {ours['time']} vs "
+              f"{ref['time']}  ({ref['time'].median / max(ours['time'].median, 1e-9):4.1f}x)  identical neurons: {same}")
     n = len(records)
-    print(f"per prompt: dori {totals['dori'][0] / n:.0f} UNet calls, {totals['dori'][1] / n:.2f} s; reference "
-          f"{totals['reference'][0] / n:.0f} calls, {totals['reference'][1] / n:.2f} s; speed-up "
-          f"{totals['reference'][1] / totals['dori'][1]:.1f}x")
+    ours, ref = totals["dori"], totals["reference"]
+    print(f"per prompt: dori {ours['calls'] / n:.0f} UNet calls, {ours['samples'] / n:.0f} samples, {ours['seconds'] / n:.2f} s; "
+          f"reference {ref['calls'] / n:.0f} calls, {ref['samples'] / n:.0f} samples, {ref['seconds'] / n:.2f} s; "
+          f"speed-up {ref['seconds'] / ours['seconds']:.1f}x (sums of per-prompt medians)")
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def test_early_stop_stops_after_confirmed_checks_and_counts_them(testbed_pipe, s
     """From the memorized prompt the unmitigated testbed already replicates, so every check passes:
     triggers stop at the ``confirm``-th check, and each check's sampling is counted."""
     prompt_set, refs, targets, descriptor = setting
-    config = AttackConfig(steps=20, record_at=(), early_stop=True, check_every=3, check_confirm=confirm)
+    config = AttackConfig(steps=20, record_at=(), early_stop=True, check_every=3, check_confirm=confirm, check_tail=0)
     attack = dori_kowalczuk2025(testbed_pipe, descriptor, refs, initializer=FromPrompt(), seeds=[0, 1], config=config,
                                 check_seeds=1)
     results = attack.run([AttackItem(r.id, r.prompt, i) for i, r in enumerate(prompt_set.records)], targets)
@@ -59,6 +59,36 @@ def test_early_stop_stops_after_confirmed_checks_and_counts_them(testbed_pipe, s
         assert r.steps_run == 3 * confirm
         assert r.unet_evaluations == 3 * confirm * config.pairs + confirm * check_cost
         assert r.status == "succeeded"
+
+
+class _CountedCheck:
+    """An early check that records how many triggers each call checked."""
+
+    def __init__(self, check):
+        self.check, self.cost, self.calls = check, check.cost, []
+
+    def __call__(self, y, which):
+        self.calls.append(len(y))
+        return self.check(y, which)
+
+
+def test_early_stop_tail_keeps_optimising_without_checks(testbed_pipe, setting):
+    """With ``check_tail`` a trigger that passed its check runs that many more steps, is not checked
+    again, and its evaluations count the steps and the one check; a run shorter than the tail stops at
+    its last step."""
+    prompt_set, refs, targets, descriptor = setting
+    items = [AttackItem(r.id, r.prompt, i) for i, r in enumerate(prompt_set.records)]
+    for steps, tail, stop in ((20, 4, 7), (5, 4, 5)):
+        config = AttackConfig(steps=steps, record_at=(), early_stop=True, check_every=3, check_confirm=1, check_tail=tail)
+        attack = dori_kowalczuk2025(testbed_pipe, descriptor, refs, initializer=FromPrompt(), seeds=[0, 1],
+                                    config=config)
+        counted = _CountedCheck(attack.early_check)
+        attack.early_check = counted
+        results = attack.run(items, targets)
+        assert counted.calls == [len(items)]  # one check of every trigger, at step 3; none after it passed
+        for r in results:
+            assert r.steps_run == stop
+            assert r.unet_evaluations == stop * config.pairs + counted.cost
 
 
 def test_constraints_project_onto_their_balls():
@@ -75,6 +105,8 @@ def test_constraints_project_onto_their_balls():
 def test_bad_attack_settings():
     with pytest.raises(DoriError, match="check_confirm"):
         AttackConfig(check_confirm=0).validate()
+    with pytest.raises(DoriError, match="check_tail"):
+        AttackConfig(check_tail=-1).validate()
     with pytest.raises(DoriError, match="steps"):
         AttackConfig(steps=0).validate()
     with pytest.raises(DoriError, match="init"):

@@ -31,12 +31,17 @@ class AttackConfig:
     pairs: int = 8
     record_at: tuple[int, ...] | None = None
     early_stop: bool = False
-    check_every: int = 5
-    check_margin: float = 0.1
+    check_every: int = 4
+    check_margin: float = 0.3
     """The early check must clear the replication threshold by this much."""
-    check_confirm: int = 2
+    check_confirm: int = 1
     """Consecutive passing checks before a trigger stops (2: it keeps optimising ``check_every`` more
-    steps after the first pass and must pass again, which weeds out triggers that only just pass)."""
+    steps after the first pass and must pass again)."""
+    check_tail: int = 6
+    """Steps a trigger keeps optimising, without further checks, after it has passed ``check_confirm``
+    checks: a margin bought with optimiser steps instead of check samples. The defaults (a check every
+    4 steps, margin 0.3, one pass, 6 more steps) reach a higher MR with fewer UNet evaluations than two
+    passes in a row 5 steps apart (``benchmarks/attack.py``, docs/results.md)."""
     seed: int = 0
 
     def validate(self) -> None:
@@ -48,6 +53,8 @@ class AttackConfig:
             raise DoriError(f"pairs: must be >= 1, got {self.pairs}")
         if self.check_every < 1 or self.check_confirm < 1:
             raise DoriError(f"check_every, check_confirm: must be >= 1, got {self.check_every}, {self.check_confirm}")
+        if self.check_tail < 0:
+            raise DoriError(f"check_tail: must be >= 0, got {self.check_tail}")
         if self.record_at is not None and any(s < 0 or s > self.steps for s in self.record_at):
             raise DoriError(f"record_at: every step must be in [0, {self.steps}], got {self.record_at}")
 
@@ -154,6 +161,7 @@ class _Track:
         self.stopped_at = [self.steps] * self.n
         self.evals = np.zeros(self.n, dtype=int)
         self.passes = np.zeros(self.n, dtype=int)
+        self.stop_after = [None] * self.n  # the step after which a trigger that passed its checks stops
         self.mr_by_step: list[dict[int, float]] = [{} for _ in range(self.n)]
         self.sscd_by_step: list[dict[int, float]] = [{} for _ in range(self.n)]
         self.first_loss = np.full(self.n, np.nan)
@@ -164,11 +172,18 @@ class _Track:
             self.mr_by_step[i][step] = float(outcome.mr[i])
             self.sscd_by_step[i][step] = float(outcome.scores[i].mean())
 
+    def stop_due(self, step: int) -> None:
+        """Stop the triggers whose stop step (set by a passed early check) has come."""
+        for i, last in enumerate(self.stop_after):
+            if last is not None and last <= step and bool(self.active[i]):
+                self.active[i] = False
+                self.stopped_at[i] = step
+
     def losses(self, idx: list[int], loss: torch.Tensor) -> None:
-        for j, i in enumerate(idx):
-            if np.isnan(self.first_loss[i]):
-                self.first_loss[i] = float(loss[j].detach())
-            self.last_loss[i] = float(loss[j].detach())
+        values = loss.detach().float().cpu().numpy()  # one copy off the device per step
+        first = np.isnan(self.first_loss[idx])
+        self.first_loss[np.asarray(idx)[first]] = values[first]
+        self.last_loss[idx] = values
 
 
 class EmbeddingAttack:
@@ -224,7 +239,9 @@ class EmbeddingAttack:
                     break
                 self._step(y, y0, goal, items, idx, step, optimizer, track)
                 if cfg.early_stop and step % cfg.check_every == 0:
-                    self._early_stop(y, which, idx, step, track)
+                    self._early_stop(y, which, [i for i in idx if track.stop_after[i] is None], step, track)
+                if cfg.early_stop:
+                    track.stop_due(step)
                 if step in recorded:
                     outcome, checked_at = self.success(y.detach(), which), step
                     track.record(step, outcome)
@@ -250,13 +267,16 @@ class EmbeddingAttack:
         track.losses(idx, loss)
 
     def _early_stop(self, y, which: list[int], idx: list[int], step: int, track: _Track) -> None:
+        """Check the triggers ``idx``; one that passes ``check_confirm`` checks in a row stops
+        ``check_tail`` steps later (:meth:`_Track.stop_due`)."""
+        if not idx:
+            return
         passed = self.early_check(y.detach()[idx], [which[i] for i in idx])
         track.evals[idx] += self.early_check.cost
         for j, i in enumerate(idx):
             track.passes[i] = track.passes[i] + 1 if passed[j] else 0
             if track.passes[i] >= self.config.check_confirm:
-                track.active[i] = False
-                track.stopped_at[i] = step
+                track.stop_after[i] = step + self.config.check_tail
 
     def _results(self, items, y, y0, final, track: _Track, recorded, seconds: float) -> list[AttackResult]:
         results = []

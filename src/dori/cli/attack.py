@@ -39,7 +39,7 @@ FIELDS = {"prompts": "prompts", "references": ("references", text), "limit": "li
           "mitigation": ("mitigations", paths), "mitigation_union": "mitigation_union", "init": "init", "other_prompt": "other_prompt",
           "steps": "attack.steps", "lr": "attack.lr", "pairs": "attack.pairs", "restarts": "restarts",
           "seeds": "num_seeds", "seed": "seed", "early_stop": "attack.early_stop",
-          "check_confirm": "attack.check_confirm", "constraint": "constraint", "radius": "radius",
+          "check_confirm": "attack.check_confirm", "check_tail": "attack.check_tail", "constraint": "constraint", "radius": "radius",
           "batch_size": "batch_size", "eval_steps": "generation.num_inference_steps",
           "guidance": "generation.guidance_scale", "descriptor": "descriptor.spec",
           "sscd_preprocess": "descriptor.preprocess", "threshold": "descriptor.threshold"}
@@ -64,7 +64,8 @@ def attack(
     eval_steps: Annotated[int, typer.Option(help="Denoising steps of the success check's images.")] = 25,
     guidance: Annotated[float, typer.Option("--guidance", help="Guidance scale of the success check's images.")] = 7.5,
     early_stop: Annotated[bool, typer.Option(help="Stop a trigger once a 5-step sample from it replicates (not in the paper).")] = False,
-    check_confirm: Annotated[int, typer.Option(help="With --early-stop: consecutive passing checks (5 steps apart) before stopping.")] = 2,
+    check_confirm: Annotated[int, typer.Option(help="With --early-stop: consecutive passing checks (4 steps apart) before stopping.")] = 1,
+    check_tail: Annotated[int, typer.Option(help="With --early-stop: steps a trigger keeps optimising after its checks passed.")] = 6,
     constraint: Annotated[str, typer.Option(help="none, l2 (relative radius) or linf.")] = "none",
     radius: Annotated[float | None, typer.Option(help="Radius of the --constraint ball.")] = None,
     batch_size: Annotated[int, typer.Option(help="Triggers optimised together.")] = 8,

@@ -14,7 +14,7 @@ from . import register_recipe
 def dori_kowalczuk2025(pipe, descriptor, references: list[np.ndarray], *, initializer: Initializer | None = None,
                        seeds: list[int] | None = None, generation: GenerationConfig | None = None,
                        config: AttackConfig | None = None, constraint: Constraint | None = None,
-                       check_seeds: int = 2, check_steps: int = 5) -> EmbeddingAttack:
+                       check_seeds: int = 1, check_steps: int = 5) -> EmbeddingAttack:
     """Dori's attack (section 2.1 of the paper).
 
     Optimise the full text-encoder output y (tokens x dim) with Adam, lr 0.1, 50 steps; each step
@@ -29,7 +29,8 @@ def dori_kowalczuk2025(pipe, descriptor, references: list[np.ndarray], *, initia
     with the empty prompt as the unconditional embedding when generating; the initial embedding
     defaults to the memorized prompt's (:class:`FromPrompt`); the optional early stop
     (``config.early_stop``, every ``config.check_every`` steps) samples ``check_seeds`` seeds with
-    ``check_steps`` DDIM steps and is not in the paper.
+    ``check_steps`` DDIM steps, stops a trigger ``config.check_tail`` steps after it passes, and is not in
+    the paper.
     """
     config = config or AttackConfig()
     generation = generation or GenerationConfig()
