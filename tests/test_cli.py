@@ -81,12 +81,16 @@ def test_demo_writes_summary_rows(tmp_path):
     # adversarial fine-tuning rows, utility per model, the analyses, the grid and the report
     assert {"adversarial-ft", "adversarial-ft+dori"} <= set(rows)
     assert rows["adversarial-ft+dori"]["paper_mr"] == 0.02 and rows["adversarial-ft+dori"]["triggers"] == 8
-    for name in ("memorized", "nemo", "wanda", "adversarial-ft"):
+    # the unlearning baselines of Table 2: their rows, the paper's MR beside them, utility, grid columns
+    assert {"esd", "esd+dori"} <= set(rows) and rows["esd+dori"]["paper_mr"] == 0.98
+    assert (tmp_path / "demo" / "fit-esd" / "esd.safetensors").is_file()
+    for name in ("memorized", "nemo", "wanda", "adversarial-ft", "esd"):
         assert {"shape_accuracy", "fid_vae", "retain_loss"} <= set(rows[name]["utility"]), name
     for name in ("scatter", "activations", "weights"):
         assert (tmp_path / "demo" / f"{name}.png").stat().st_size > 1000
     grid = json.loads((tmp_path / "demo" / "grid.json").read_text())
     assert grid["columns"][:3] == ["reference", "unmitigated", "nemo"] and "adversarial-ft+dori" in grid["columns"]
+    assert grid["columns"][-2:] == ["esd", "esd+dori"]
     assert len(grid["rows"]) == 4 * 2
     for cell in grid["rows"][0]["cells"].values():
         assert (tmp_path / "demo" / cell["image"]).is_file()

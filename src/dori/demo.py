@@ -42,10 +42,12 @@ from .analysis.weights import WeightsConfig
 from .attack.loop import AttackConfig
 from .config_files import to_dict
 from .descriptors import DescriptorConfig
+from .errors import DoriError
 from .evaluate import EvaluateConfig, EvaluationResult, run_evaluate
 from .finetune import FinetuneConfig
 from .generation import GenerationConfig
 from .memorization import summary_row
+from .mitigations.esd import ESDConfig
 from .mitigations.nemo import NeMoConfig
 from .mitigations.wanda import WandaConfig
 from .progress import Progress, labelled
@@ -63,6 +65,10 @@ class DemoGroup:
     score: str
     references: str | None = None
     """A folder of the prompts' training images (the testbed's sets carry theirs)."""
+
+
+UNLEARNING = ("esd",)
+"""The unlearning baselines the demo can run (each has a settings field of the same name)."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,10 @@ class DemoConfig:
     finetune_config: FinetuneConfig = field(default_factory=FinetuneConfig.testbed)
     finetune_cache: bool = True
     """Keep the fine-tuned testbed under ``$DORI_CACHE/finetune`` and reuse it in later demos."""
+    unlearning: tuple[str, ...] = ("esd",)
+    """Fine-tuning unlearning baselines of Table 2, each fitted on the memorized captions (cached like the
+    adversarial fine-tuning when ``finetune_cache`` is on) with the rows ``<method>`` and ``<method>+dori``."""
+    esd: ESDConfig = field(default_factory=ESDConfig.testbed)
     fresh_attack_seed: int = 1000
     """First seed of the fresh Dori attack on the fine-tuned model (new seeds, prompt and N(0, I) inits)."""
     utility_images: int = 60
@@ -125,6 +135,10 @@ class DemoConfig:
         self.wanda.validate()
         self.attack_config.validate()
         self.finetune_config.validate()
+        self.esd.validate()
+        unknown = [m for m in self.unlearning if m not in UNLEARNING]
+        if unknown:
+            raise DoriError(f"unlearning: {unknown[0]!r} is not one of {', '.join(UNLEARNING)}")
 
     @classmethod
     def quick(cls) -> DemoConfig:
@@ -139,6 +153,7 @@ class DemoConfig:
             attack_seeds=4,
             control_targets=(("testbed:seen-once", 2), ("testbed:held-out", 2)),
             finetune_config=FinetuneConfig.testbed(epochs=1, steps_per_epoch=4, surrogate_seeds=2),
+            esd=ESDConfig.testbed(iterations=8),
             finetune_cache=False,
             utility_images=16,
             scatter=ScatterConfig(starts=3, num_seeds=2, reference_count=12,
@@ -168,7 +183,7 @@ class DemoConfig:
             limit=limit, groups=tuple(groups), attack_seeds=num_seeds,
             control_targets=((non_memorized, limit or 40),) if non_memorized_references is not None else (),
             control_references=non_memorized_references, utility_groups=("non-memorized",), testbed_utility=False,
-            finetune=False, analyses=analyses,
+            finetune=False, unlearning=(), analyses=analyses,
             scatter=ScatterConfig(prompts=memorized, references=references, starts=starts, num_seeds=num_seeds,
                                   reference_prompts=non_memorized, **attack),
             activations=ActivationsConfig(memorized=memorized, max_triggers=starts),
@@ -338,6 +353,49 @@ class _Demo:
                                    references=self.config.references)
         return [row, attack_row("adversarial-ft+dori", records, self.threshold)], ft_pipe
 
+    def fit_cached(self, method: str, settings) -> Path:
+        """A weights mitigation fitted on the memorized captions, taken from ``$DORI_CACHE/<method>`` when the
+        same settings were fitted on the same weights before (``finetune_cache``), else fitted in the demo's
+        folder and kept there."""
+        import shutil
+
+        import torch
+
+        from .mitigations.nemo import model_fingerprint
+        from .models import model_name, pipeline_location
+        from .runs import cache_dir, config_hash
+
+        if not self.config.finetune_cache:
+            return self.fit(method, settings, f"fit-{method}")
+        linears = {n: m for n, m in self.pipe.unet.named_modules() if isinstance(m, torch.nn.Linear)}
+        key = config_hash({method: to_dict(settings), "memorized": self.config.memorized, "limit": self.config.limit,
+                           "location": pipeline_location(self.pipe)})
+        cached = cache_dir() / method / f"{model_name(self.pipe)}-{key}-{model_fingerprint(self.pipe, linears)}"
+        artefact = cached / f"{method}.safetensors"
+        if not artefact.exists():
+            fitted = self.fit(method, settings, f"fit-{method}")
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            scratch = cached.with_name(f".{cached.name}.tmp")
+            shutil.rmtree(scratch, ignore_errors=True)
+            scratch.mkdir()
+            for name in (fitted.name, fitted.with_suffix(".json").name):
+                shutil.copy(fitted.parent / name, scratch / name)
+            scratch.replace(cached)
+        return artefact
+
+    def unlearned(self) -> list[dict]:
+        """Table 2's unlearning rows: each method on the memorized captions, then Dori against it."""
+        rows = []
+        for method in self.config.unlearning:
+            path = str(self.fit_cached(method, getattr(self.config, method.replace("-", "_"))))
+            row = summary_row(method, self.evaluate(method, self.config.groups[0], (path,)).records, self.threshold,
+                              field="sscd_orig")
+            row["mitigation"] = path
+            records = self.attack(method, self.config.memorized, self.config.limit, (path,),
+                                  references=self.config.references)
+            rows += [row, attack_row(f"{method}+dori", records, self.threshold)]
+        return rows
+
     def utility(self, ft_pipe, rows: list[dict]) -> None:
         """``utility`` per model row: shape-colour accuracy, FID with the original VAE's latents as features,
         and the retain denoising loss (:func:`dori.utility.testbed_utility`). NeMo's per-prompt neurons are
@@ -348,7 +406,7 @@ class _Demo:
 
         by_name = {r["name"]: r for r in rows}
         cases = [("memorized", self.pipe, ())]
-        for name in ("nemo", "wanda"):
+        for name in ("nemo", "wanda", *self.config.unlearning):
             if name in by_name and "mitigation" in by_name[name]:
                 cases.append((name, self.pipe, (load_for(self.pipe, by_name[name]["mitigation"]),)))
         if ft_pipe is not None:
@@ -414,6 +472,8 @@ def run_demo(pipe=None, config: DemoConfig | None = None, out: str | Path | None
         if config.finetune:
             ft_rows, ft_pipe = demo.table2()
             rows.extend(ft_rows)
+        if config.unlearning and config.attack:
+            rows.extend(demo.unlearned())
         with processes.main_only() as main:
             if main:
                 _finish(demo, pipe, ft_pipe, rows)
@@ -504,7 +564,9 @@ def write_grid(folder: Path, pipe, config: DemoConfig) -> Path:
     for column, sub, kind in (("unmitigated", "memorized", "eval"), ("nemo", "nemo", "eval"),
                               ("nemo+dori", "attack-nemo", "attack"), ("wanda", "wanda", "eval"),
                               ("wanda+dori", "attack-wanda", "attack"), ("adversarial-ft", "adversarial-ft", "eval"),
-                              ("adversarial-ft+dori", "attack-adversarial-ft-prompt", "attack")):
+                              ("adversarial-ft+dori", "attack-adversarial-ft-prompt", "attack"),
+                              *[(m, m, "eval") for m in config.unlearning],
+                              *[(f"{m}+dori", f"attack-{m}", "attack") for m in config.unlearning]):
         from_records(column, folder / sub, evaluated if kind == "eval" else attacked)
     rows = [{"prompt_id": pid, "prompt": prompts[pid], "seed": seed, "cells": value}
             for (pid, seed), value in cells.items()]

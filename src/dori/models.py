@@ -187,6 +187,21 @@ def testbed_folder(pipe) -> Path | None:
     return None
 
 
+def save_pipeline_folder(pipe, folder: str | os.PathLike) -> Path:
+    """``pipe.save_pretrained(folder)``, with the testbed's prompt sets and images beside it when ``pipe``
+    is (derived from) the testbed, so that the saved folder works wherever the testbed does."""
+    import shutil
+
+    folder = Path(folder)
+    source = testbed_folder(pipe)
+    pipe.save_pretrained(folder)
+    if source is not None:
+        from .testbed.assets import SUBFOLDER
+
+        shutil.copytree(source / SUBFOLDER, folder / SUBFOLDER, dirs_exist_ok=True)
+    return folder
+
+
 def model_name(model) -> str:
     """A short name for run folders: ``testbed``, the folder name, or the hub id's last part; ``model`` is a
     pipeline or what :func:`load_pipeline` takes."""

@@ -13,7 +13,7 @@ TABLE1_MR = {"memorized": 0.98, "non-memorized": 0.00, "non-memorized+dori": 0.0
              "wanda": 0.00, "wanda+dori": 0.72}
 
 #: Table 2 (v3, SD v1.4): memorization rate under Dori after each fine-tuning mitigation.
-TABLE2_MR = {"adversarial-ft+dori": 0.02}
+TABLE2_MR = {"adversarial-ft+dori": 0.02, "esd+dori": 0.98, "ca+dori": 0.97, "siss+dori": 0.39, "wanda-10+dori": 0.01}
 
 #: MR after 0, 1, 10, 25 and 50 Dori steps (v3 figure "Memorization Rate vs Optimization Steps").
 MR_VS_STEPS = {

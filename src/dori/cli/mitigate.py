@@ -233,7 +233,14 @@ def mitigate(
         _describe_options(method, cls.Config)
         return
     settings = {"settings": method_options(method, cls.Config, list(ctx.args))}
-    _fit(ctx, method, PROMPT_FIELDS, {}, bake, out, overwrite, overrides=settings)
+    # a method with a documented testbed setting (``Config.testbed()``) uses it on the testbed's prompts or
+    # with --preset testbed, as `dori finetune` does; its official defaults everywhere else
+    base = {}
+    if hasattr(cls.Config, "testbed") and (preset == "testbed" or (preset is None and str(prompts).startswith("testbed"))):
+        from ..config_files import to_dict
+
+        base = {"settings": to_dict(cls.Config.testbed())}
+    _fit(ctx, method, PROMPT_FIELDS, base, bake, out, overwrite, overrides=settings)
 
 
 @handle_errors

@@ -28,7 +28,15 @@ from ..attack.parts import DiffusionLoss, RandomNormal
 from ..config_files import to_dict
 from ..errors import DoriError
 from ..images import load_image, save_png
-from ..models import encode_images, encode_prompts, model_name, model_record, pipeline_location, testbed_folder
+from ..models import (
+    encode_images,
+    encode_prompts,
+    model_name,
+    model_record,
+    pipeline_location,
+    save_pipeline_folder,
+    testbed_folder,
+)
 from ..progress import Progress
 from ..prompts import PromptSet, load_reference_folder, require_references
 from ..runs import RunFolder, default_run_dir, json_text, read_jsonl, safe_filename
@@ -347,13 +355,7 @@ def _save(pipe, run: RunFolder, config: FinetuneConfig, rows: list[dict], summar
     """The pipeline folder (with the testbed's data when the model is the testbed), the loss plot, the summary."""
     pipeline = None
     if config.save_pipeline:
-        pipeline = run.path / "pipeline"
-        source = testbed_folder(pipe)
-        pipe.save_pretrained(pipeline)
-        if source is not None:
-            from ..testbed.assets import SUBFOLDER
-
-            shutil.copytree(source / SUBFOLDER, pipeline / SUBFOLDER, dirs_exist_ok=True)
+        pipeline = save_pipeline_folder(pipe, run.path / "pipeline")
         run.write_manifest({"pipeline": str(pipeline)})
     _plot_losses(rows, run.path)
     run.write_summary({**summary, "pipeline": str(pipeline) if pipeline else None,

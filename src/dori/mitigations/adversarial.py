@@ -13,10 +13,9 @@ from pathlib import Path
 
 from ..config_files import to_dict
 from ..finetune import FinetuneConfig, adversarial_finetune
-from ..models import pipeline_location
 from ..progress import Progress
 from .base import register_mitigation
-from .kinds import WeightsMitigation, snapshot
+from .kinds import WeightsMitigation, fit_by_training
 
 
 @register_mitigation("adversarial-ft")
@@ -45,21 +44,16 @@ class AdversarialFinetune(WeightsMitigation):
         """Fine-tune against Dori for the memorized ``prompts`` (a :class:`~dori.prompts.PromptSet` with
         their training images) and keep the changed weights; ``pipe`` itself is left as it was."""
         config = config or FinetuneConfig()
-        before = snapshot(pipe)
-        unet, location = pipe.unet, pipeline_location(pipe)
-        with tempfile.TemporaryDirectory(prefix="dori-adv-ft-") as scratch:
-            out = run.path / "finetune" if run is not None else Path(scratch) / "finetune"
-            result = adversarial_finetune(pipe, prompts, config, out, progress=progress)
-            fitted = cls.from_difference(before, pipe, {"config": to_dict(config), "prompts": prompts.name,
-                                                        "ids": [r.id for r in prompts.records],
-                                                        "steps": result.summary["steps"],
-                                                        "unet_evaluations": result.summary["unet_evaluations"],
-                                                        "pipeline": str(result.pipeline) if run and result.pipeline
-                                                        else None})
-        pipe.unet = unet  # the same module object, trained: put the original weights back
-        pipe.unet.load_state_dict({k.removeprefix("unet."): v for k, v in before.items()})
-        pipe.register_to_config(_name_or_path=location)
-        return fitted.stamp(pipe)
+
+        def train() -> dict:
+            with tempfile.TemporaryDirectory(prefix="dori-adv-ft-") as scratch:
+                out = run.path / "finetune" if run is not None else Path(scratch) / "finetune"
+                result = adversarial_finetune(pipe, prompts, config, out, progress=progress)
+            return {"config": to_dict(config), "prompts": prompts.name, "ids": [r.id for r in prompts.records],
+                    "steps": result.summary["steps"], "unet_evaluations": result.summary["unet_evaluations"],
+                    "pipeline": str(result.pipeline) if run and result.pipeline else None}
+
+        return fit_by_training(cls, pipe, train)
 
     def summary(self) -> dict:
         return {"tensors": len(self.tensors), "parameters": int(sum(v.numel() for v in self.tensors.values())),

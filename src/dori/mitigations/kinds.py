@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -89,6 +90,29 @@ class WeightsMitigation(MitigationBase):
         keep = {k: v for k, v in meta.items()
                 if k not in ("format", "method", "kind", "scope", "model", "sha256", "tensors", "parameters")}
         return cls(tensors, keep)
+
+
+def fit_by_training(cls: type[WeightsMitigation], pipe, train: Callable[[], dict]) -> WeightsMitigation:
+    """A weights mitigation from a training run: ``train()`` trains ``pipe.unet`` in place (it may set
+    ``pipe.unet`` to the trained module) and returns the sidecar's metadata; the tensors that changed are
+    kept, and ``pipe`` gets its original UNet, weights and location back, however ``train`` ends."""
+    from ..models import pipeline_location
+
+    before = snapshot(pipe)
+    unet, location = pipe.unet, pipeline_location(pipe)
+    training, flags = unet.training, [p.requires_grad for p in unet.parameters()]
+    try:
+        fitted = cls.from_difference(before, pipe, train())
+    finally:
+        pipe.unet = unet
+        unet.load_state_dict({k.removeprefix("unet."): v for k, v in before.items()})
+        unet.train(training)
+        params = list(unet.parameters())
+        if len(params) == len(flags):  # not when a failed run left an adapter attached
+            for p, flag in zip(params, flags, strict=True):
+                p.requires_grad_(flag)
+        pipe.register_to_config(_name_or_path=location)
+    return fitted.stamp(pipe)
 
 
 def snapshot(pipe, components: tuple[str, ...] = ("unet",)) -> dict[str, torch.Tensor]:

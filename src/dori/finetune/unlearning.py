@@ -1,0 +1,201 @@
+"""The training loop the fine-tuning baselines of the paper's Table 2 share (ESD, and the other
+unlearning methods as they are added): one objective per step on ``pipe.unet`` under accelerate.
+
+A method supplies an :class:`UnlearningObjective`: which UNet parameters train, its optimiser, and
+the loss of step ``k`` (every random draw of step ``k`` comes from a generator keyed by
+``(method, seed, k)``). The loop adds what every method needs and none should write again:
+gradient accumulation and clipping, mixed precision, a checkpoint every ``checkpoint_every`` steps
+that a rerun resumes from (ending with the weights of an uninterrupted run), one row per step in
+``steps.jsonl``, a loss plot, and the result saved as a normal diffusers pipeline folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from ..errors import DoriError
+from ..models import model_record, pipeline_location, save_pipeline_folder
+from ..progress import Progress
+from ..runs import RunFolder, json_text, read_jsonl
+
+logger = logging.getLogger(__name__)
+
+STEPS_FILE = "steps.jsonl"
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """The loop's settings, shared by every method's config (each sets its own official defaults)."""
+
+    iterations: int = 200
+    lr: float = 5e-5
+    gradient_accumulation: int = 1
+    """Steps whose gradients add up before one optimiser update (SISS's config uses this)."""
+    max_grad_norm: float | None = None
+    """Clip the gradient norm before each update (None: no clipping)."""
+    mixed_precision: str = "no"
+    checkpoint_every: int = 50
+    seed: int = 0
+    save_pipeline: bool = True
+
+    def validate_training(self) -> None:
+        for name in ("iterations", "gradient_accumulation", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise DoriError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise DoriError(f"lr: must be > 0, got {self.lr}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise DoriError(f"max_grad_norm: must be > 0 or None, got {self.max_grad_norm}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise DoriError(f"mixed_precision: must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
+
+
+@runtime_checkable
+class UnlearningObjective(Protocol):
+    """What a fine-tuning unlearning method supplies to :func:`train_unlearning`."""
+
+    name: str
+
+    def trainable(self, unet: torch.nn.Module) -> list[str]:
+        """Names of the UNet parameters that train."""
+
+    def optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        """The method's optimiser over ``params``."""
+
+    def loss(self, model: torch.nn.Module, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss of step ``step`` (1-based) with the trained UNet ``model``, and named parts to log."""
+
+
+@dataclass
+class UnlearningResult:
+    path: Path
+    pipeline: Path | None
+    summary: dict
+
+
+class _Step:
+    """The step counter accelerate checkpoints beside the model and the optimiser."""
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+
+def train_unlearning(pipe, objective: UnlearningObjective, settings: TrainingSettings, out: str | Path, *,
+                     config: dict, stage: str, resolved: dict | None = None, overwrite: bool = False,
+                     progress: Progress | None = None) -> UnlearningResult:
+    """Train ``pipe.unet`` with ``objective`` for ``settings.iterations`` steps in the run folder ``out``
+    (``config``: the method's full settings, kept in the manifest; a rerun with the same settings resumes).
+
+    ``pipe`` keeps the trained UNet (frozen, eval mode); with ``settings.save_pipeline`` the pipeline is
+    saved to ``<out>/pipeline`` and ``pipe`` records that folder as where it comes from.
+    """
+    from accelerate import Accelerator
+
+    settings.validate_training()
+    accelerator = Accelerator(mixed_precision=settings.mixed_precision,
+                              gradient_accumulation_steps=settings.gradient_accumulation,
+                              cpu=pipe.unet.device.type == "cpu")
+    run = RunFolder(Path(out), objective.name, config, model=model_record(pipe), resolved=resolved or {},
+                    overwrite=overwrite and accelerator.is_main_process, rank=accelerator.process_index,
+                    world_size=accelerator.num_processes, seeds=[settings.seed])
+    with run.guard():
+        unet = pipe.unet
+        names = set(objective.trainable(unet))
+        if not names:
+            raise DoriError(f"{objective.name}: no UNet parameter is selected for training")
+        unet.requires_grad_(False)
+        params = [p for n, p in unet.named_parameters() if n in names]
+        for p in params:
+            p.requires_grad_(True)
+        model, optimizer = accelerator.prepare(unet, objective.optimizer(params))
+        state = _Step()
+        accelerator.register_for_checkpointing(state)
+        checkpoints = run.path / "checkpoints"
+        found = sorted(checkpoints.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+        if found:
+            accelerator.load_state(str(found[-1]))
+            logger.info("resuming %s at step %d", objective.name, state.step)
+        steps_file = run.path / STEPS_FILE
+        rows = [r for r in (read_jsonl(steps_file) if steps_file.exists() else []) if r["step"] <= state.step]
+        if accelerator.is_main_process:
+            steps_file.write_text("".join(json_text(r) + "\n" for r in rows))
+        model.train()
+        if progress:
+            progress(stage, state.step, settings.iterations)
+        while state.step < settings.iterations:
+            t0 = time.perf_counter()
+            step = state.step + 1
+            with accelerator.accumulate(model), accelerator.autocast():
+                loss, parts = objective.loss(model, step)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and settings.max_grad_norm:
+                    accelerator.clip_grad_norm_(params, settings.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            state.step = step
+            row = {"step": step, "loss": float(loss.detach()), **{k: float(v) for k, v in parts.items()},
+                   "seconds": time.perf_counter() - t0}
+            if accelerator.is_main_process:
+                with open(steps_file, "a") as f:
+                    f.write(json_text(row) + "\n")
+            if step % settings.checkpoint_every == 0 or step == settings.iterations:
+                target = checkpoints / f"step-{step:06d}"
+                accelerator.save_state(str(target))
+                if accelerator.is_main_process:
+                    for old in checkpoints.glob("step-*"):
+                        if old != target:
+                            shutil.rmtree(old, ignore_errors=True)
+                accelerator.wait_for_everyone()
+            if progress:
+                progress(stage, step, settings.iterations)
+        final = accelerator.unwrap_model(model).eval().requires_grad_(False)
+        pipe.unet = final
+        rows = [r for r in read_jsonl(steps_file) if r["step"] <= settings.iterations]
+        summary = {"steps": len(rows), "seconds": float(sum(r["seconds"] for r in rows)),
+                   "loss_first": rows[0]["loss"] if rows else None, "loss_last": rows[-1]["loss"] if rows else None,
+                   "trained_parameters": int(sum(p.numel() for p in params)), "base_model": pipeline_location(pipe)}
+        pipeline = None
+        if accelerator.is_main_process:
+            pipeline = _save(pipe, run, settings, rows, summary)
+        accelerator.wait_for_everyone()
+    if settings.save_pipeline:
+        pipeline = run.path / "pipeline"
+        pipe.register_to_config(_name_or_path=str(pipeline))
+    return UnlearningResult(run.path, pipeline, summary)
+
+
+def _save(pipe, run: RunFolder, settings: TrainingSettings, rows: list[dict], summary: dict) -> Path | None:
+    """The pipeline folder (with the testbed's data when the model is the testbed), the loss plot, the summary."""
+    pipeline = None
+    if settings.save_pipeline:
+        pipeline = save_pipeline_folder(pipe, run.path / "pipeline")
+        run.write_manifest({"pipeline": str(pipeline)})
+    if rows:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 3))
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1)
+        ax.set(xlabel="step", ylabel="loss", title=run.command)
+        fig.tight_layout()
+        fig.savefig(run.path / "losses.png", dpi=120)
+        plt.close(fig)
+    run.write_summary({**summary, "pipeline": str(pipeline) if pipeline else None})
+    run.write_manifest({"status": "done"})
+    return pipeline
