@@ -23,6 +23,8 @@ NEMO_SAMPLES = 10 + 28 * 10             # detection (10 seeds) + ~28 search call
 WANDA_SAMPLES = 2 * (STEPS * CFG)       # the target prompt's and its paired "" run, 50 calls each with CFG
 STARTS, MEMORIZED = 100, 100            # locality analyses (sections 2.2-2.4)
 FT_EPOCHS, FT_BATCH = 5, 8              # adversarial fine-tuning (section 2.6): images per step
+ESD_ITERATIONS = 200                    # ESD (esd_sd.py): steps per caption, batch 1
+ESD_SAMPLING = (STEPS - 1) / 2 * CFG    # its x_t: a guided sampling to a step drawn from 0..49 (24.5 on average)
 
 
 def stages(n: int, nonmem: int) -> list[tuple[str, str, int, int]]:
@@ -48,6 +50,10 @@ def stages(n: int, nonmem: int) -> list[tuple[str, str, int, int]]:
         ("2", "adversarial fine-tuning: the weight updates", 0, ft_steps * (FT_BATCH * PAIRS + FT_BATCH)),
         ("2", "generate with the fine-tuned model", n * gen, 0),
         ("2", "fresh Dori on it (prompt and N(0, I) starts)", 2 * n * attack_f, 2 * n * attack_fb),
+        ("2", "ESD: 200 steps per caption (sampling x_t, e_c, e_0)", int(n * ESD_ITERATIONS * (ESD_SAMPLING + 2)),
+         n * ESD_ITERATIONS),
+        ("2", "ESD: generate with the erased model", n * gen, 0),
+        ("2", "Dori vs ESD", n * attack_f, n * attack_fb),
     ]
 
 

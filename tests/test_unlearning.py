@@ -108,16 +108,17 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(clip_tokeni
 
 
 def test_esd_is_a_registered_weights_mitigation_whose_folder_loads(testbed_pipe, tmp_path):
-    """``dori mitigate esd``: the artefact holds only cross-attention tensors (esd-x), the pipeline it
-    was fitted on is left as it was, the saved folder loads as a pipeline whose UNet is the mitigated one."""
+    """``dori mitigate esd``: ``iterations`` counts per caption, the artefact holds only cross-attention
+    tensors (esd-x), the pipeline it was fitted on is left as it was, the saved folder loads as a pipeline
+    whose UNet is the mitigated one."""
     assert MITIGATIONS.get("esd").kind == "weights"
     before = {k: v.clone() for k, v in testbed_pipe.unet.state_dict().items()}
-    result = run_mitigate(testbed_pipe, MitigateConfig("esd", "testbed:memorized", limit=1,
-                                                       settings={"iterations": 3, "lr": 1e-3}), tmp_path / "esd")
+    result = run_mitigate(testbed_pipe, MitigateConfig("esd", "testbed:memorized", limit=2,
+                                                       settings={"iterations": 2, "lr": 1e-3}), tmp_path / "esd")
     assert all(torch.equal(before[k], v) for k, v in testbed_pipe.unet.state_dict().items())
     esd = load_mitigation(result.artefact)
     assert esd.tensors and all(".attn2." in name for name in esd.tensors)
-    assert esd.meta["deviations"] and esd.meta["steps"] == 3
+    assert esd.meta["deviations"] and esd.meta["steps"] == 2 * 2
     saved = load_pipeline(result.summary["pipeline"])
     with mitigated(testbed_pipe, esd):
         assert all(torch.equal(v, saved.unet.state_dict()[k]) for k, v in testbed_pipe.unet.state_dict().items())

@@ -153,7 +153,7 @@ class DemoConfig:
             attack_seeds=4,
             control_targets=(("testbed:seen-once", 2), ("testbed:held-out", 2)),
             finetune_config=FinetuneConfig.testbed(epochs=1, steps_per_epoch=4, surrogate_seeds=2),
-            esd=ESDConfig.testbed(iterations=8),
+            esd=ESDConfig.testbed(iterations=2),
             finetune_cache=False,
             utility_images=16,
             scatter=ScatterConfig(starts=3, num_seeds=2, reference_count=12,
