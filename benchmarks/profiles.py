@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import torch
+from measure import machine_line
 from torch.profiler import ProfilerActivity, profile, record_function
 
 
@@ -116,7 +116,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from dori.models import load_pipeline
 
-    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(machine_line("cpu"))
     pipe = load_pipeline("testbed")
     restore = unet_timed(pipe.unet)
     try:

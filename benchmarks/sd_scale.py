@@ -25,6 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import torch
+from measure import machine_line
 
 
 def inputs(folder: Path, size: int) -> dict[str, Path]:
@@ -153,8 +154,7 @@ def main() -> None:
     from dori.models import parse_dtype
     from dori.sd_shapes import build_sd_shaped, shaped_folder
 
-    print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, torch "
-          f"{torch.__version__}, threads {torch.get_num_threads()}, device {args.device}, dtype {args.dtype}", flush=True)
+    print(f"{machine_line(args.device)}, dtype {args.dtype}", flush=True)
     t0 = time.perf_counter()
     latent = args.size // 8
     model = build_sd_shaped(args.shape, shaped_folder(f"{args.shape}-{args.size}"), sample_size=latent)

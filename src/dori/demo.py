@@ -305,26 +305,30 @@ class _Demo:
             rows.append(attack_row(f"{name}+dori", records, self.threshold))
         return rows
 
+    def cache_folder(self, kind: str, settings: dict) -> Path:
+        """``$DORI_CACHE/<kind>/<model>-<key>-<weights>``: keyed by the settings, where the model is loaded
+        from (the run folder's identity) and its weights, so that a rebuilt testbed is never served a stale
+        fit."""
+        import torch
+
+        from .mitigations.nemo import model_fingerprint
+        from .models import model_name, pipeline_location
+        from .runs import cache_dir, config_hash
+
+        linears = {n: m for n, m in self.pipe.unet.named_modules() if isinstance(m, torch.nn.Linear)}
+        key = config_hash({**settings, "location": pipeline_location(self.pipe)})
+        return cache_dir() / kind / f"{model_name(self.pipe)}-{key}-{model_fingerprint(self.pipe, linears)}"
+
     def finetuned(self):
         """Adversarial fine-tuning of a copy of the model (cached by weights and settings); the copy."""
         import shutil
 
-        import torch
-
         from .finetune import adversarial_finetune
-        from .mitigations.nemo import model_fingerprint
-        from .models import model_name, pipeline_location
         from .prompts import prompts_for
-        from .runs import cache_dir, config_hash
 
         ft_config = self.config.finetune_config
         if self.config.finetune_cache:
-            # keyed by the settings, where the model is loaded from (the run folder's identity) and its
-            # weights, so that a rebuilt testbed is never served a stale fine-tuning
-            linears = {n: m for n, m in self.pipe.unet.named_modules() if isinstance(m, torch.nn.Linear)}
-            weights = model_fingerprint(self.pipe, linears)
-            key = config_hash({"finetune": ft_config.to_dict(), "location": pipeline_location(self.pipe)})
-            out = cache_dir() / "finetune" / f"{model_name(self.pipe)}-{key}-{weights}"
+            out = self.cache_folder("finetune", {"finetune": ft_config.to_dict()})
         else:
             out = self.run.path / "finetune"
         ft_pipe = copy.deepcopy(self.pipe)
@@ -359,18 +363,10 @@ class _Demo:
         folder and kept there."""
         import shutil
 
-        import torch
-
-        from .mitigations.nemo import model_fingerprint
-        from .models import model_name, pipeline_location
-        from .runs import cache_dir, config_hash
-
         if not self.config.finetune_cache:
             return self.fit(method, settings, f"fit-{method}")
-        linears = {n: m for n, m in self.pipe.unet.named_modules() if isinstance(m, torch.nn.Linear)}
-        key = config_hash({method: to_dict(settings), "memorized": self.config.memorized, "limit": self.config.limit,
-                           "location": pipeline_location(self.pipe)})
-        cached = cache_dir() / method / f"{model_name(self.pipe)}-{key}-{model_fingerprint(self.pipe, linears)}"
+        cached = self.cache_folder(method, {method: to_dict(settings), "memorized": self.config.memorized,
+                                            "limit": self.config.limit})
         artefact = cached / f"{method}.safetensors"
         if not artefact.exists():
             fitted = self.fit(method, settings, f"fit-{method}")

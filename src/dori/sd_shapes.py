@@ -53,7 +53,7 @@ SD2_UNET = {**SD14_UNET, "cross_attention_dim": 1024, "attention_head_dim": (5, 
             "use_linear_projection": True}
 VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, block_out_channels=(128, 256, 512, 512),
            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
-           act_fn="silu", sample_size=512, scaling_factor=0.18215)  # the published config's value (written, not used)
+           act_fn="silu", sample_size=512)  # scaling_factor: diffusers' default, the published config's value
 CLIP_L14 = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                 max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=768,
                 bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)

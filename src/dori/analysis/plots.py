@@ -217,6 +217,15 @@ def plot_mr_vs_steps(curves: dict[str, dict[int, float]], paper: dict[str, dict[
     return fig
 
 
+def plot_training_loss(rows: list[dict], title: str, ax=None) -> Figure:
+    """The loss per step of a fine-tuning run (``steps.jsonl`` rows with ``step`` and ``loss``)."""
+    fig, ax = _figure(ax, (5, 3))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1)
+    ax.set(xlabel="step", ylabel="loss", title=f"{title} ({len(rows)} steps)")
+    fig.tight_layout()
+    return fig
+
+
 def plot_finetune_losses(rows: list[dict], ax=None) -> Figure:
     """The losses of adversarial fine-tuning per step (``steps.jsonl`` rows), log scale."""
     fig, ax = _figure(ax, (6, 3.5))

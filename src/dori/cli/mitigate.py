@@ -67,6 +67,12 @@ def _is(kind, wanted) -> bool:
     return kind is wanted or wanted in typing.get_args(kind)
 
 
+def _testbed_setting(preset: str | None, prompts: str | None) -> bool:
+    """Whether a method's documented testbed setting applies: ``--preset testbed``, or no preset and the
+    testbed's prompts (which only the testbed accepts)."""
+    return preset == "testbed" or (preset is None and str(prompts).startswith("testbed"))
+
+
 def method_options(method: str, config_cls: type, args: list[str]) -> dict:
     """``--field value`` / ``--flag`` / ``--no-flag`` arguments as a (nested) settings mapping."""
     from ..config_files import field_types, set_path
@@ -236,7 +242,7 @@ def mitigate(
     # a method with a documented testbed setting (``Config.testbed()``) uses it on the testbed's prompts or
     # with --preset testbed, as `dori finetune` does; its official defaults everywhere else
     base = {}
-    if hasattr(cls.Config, "testbed") and (preset == "testbed" or (preset is None and str(prompts).startswith("testbed"))):
+    if hasattr(cls.Config, "testbed") and _testbed_setting(preset, prompts):
         from ..config_files import to_dict
 
         base = {"settings": to_dict(cls.Config.testbed())}
@@ -374,8 +380,7 @@ def finetune(
 
     # the testbed's setting (FinetuneConfig.testbed) on the testbed's prompts or with --preset testbed; the
     # paper's defaults otherwise, with the preset's own settings laid over them
-    testbed = preset == "testbed" or (preset is None and prompts.startswith("testbed"))
-    base = to_dict(FinetuneConfig.testbed() if testbed else FinetuneConfig())
+    base = to_dict(FinetuneConfig.testbed() if _testbed_setting(preset, prompts) else FinetuneConfig())
     fields = {**PROMPT_FIELDS, "retain": "settings.retain", "retain_images": ("settings.retain_images", text),
               "retain_generate": "settings.retain_generate",
               "epochs": "settings.epochs", "steps_per_epoch": "settings.steps_per_epoch", "lr": "settings.lr",

@@ -343,7 +343,12 @@ def adversarial_finetune(pipe, prompts: PromptSet, config: FinetuneConfig | None
         pipe.unet = trainer.finish()
         rows = [r for r in read_jsonl(run.path / STEPS_FILE) if r["step"] <= trainer.total]
         summary = summarize_finetune(rows, trainer.per_epoch)
-        pipeline = _save(pipe, run, config, rows, summary) if accelerator.is_main_process else None
+        pipeline = None
+        if accelerator.is_main_process:
+            from ..analysis.plots import plot_finetune_losses
+
+            pipeline = save_training_run(pipe, run, config.save_pipeline, summary,
+                                         plot_finetune_losses(rows) if rows else None)
         accelerator.wait_for_everyone()
     if config.save_pipeline:
         pipeline = run.path / "pipeline"
@@ -351,13 +356,20 @@ def adversarial_finetune(pipe, prompts: PromptSet, config: FinetuneConfig | None
     return FinetuneResult(run.path, pipeline, summary)
 
 
-def _save(pipe, run: RunFolder, config: FinetuneConfig, rows: list[dict], summary: dict) -> Path | None:
-    """The pipeline folder (with the testbed's data when the model is the testbed), the loss plot, the summary."""
+def save_training_run(pipe, run: RunFolder, save_pipeline: bool, summary: dict, figure=None) -> Path | None:
+    """What a fine-tuning run leaves (its main process): the pipeline folder (with the testbed's data when
+    the model is the testbed) unless ``save_pipeline`` is off, ``figure`` as ``losses.png`` / ``.pdf``, the
+    summary (with the pipeline and the base model) and the manifest's ``done``."""
     pipeline = None
-    if config.save_pipeline:
+    if save_pipeline:
         pipeline = save_pipeline_folder(pipe, run.path / "pipeline")
         run.write_manifest({"pipeline": str(pipeline)})
-    _plot_losses(rows, run.path)
+    if figure is not None:
+        import matplotlib.pyplot as plt
+
+        figure.savefig(run.path / "losses.png", dpi=120)
+        figure.savefig(run.path / "losses.pdf")
+        plt.close(figure)
     run.write_summary({**summary, "pipeline": str(pipeline) if pipeline else None,
                        "base_model": pipeline_location(pipe)})
     run.write_manifest({"status": "done"})
@@ -377,13 +389,3 @@ def summarize_finetune(rows: list[dict], steps_per_epoch: int) -> dict:
     return {"steps": len(rows), "steps_per_epoch": steps_per_epoch, "epochs": per_epoch,
             "seconds": float(sum(r["seconds"] for r in rows)),
             "unet_evaluations": int(sum(r["unet_evaluations"] for r in rows))}
-
-
-def _plot_losses(rows: list[dict], folder: Path) -> None:
-    if not rows:
-        return
-    from ..analysis.plots import plot_finetune_losses
-
-    fig = plot_finetune_losses(rows)
-    fig.savefig(folder / "losses.png", dpi=120)
-    fig.savefig(folder / "losses.pdf")

@@ -6,7 +6,8 @@ the loss of step ``k`` (every random draw of step ``k`` comes from a generator k
 ``(method, seed, k)``). The loop adds what every method needs and none should write again:
 gradient accumulation and clipping, mixed precision, a checkpoint every ``checkpoint_every`` steps
 that a rerun resumes from (ending with the weights of an uninterrupted run), one row per step in
-``steps.jsonl``, a loss plot, and the result saved as a normal diffusers pipeline folder.
+``steps.jsonl``, a loss plot, and the result saved as a normal diffusers pipeline folder
+(:func:`dori.finetune.trainer.save_training_run`, as adversarial fine-tuning saves its own).
 """
 
 from __future__ import annotations
@@ -14,16 +15,17 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
 
 from ..errors import DoriError
-from ..models import model_record, pipeline_location, save_pipeline_folder
+from ..models import model_record
 from ..progress import Progress
 from ..runs import RunFolder, json_text, read_jsonl
+from .trainer import save_training_run
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +47,9 @@ class TrainingSettings:
     checkpoint_every: int = 50
     seed: int = 0
     save_pipeline: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
     def validate_training(self) -> None:
         for name in ("iterations", "gradient_accumulation", "checkpoint_every"):
@@ -167,35 +172,15 @@ def train_unlearning(pipe, objective: UnlearningObjective, settings: TrainingSet
         rows = [r for r in read_jsonl(steps_file) if r["step"] <= settings.iterations]
         summary = {"steps": len(rows), "seconds": float(sum(r["seconds"] for r in rows)),
                    "loss_first": rows[0]["loss"] if rows else None, "loss_last": rows[-1]["loss"] if rows else None,
-                   "trained_parameters": int(sum(p.numel() for p in params)), "base_model": pipeline_location(pipe)}
+                   "trained_parameters": int(sum(p.numel() for p in params))}
         pipeline = None
         if accelerator.is_main_process:
-            pipeline = _save(pipe, run, settings, rows, summary)
+            from ..analysis.plots import plot_training_loss
+
+            pipeline = save_training_run(pipe, run, settings.save_pipeline, summary,
+                                         plot_training_loss(rows, objective.name) if rows else None)
         accelerator.wait_for_everyone()
     if settings.save_pipeline:
         pipeline = run.path / "pipeline"
         pipe.register_to_config(_name_or_path=str(pipeline))
     return UnlearningResult(run.path, pipeline, summary)
-
-
-def _save(pipe, run: RunFolder, settings: TrainingSettings, rows: list[dict], summary: dict) -> Path | None:
-    """The pipeline folder (with the testbed's data when the model is the testbed), the loss plot, the summary."""
-    pipeline = None
-    if settings.save_pipeline:
-        pipeline = save_pipeline_folder(pipe, run.path / "pipeline")
-        run.write_manifest({"pipeline": str(pipeline)})
-    if rows:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(5, 3))
-        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1)
-        ax.set(xlabel="step", ylabel="loss", title=run.command)
-        fig.tight_layout()
-        fig.savefig(run.path / "losses.png", dpi=120)
-        plt.close(fig)
-    run.write_summary({**summary, "pipeline": str(pipeline) if pipeline else None})
-    run.write_manifest({"status": "done"})
-    return pipeline

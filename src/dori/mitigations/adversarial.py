@@ -8,7 +8,6 @@ settings are :class:`dori.finetune.FinetuneConfig`'s.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 from ..config_files import to_dict
@@ -26,6 +25,7 @@ class AdversarialFinetune(WeightsMitigation):
     Config = FinetuneConfig
     distributed_fit = True
     """The fine-tuning shares each step among the processes itself (accelerate)."""
+    summary_keys = ("steps", "unet_evaluations", "pipeline")
 
     @classmethod
     def check(cls, pipe, config: FinetuneConfig) -> None:
@@ -45,17 +45,10 @@ class AdversarialFinetune(WeightsMitigation):
         their training images) and keep the changed weights; ``pipe`` itself is left as it was."""
         config = config or FinetuneConfig()
 
-        def train() -> dict:
-            with tempfile.TemporaryDirectory(prefix="dori-adv-ft-") as scratch:
-                out = run.path / "finetune" if run is not None else Path(scratch) / "finetune"
-                result = adversarial_finetune(pipe, prompts, config, out, progress=progress)
+        def train(out: Path) -> dict:
+            result = adversarial_finetune(pipe, prompts, config, out, progress=progress)
             return {"config": to_dict(config), "prompts": prompts.name, "ids": [r.id for r in prompts.records],
                     "steps": result.summary["steps"], "unet_evaluations": result.summary["unet_evaluations"],
-                    "pipeline": str(result.pipeline) if run and result.pipeline else None}
+                    "pipeline": str(result.pipeline) if result.pipeline else None}
 
-        return fit_by_training(cls, pipe, train)
-
-    def summary(self) -> dict:
-        return {"tensors": len(self.tensors), "parameters": int(sum(v.numel() for v in self.tensors.values())),
-                "steps": self.meta.get("steps"), "unet_evaluations": self.meta.get("unet_evaluations"),
-                "pipeline": self.meta.get("pipeline")}
+        return fit_by_training(cls, pipe, run, "finetune", train)

@@ -31,8 +31,7 @@ Deviations, all in the saved sidecar (``deviations``):
 from __future__ import annotations
 
 import copy
-import tempfile
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -74,9 +73,6 @@ class ESDConfig(TrainingSettings):
             raise DoriError(f"variant: must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
         if self.num_inference_steps < 1:
             raise DoriError(f"num_inference_steps: must be >= 1, got {self.num_inference_steps}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     @classmethod
     def testbed(cls, **changes) -> ESDConfig:
@@ -170,6 +166,7 @@ class ESD(WeightsMitigation):
 
     name = "esd"
     Config = ESDConfig
+    summary_keys = ("steps", "loss_first", "loss_last", "pipeline")
 
     @classmethod
     def fit(cls, pipe, prompts, config: ESDConfig | None = None, *, run=None, progress: Progress | None = None) -> ESD:
@@ -179,22 +176,15 @@ class ESD(WeightsMitigation):
         config.validate()
         texts = [r.prompt for r in prompts.records]
 
-        def train() -> dict:
+        def train(out: Path) -> dict:
             objective = ESDObjective(pipe, texts, config)
             steps = replace(config, iterations=config.iterations * len(texts))  # per caption, for the loop
-            with tempfile.TemporaryDirectory(prefix="dori-esd-") as scratch:
-                out = run.path / "esd" if run is not None else Path(scratch) / "esd"
-                result = train_unlearning(pipe, objective, steps, out, config=to_dict(config), stage="ESD",
-                                          resolved={"prompts": prompts.name, "ids": [r.id for r in prompts.records]},
-                                          progress=progress)
+            result = train_unlearning(pipe, objective, steps, out, config=to_dict(config), stage="ESD",
+                                      resolved={"prompts": prompts.name, "ids": [r.id for r in prompts.records]},
+                                      progress=progress)
             return {"config": to_dict(config), "prompts": prompts.name, "ids": [r.id for r in prompts.records],
                     "deviations": list(DEVIATIONS), "steps": result.summary["steps"],
                     "loss_first": result.summary["loss_first"], "loss_last": result.summary["loss_last"],
-                    "pipeline": str(result.pipeline) if run and result.pipeline else None}
+                    "pipeline": str(result.pipeline) if result.pipeline else None}
 
-        return fit_by_training(cls, pipe, train)
-
-    def summary(self) -> dict:
-        return {"tensors": len(self.tensors), "parameters": int(sum(v.numel() for v in self.tensors.values())),
-                "steps": self.meta.get("steps"), "loss_first": self.meta.get("loss_first"),
-                "loss_last": self.meta.get("loss_last"), "pipeline": self.meta.get("pipeline")}
+        return fit_by_training(cls, pipe, run, "esd", train)

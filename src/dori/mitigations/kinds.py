@@ -74,6 +74,14 @@ class WeightsMitigation(MitigationBase):
                 handle.edit(name, lambda target=target, original=original: target.data.copy_(original))
         return handle
 
+    summary_keys: tuple[str, ...] = ()
+    """Keys of ``meta`` that :meth:`summary` reports beside the tensor counts."""
+
+    def summary(self) -> dict:
+        """What ``dori mitigate`` reports: how many tensors and weights changed, and the ``summary_keys``."""
+        return {"tensors": len(self.tensors), "parameters": int(sum(v.numel() for v in self.tensors.values())),
+                **{k: self.meta.get(k) for k in self.summary_keys}}
+
     def describe(self) -> dict:
         return {**self.identity(), **self.meta, "tensors": len(self.tensors),
                 "parameters": int(sum(v.numel() for v in self.tensors.values()))}
@@ -92,17 +100,24 @@ class WeightsMitigation(MitigationBase):
         return cls(tensors, keep)
 
 
-def fit_by_training(cls: type[WeightsMitigation], pipe, train: Callable[[], dict]) -> WeightsMitigation:
-    """A weights mitigation from a training run: ``train()`` trains ``pipe.unet`` in place (it may set
-    ``pipe.unet`` to the trained module) and returns the sidecar's metadata; the tensors that changed are
-    kept, and ``pipe`` gets its original UNet, weights and location back, however ``train`` ends."""
+def fit_by_training(cls: type[WeightsMitigation], pipe, run, folder: str, train: Callable[[Path], dict]) -> WeightsMitigation:
+    """A weights mitigation from a training run: ``train(out)`` trains ``pipe.unet`` in place in the run
+    folder ``out`` (``<run>/<folder>``, resumable; a temporary one without a ``run``), may set ``pipe.unet``
+    to the trained module, and returns the sidecar's metadata. The tensors that changed are kept, and
+    ``pipe`` gets its original UNet, weights and location back, however ``train`` ends."""
+    import tempfile
+
     from ..models import pipeline_location
 
     before = snapshot(pipe)
     unet, location = pipe.unet, pipeline_location(pipe)
     training, flags = unet.training, [p.requires_grad for p in unet.parameters()]
     try:
-        fitted = cls.from_difference(before, pipe, train())
+        with tempfile.TemporaryDirectory(prefix=f"dori-{folder}-") as scratch:
+            meta = train(run.path / folder if run is not None else Path(scratch) / folder)
+        if run is None:
+            meta = {**meta, "pipeline": None}  # the temporary folder is gone
+        fitted = cls.from_difference(before, pipe, meta)
     finally:
         pipe.unet = unet
         unet.load_state_dict({k.removeprefix("unet."): v for k, v in before.items()})
