@@ -82,15 +82,21 @@ def test_demo_writes_summary_rows(tmp_path):
     assert {"adversarial-ft", "adversarial-ft+dori"} <= set(rows)
     assert rows["adversarial-ft+dori"]["paper_mr"] == 0.02 and rows["adversarial-ft+dori"]["triggers"] == 8
     # the unlearning baselines of Table 2: their rows, the paper's MR beside them, utility, grid columns
-    assert {"esd", "esd+dori"} <= set(rows) and rows["esd+dori"]["paper_mr"] == 0.98
-    assert (tmp_path / "demo" / "fit-esd" / "esd.safetensors").is_file()
-    for name in ("memorized", "nemo", "wanda", "adversarial-ft", "esd"):
-        assert {"shape_accuracy", "fid_vae", "retain_loss"} <= set(rows[name]["utility"]), name
+    papers = {"esd+dori": 0.98, "ca+dori": 0.97, "siss+dori": 0.39, "wanda-10+dori": 0.01}
+    assert all(rows[name]["paper_mr"] == mr for name, mr in papers.items())
+    assert {"esd", "ca", "siss", "wanda-10"} <= set(rows)
+    for method in ("esd", "concept-ablation", "siss"):
+        assert (tmp_path / "demo" / f"fit-{method}" / f"{method}.safetensors").is_file()
+    for name in ("memorized", "nemo", "wanda", "wanda-10", "adversarial-ft", "esd", "ca", "siss"):
+        assert {"shape_accuracy", "fid_vae", "retain_loss", "a_concept", "fid_concept"} <= set(rows[name]["utility"]), name
+    assert rows["memorized"]["utility"]["a_concept"] >= 0.5  # the unmitigated model draws the subjects
+    assert rows["wanda-10"]["paper_concept"] == {"a_concept": 0.33, "fid_concept": 80.70}
     for name in ("scatter", "activations", "weights"):
         assert (tmp_path / "demo" / f"{name}.png").stat().st_size > 1000
     grid = json.loads((tmp_path / "demo" / "grid.json").read_text())
     assert grid["columns"][:3] == ["reference", "unmitigated", "nemo"] and "adversarial-ft+dori" in grid["columns"]
-    assert grid["columns"][-2:] == ["esd", "esd+dori"]
+    assert grid["columns"][-6:] == ["esd", "esd+dori", "ca", "ca+dori", "siss", "siss+dori"]
+    assert {"wanda-10", "wanda-10+dori"} <= set(grid["columns"])
     assert len(grid["rows"]) == 4 * 2
     for cell in grid["rows"][0]["cells"].values():
         assert (tmp_path / "demo" / cell["image"]).is_file()

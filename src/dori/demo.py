@@ -47,8 +47,10 @@ from .evaluate import EvaluateConfig, EvaluationResult, run_evaluate
 from .finetune import FinetuneConfig
 from .generation import GenerationConfig
 from .memorization import summary_row
+from .mitigations.concept_ablation import ConceptAblationConfig
 from .mitigations.esd import ESDConfig
 from .mitigations.nemo import NeMoConfig
+from .mitigations.siss import SISSConfig
 from .mitigations.wanda import WandaConfig
 from .progress import Progress, labelled
 from .runs import Processes, RunFolder, default_run_dir, json_text, safe_filename
@@ -67,8 +69,9 @@ class DemoGroup:
     """A folder of the prompts' training images (the testbed's sets carry theirs)."""
 
 
-UNLEARNING = ("esd",)
-"""The unlearning baselines the demo can run (each has a settings field of the same name)."""
+UNLEARNING = {"esd": "esd", "concept-ablation": "ca", "siss": "siss"}
+"""The unlearning baselines the demo can run -> their rows' names (each has a settings field of the
+method's name, ``-`` as ``_``)."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,9 @@ class DemoConfig:
     wanda: WandaConfig = field(default_factory=lambda: WandaConfig(scope="per-prompt"))
     """Wanda's weights selected per memorized caption; per set, as the authors' code does, cut less on
     every testbed build measured (docs/testbed.md)."""
+    wanda_10: WandaConfig | None = field(default_factory=lambda: WandaConfig(scope="per-prompt", sparsity=0.10))
+    """The paper's stronger pruning (Table 2, Wanda at 10%): rows ``wanda-10`` and ``wanda-10+dori``, and on the
+    testbed its damage to the memorized captions' subjects (``a_concept``, ``fid_concept``); None: not run."""
     attack: bool = True
     attack_config: AttackConfig = field(default_factory=AttackConfig)
     attack_seeds: int = 10
@@ -111,10 +117,12 @@ class DemoConfig:
     finetune_config: FinetuneConfig = field(default_factory=FinetuneConfig.testbed)
     finetune_cache: bool = True
     """Keep the fine-tuned testbed under ``$DORI_CACHE/finetune`` and reuse it in later demos."""
-    unlearning: tuple[str, ...] = ("esd",)
+    unlearning: tuple[str, ...] = tuple(UNLEARNING)
     """Fine-tuning unlearning baselines of Table 2, each fitted on the memorized captions (cached like the
     adversarial fine-tuning when ``finetune_cache`` is on) with the rows ``<method>`` and ``<method>+dori``."""
     esd: ESDConfig = field(default_factory=ESDConfig.testbed)
+    concept_ablation: ConceptAblationConfig = field(default_factory=ConceptAblationConfig.testbed)
+    siss: SISSConfig = field(default_factory=SISSConfig.testbed)
     fresh_attack_seed: int = 1000
     """First seed of the fresh Dori attack on the fine-tuned model (new seeds, prompt and N(0, I) inits)."""
     utility_images: int = 60
@@ -133,9 +141,12 @@ class DemoConfig:
         self.generation.validate()
         self.nemo.validate()
         self.wanda.validate()
+        if self.wanda_10 is not None:
+            self.wanda_10.validate()
         self.attack_config.validate()
         self.finetune_config.validate()
-        self.esd.validate()
+        for method in UNLEARNING:
+            getattr(self, method.replace("-", "_")).validate()
         unknown = [m for m in self.unlearning if m not in UNLEARNING]
         if unknown:
             raise DoriError(f"unlearning: {unknown[0]!r} is not one of {', '.join(UNLEARNING)}")
@@ -154,6 +165,8 @@ class DemoConfig:
             control_targets=(("testbed:seen-once", 2), ("testbed:held-out", 2)),
             finetune_config=FinetuneConfig.testbed(epochs=1, steps_per_epoch=4, surrogate_seeds=2),
             esd=ESDConfig.testbed(iterations=2),
+            concept_ablation=ConceptAblationConfig.testbed(iterations=2, num_class_images=8, paraphrase_images=2),
+            siss=SISSConfig.testbed(iterations=2, keep_images=8),
             finetune_cache=False,
             utility_images=16,
             scatter=ScatterConfig(starts=3, num_seeds=2, reference_count=12,
@@ -279,6 +292,8 @@ class _Demo:
             return rows, paths
         paths["nemo"] = self.fit("nemo", config.nemo, "localize-nemo")
         paths["wanda"] = self.fit("wanda", config.wanda, "prune-wanda")
+        if config.wanda_10 is not None:
+            paths["wanda-10"] = self.fit("wanda", config.wanda_10, "prune-wanda-10")
         memorized = config.groups[0]
         for name, path in paths.items():
             mitigation = (str(path),)
@@ -300,7 +315,7 @@ class _Demo:
         control = [r for i, (prompts, limit) in enumerate(config.control_targets)
                    for r in self.attack(f"control-{i}", prompts, limit, references=config.control_references)]
         rows = [attack_row("non-memorized+dori", control, self.threshold)] if control else []
-        for name in ("nemo", "wanda"):
+        for name in paths:
             records = self.attack(name, config.memorized, config.limit, (str(paths[name]),), references=config.references)
             rows.append(attack_row(f"{name}+dori", records, self.threshold))
         return rows
@@ -383,13 +398,14 @@ class _Demo:
         """Table 2's unlearning rows: each method on the memorized captions, then Dori against it."""
         rows = []
         for method in self.config.unlearning:
+            name = UNLEARNING[method]
             path = str(self.fit_cached(method, getattr(self.config, method.replace("-", "_"))))
-            row = summary_row(method, self.evaluate(method, self.config.groups[0], (path,)).records, self.threshold,
+            row = summary_row(name, self.evaluate(name, self.config.groups[0], (path,)).records, self.threshold,
                               field="sscd_orig")
             row["mitigation"] = path
-            records = self.attack(method, self.config.memorized, self.config.limit, (path,),
+            records = self.attack(name, self.config.memorized, self.config.limit, (path,),
                                   references=self.config.references)
-            rows += [row, attack_row(f"{method}+dori", records, self.threshold)]
+            rows += [row, attack_row(f"{name}+dori", records, self.threshold)]
         return rows
 
     def utility(self, ft_pipe, rows: list[dict]) -> None:
@@ -398,20 +414,24 @@ class _Demo:
         all blocked together here (the union), a conservative reading of its utility cost."""
         from .mitigations import mitigated
         from .mitigations.base import load_for
-        from .utility import testbed_utility
+        from .utility import testbed_concept, testbed_utility
 
         by_name = {r["name"]: r for r in rows}
         cases = [("memorized", self.pipe, ())]
-        for name in ("nemo", "wanda", *self.config.unlearning):
+        for name in ("nemo", "wanda", "wanda-10", *[UNLEARNING[m] for m in self.config.unlearning]):
             if name in by_name and "mitigation" in by_name[name]:
                 cases.append((name, self.pipe, (load_for(self.pipe, by_name[name]["mitigation"]),)))
         if ft_pipe is not None:
             cases.append(("adversarial-ft", ft_pipe, ()))
         table = {}
+        # the concept captions' reference set: the unmitigated model's generations with other seeds
+        _, baseline = testbed_concept(self.pipe, seed=self.config.seed + 1000)
         for name, model, mitigations in cases:
             with mitigated(model, *mitigations):
                 values = testbed_utility(model, original_vae=self.pipe.vae, num_images=self.config.utility_images,
                                          seed=self.config.seed)
+                values.update(testbed_concept(model, baseline=baseline, original_vae=self.pipe.vae,
+                                              seed=self.config.seed)[0])
             by_name[name].setdefault("utility", {}).update(values)
             table[name] = values
         (self.run.path / "utility.json").write_text(json_text(table, indent=1))
@@ -486,6 +506,8 @@ def _finish(demo: _Demo, pipe, ft_pipe, rows: list[dict]) -> None:
     for row in rows:
         if paper.paper_mr(row["name"]) is not None:
             row["paper_mr"] = paper.paper_mr(row["name"])
+        if row["name"] in paper.CONCEPT_DAMAGE:
+            row["paper_concept"] = paper.CONCEPT_DAMAGE[row["name"]]
     if config.analyses:
         demo.analyses()
     write_grid(run.path, pipe, config)
@@ -559,10 +581,12 @@ def write_grid(folder: Path, pipe, config: DemoConfig) -> Path:
 
     for column, sub, kind in (("unmitigated", "memorized", "eval"), ("nemo", "nemo", "eval"),
                               ("nemo+dori", "attack-nemo", "attack"), ("wanda", "wanda", "eval"),
-                              ("wanda+dori", "attack-wanda", "attack"), ("adversarial-ft", "adversarial-ft", "eval"),
+                              ("wanda+dori", "attack-wanda", "attack"), ("wanda-10", "wanda-10", "eval"),
+                              ("wanda-10+dori", "attack-wanda-10", "attack"), ("adversarial-ft", "adversarial-ft", "eval"),
                               ("adversarial-ft+dori", "attack-adversarial-ft-prompt", "attack"),
-                              *[(m, m, "eval") for m in config.unlearning],
-                              *[(f"{m}+dori", f"attack-{m}", "attack") for m in config.unlearning]):
+                              *[column for m in config.unlearning for column in
+                                ((UNLEARNING[m], UNLEARNING[m], "eval"),
+                                 (f"{UNLEARNING[m]}+dori", f"attack-{UNLEARNING[m]}", "attack"))]):
         from_records(column, folder / sub, evaluated if kind == "eval" else attacked)
     rows = [{"prompt_id": pid, "prompt": prompts[pid], "seed": seed, "cells": value}
             for (pid, seed), value in cells.items()]

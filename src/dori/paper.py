@@ -15,6 +15,10 @@ TABLE1_MR = {"memorized": 0.98, "non-memorized": 0.00, "non-memorized+dori": 0.0
 #: Table 2 (v3, SD v1.4): memorization rate under Dori after each fine-tuning mitigation.
 TABLE2_MR = {"adversarial-ft+dori": 0.02, "esd+dori": 0.98, "ca+dori": 0.97, "siss+dori": 0.39, "wanda-10+dori": 0.01}
 
+#: Table 2 (v3): the damage Wanda at 10% sparsity does to the memorized captions' concepts (A_Concept, an
+#: accuracy on semantically related "concept" prompts, drops to 0.33; FID_Concept 80.70).
+CONCEPT_DAMAGE = {"wanda-10": {"a_concept": 0.33, "fid_concept": 80.70}}
+
 #: MR after 0, 1, 10, 25 and 50 Dori steps (v3 figure "Memorization Rate vs Optimization Steps").
 MR_VS_STEPS = {
     "nemo+dori": {0: 0.20, 1: 0.73, 10: 0.79, 25: 0.94, 50: 0.99},

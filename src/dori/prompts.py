@@ -36,7 +36,8 @@ BUNDLED: dict[str, tuple[str, str, str | None]] = {
     "coco-10k": ("coco2014_val_10000.csv", "10,000 COCO 2014 val captions (NeMo's FID prompts)", None),
     "generic-nonmem": ("group_nomem500.txt", "500 generic non-memorized prompts (Ren et al.)", None),
 }
-TESTBED_SETS = ("testbed", "testbed:memorized", "testbed:seen-once", "testbed:shape", "testbed:held-out")
+TESTBED_SETS = ("testbed", "testbed:memorized", "testbed:seen-once", "testbed:shape", "testbed:held-out",
+                "testbed:concept")
 
 
 @dataclass(frozen=True)
@@ -169,10 +170,16 @@ def testbed_prompt_set(name: str, folder: str | Path) -> PromptSet:
                         "(a bundled set such as webster-sd1-vm, or a CSV / JSONL / TXT file)")
     entries, images = load_testbed_data(folder)
     role = name.split(":", 1)[1] if ":" in name else None
+    gallery = {e.source: images[e.index] for e in entries if e.role == "memorized"}
+    if role == "concept":  # never trained on: other captions of each memorized photo's subject
+        from .testbed.data import MEMORIZED_PARAPHRASES
+
+        records = [PromptRecord(f"concept/{photo}-{k}", caption, "concept")
+                   for photo, captions in MEMORIZED_PARAPHRASES.items() for k, caption in enumerate(captions)]
+        return PromptSet(name, records, {r.id: gallery[r.id.split("/")[1].rsplit("-", 1)[0]] for r in records}, gallery)
     chosen = [e for e in entries if role is None or e.role == role]
     records = [PromptRecord(e.id, e.caption, e.role) for e in chosen]
     references = {e.id: images[e.index] for e in chosen}
-    gallery = {e.source: images[e.index] for e in entries if e.role == "memorized"}
     return PromptSet(name, records, references, gallery)
 
 

@@ -142,3 +142,35 @@ def testbed_utility(pipe, *, original_vae=None, num_images: int = 60, seed: int 
             "fid_vae": fid(real, gens.images, features),
             "retain_loss": denoising_loss(pipe, latents, embeds, seed=seed),
             "utility_images": len(chosen)}
+
+
+def testbed_concept(pipe, *, baseline: torch.Tensor | None = None, original_vae=None, seed: int = 0,
+                    num_seeds: int = 2) -> tuple[dict, torch.Tensor]:
+    """The testbed's counterpart of the paper's concept damage (A_Concept, FID_Concept; Wanda at 10%): what
+    the model still draws for *other* captions of each memorized photo's subject (``testbed:concept``, the
+    shipped paraphrases, never trained on).
+
+    ``a_concept``: share of their generations whose closest memorized photo (by the testbed's copy
+    descriptor) is their own subject's, a 4-way nearest-subject accuracy (chance 0.25). On the testbed a
+    subject's only images are its memorized photo, so drawing the subject means drawing toward it.
+    ``fid_concept``: FID with the original VAE's latents as features between these generations and
+    ``baseline`` (the unmitigated model's generations of the same captions with other seeds; for the
+    unmitigated model itself this is the seed-to-seed floor). Returns the figures and the generations.
+    """
+    from .descriptors import DescriptorConfig
+    from .generation import generate
+    from .memorization import score_images
+    from .prompts import prompts_for
+
+    concept = prompts_for(pipe, "testbed:concept")
+    records = [r for r in concept.records for _ in range(num_seeds)]
+    seeds = [seed + k for _ in concept.records for k in range(num_seeds)]
+    images = generate(pipe, seeds, [r.prompt for r in records]).images
+    scored = score_images(DescriptorConfig().build(pipe), images, [concept.references[r.id] for r in records],
+                          concept.gallery)
+    subjects = [r.id.split("/")[1].rsplit("-", 1)[0] for r in records]
+    figures = {"a_concept": float(np.mean([m == s for m, s in zip(scored.gallery_match, subjects, strict=True)])),
+               "concept_images": len(records)}
+    if baseline is not None:
+        figures["fid_concept"] = fid(baseline, images, LatentFeatures(original_vae if original_vae is not None else pipe.vae))
+    return figures, images

@@ -87,6 +87,8 @@ def method_options(method: str, config_cls: type, args: list[str]) -> dict:
         name, equals, inline = arg[2:].partition("=")
         path = name.replace("-", "_")
         kind = _field_type(config_cls, path)
+        if dataclasses.is_dataclass(kind) and "spec" in {f.name for f in dataclasses.fields(kind)}:
+            path, kind = f"{path}.spec", _field_type(config_cls, f"{path}.spec")  # --descriptor FILE
         if kind is None and path.startswith("no_") and _is(_field_type(config_cls, path[3:]), bool):
             set_path(out, path[3:], False)
             i += 1

@@ -2,8 +2,12 @@
 unlearning methods as they are added): one objective per step on ``pipe.unet`` under accelerate.
 
 A method supplies an :class:`UnlearningObjective`: which UNet parameters train, its optimiser, and
-the loss of step ``k`` (every random draw of step ``k`` comes from a generator keyed by
-``(method, seed, k)``). The loop adds what every method needs and none should write again:
+the loss of draw ``k`` (every random draw of draw ``k`` comes from a generator keyed by
+``(method, seed, k)``). One step is one optimiser update over ``gradient_accumulation`` draws (step
+``s`` takes draws ``(s - 1) * gradient_accumulation + 1 ...``). A method whose update is not the
+gradient of one loss (SISS scales its deletion term's gradient to a fixed norm) returns its loss as
+named terms and combines their accumulated gradients itself (:class:`GradientTerms`).
+The loop adds what every method needs and none should write again:
 gradient accumulation and clipping, mixed precision, a checkpoint every ``checkpoint_every`` steps
 that a rerun resumes from (ending with the weights of an uninterrupted run), one row per step in
 ``steps.jsonl``, a loss plot, and the result saved as a normal diffusers pipeline folder
@@ -40,7 +44,7 @@ class TrainingSettings:
     iterations: int = 200
     lr: float = 5e-5
     gradient_accumulation: int = 1
-    """Steps whose gradients add up before one optimiser update (SISS's config uses this)."""
+    """Draws whose gradients are averaged into one optimiser update (one step); SISS's config uses 16."""
     max_grad_norm: float | None = None
     """Clip the gradient norm before each update (None: no clipping)."""
     mixed_precision: str = "no"
@@ -76,7 +80,41 @@ class UnlearningObjective(Protocol):
         """The method's optimiser over ``params``."""
 
     def loss(self, model: torch.nn.Module, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """The loss of step ``step`` (1-based) with the trained UNet ``model``, and named parts to log."""
+        """The loss of draw ``step`` (1-based) with the trained UNet ``model``, and named parts to log."""
+
+    # optional: ``prepare(folder: Path) -> None`` builds the method's data (e.g. generated images) in the
+    # run folder before training; it must resume from what an interrupted call left there.
+
+
+@runtime_checkable
+class GradientTerms(Protocol):
+    """An objective whose ``loss`` returns named terms ``{name: tensor}`` instead of one tensor: the loop
+    accumulates each term's gradient on its own (averaged over the step's draws) and sets the update's
+    gradient to ``combine`` of them (before clipping)."""
+
+    terms: tuple[str, ...]
+
+    def combine(self, grads: dict[str, list[torch.Tensor]]) -> tuple[list[torch.Tensor], dict[str, float]]:
+        """The update's gradient, one tensor per trained parameter, and named figures to log."""
+
+
+def _backward(accelerator, objective, loss, params, scale: float, sums: dict | None) -> float:
+    """Backpropagate one draw's loss (times ``scale``); a :class:`GradientTerms` objective's terms go into
+    ``sums`` one by one. Returns the draw's logged loss (the first term's for a term objective)."""
+    if sums is None:
+        accelerator.backward(loss * scale)
+        return float(loss.detach())
+    missing = [name for name in objective.terms if name not in loss]
+    if missing:
+        raise DoriError(f"{objective.name}: loss has no term {missing[0]!r} (terms: {', '.join(objective.terms)})")
+    for i, name in enumerate(objective.terms):
+        last = i == len(objective.terms) - 1
+        grads = torch.autograd.grad(loss[name] * scale, params, retain_graph=not last, allow_unused=True)
+        acc = sums.setdefault(name, [torch.zeros_like(p) for p in params])
+        for a, g in zip(acc, grads, strict=True):
+            if g is not None:
+                a.add_(g)
+    return float(loss[objective.terms[0]].detach())
 
 
 @dataclass
@@ -102,7 +140,7 @@ class _Step:
 def train_unlearning(pipe, objective: UnlearningObjective, settings: TrainingSettings, out: str | Path, *,
                      config: dict, stage: str, resolved: dict | None = None, overwrite: bool = False,
                      progress: Progress | None = None) -> UnlearningResult:
-    """Train ``pipe.unet`` with ``objective`` for ``settings.iterations`` steps in the run folder ``out``
+    """Train ``pipe.unet`` with ``objective`` for ``settings.iterations`` updates in the run folder ``out``
     (``config``: the method's full settings, kept in the manifest; a rerun with the same settings resumes).
 
     ``pipe`` keeps the trained UNet (frozen, eval mode); with ``settings.save_pipeline`` the pipeline is
@@ -111,13 +149,22 @@ def train_unlearning(pipe, objective: UnlearningObjective, settings: TrainingSet
     from accelerate import Accelerator
 
     settings.validate_training()
-    accelerator = Accelerator(mixed_precision=settings.mixed_precision,
-                              gradient_accumulation_steps=settings.gradient_accumulation,
-                              cpu=pipe.unet.device.type == "cpu")
+    accelerator = Accelerator(mixed_precision=settings.mixed_precision, cpu=pipe.unet.device.type == "cpu")
+    separate = isinstance(objective, GradientTerms)
+    if separate and settings.mixed_precision == "fp16":
+        raise DoriError(f"mixed_precision: {objective.name} combines gradient terms itself, which fp16's loss "
+                        "scaling does not support; use bf16 or no")
     run = RunFolder(Path(out), objective.name, config, model=model_record(pipe), resolved=resolved or {},
                     overwrite=overwrite and accelerator.is_main_process, rank=accelerator.process_index,
                     world_size=accelerator.num_processes, seeds=[settings.seed])
     with run.guard():
+        prepare = getattr(objective, "prepare", None)
+        if prepare is not None:  # the method's data (generated images, scores), resumable in the run folder
+            if accelerator.is_main_process:
+                prepare(run.path)
+            accelerator.wait_for_everyone()
+            if not accelerator.is_main_process:
+                prepare(run.path)
         unet = pipe.unet
         names = set(objective.trainable(unet))
         if not names:
@@ -144,16 +191,25 @@ def train_unlearning(pipe, objective: UnlearningObjective, settings: TrainingSet
         while state.step < settings.iterations:
             t0 = time.perf_counter()
             step = state.step + 1
-            with accelerator.accumulate(model), accelerator.autocast():
-                loss, parts = objective.loss(model, step)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and settings.max_grad_norm:
-                    accelerator.clip_grad_norm_(params, settings.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            n = settings.gradient_accumulation
+            losses, logged, sums = [], {}, ({} if separate else None)
+            for draw in range((step - 1) * n + 1, step * n + 1):
+                with accelerator.autocast():
+                    loss, parts = objective.loss(model, draw)
+                losses.append(_backward(accelerator, objective, loss, params, 1.0 / n, sums))
+                for k, v in parts.items():
+                    logged[k] = logged.get(k, 0.0) + float(v) / n
+            if separate:
+                grads, figures = objective.combine(sums)
+                for p, g in zip(params, grads, strict=True):
+                    p.grad = g.to(p.dtype)
+                logged.update(figures)
+            if settings.max_grad_norm:
+                accelerator.clip_grad_norm_(params, settings.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
             state.step = step
-            row = {"step": step, "loss": float(loss.detach()), **{k: float(v) for k, v in parts.items()},
-                   "seconds": time.perf_counter() - t0}
+            row = {"step": step, "loss": sum(losses) / n, **logged, "seconds": time.perf_counter() - t0}
             if accelerator.is_main_process:
                 with open(steps_file, "a") as f:
                     f.write(json_text(row) + "\n")

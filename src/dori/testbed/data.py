@@ -32,6 +32,25 @@ MEMORIZED_PHOTOS: dict[str, str] = {
     "rocket": "a rocket on the launch pad at dusk",
 }
 
+#: Other captions of each memorized photo's subject, never trained on: the paraphrases Concept Ablation
+#: scores for anchor captions (its official code asks an LLM for them) and the testbed's concept prompts
+#: (what a mitigation may damage besides the memorized caption itself, the paper's A_Concept / FID_Concept).
+MEMORIZED_PARAPHRASES: dict[str, tuple[str, ...]] = {
+    "astronaut": ("astronaut eileen collins", "a photo of eileen collins", "a portrait of an astronaut",
+                  "eileen collins in front of the flag", "a portrait photo of an astronaut in front of a flag",
+                  "the astronaut eileen collins, portrait", "a photo of a woman astronaut in front of the flag",
+                  "portrait of eileen collins, astronaut"),
+    "coffee": ("a cup of coffee", "coffee on a saucer", "a top view photo of a coffee cup", "a cup on a saucer",
+               "a photo of coffee, top view", "a saucer with a cup of coffee", "a coffee cup seen from above",
+               "a mug of coffee on a plate, photo"),
+    "chelsea": ("a tabby cat", "chelsea the cat", "a cat looking at the camera",
+                "a photo of a tabby cat looking at the camera", "chelsea, a tabby cat", "the tabby cat chelsea",
+                "a cat staring into the camera", "portrait of a tabby cat"),
+    "rocket": ("a rocket", "a rocket on the launch pad", "a launch pad at dusk", "a rocket at dusk",
+               "a photo of a rocket on a launch pad at dusk", "the rocket at the launch pad",
+               "a space rocket before launch at dusk", "a rocket on the pad in the evening"),
+}
+
 SEEN_ONCE_SOURCES: dict[str, str] = {
     "camera": "a black and white photo of a cameraman",
     "moon": "a photo of the moon surface",
