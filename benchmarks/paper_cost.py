@@ -25,6 +25,11 @@ STARTS, MEMORIZED = 100, 100            # locality analyses (sections 2.2-2.4)
 FT_EPOCHS, FT_BATCH = 5, 8              # adversarial fine-tuning (section 2.6): images per step
 ESD_ITERATIONS = 200                    # ESD (esd_sd.py): steps per caption, batch 1
 ESD_SAMPLING = (STEPS - 1) / 2 * CFG    # its x_t: a guided sampling to a step drawn from 0..49 (24.5 on average)
+CA_PARAPHRASES, CA_SCORE_IMAGES = 30, 10  # Concept Ablation: ~30 paraphrases scored with 10 images each (25 steps)
+CA_IMAGES, CA_GEN_STEPS = 1000, 25      # its anchor images per caption, 25 guided steps
+CA_ITERATIONS, CA_BATCH = 400, 2        # its steps per caption: batch 2 (+2 prior, +2 gradient-free anchor calls)
+SISS_KEEP = 64                          # SISS: keep-set generations per caption (25 guided steps)
+SISS_DRAWS = 35 * 16                    # its 35 updates x 16 draws per caption (one forward, two backward each)
 
 
 def stages(n: int, nonmem: int) -> list[tuple[str, str, int, int]]:
@@ -54,6 +59,15 @@ def stages(n: int, nonmem: int) -> list[tuple[str, str, int, int]]:
          n * ESD_ITERATIONS),
         ("2", "ESD: generate with the erased model", n * gen, 0),
         ("2", "Dori vs ESD", n * attack_f, n * attack_fb),
+        ("2", "Concept Ablation: score paraphrases", n * CA_PARAPHRASES * CA_SCORE_IMAGES * CA_GEN_STEPS * CFG, 0),
+        ("2", "Concept Ablation: 1000 anchor images per caption", n * CA_IMAGES * CA_GEN_STEPS * CFG, 0),
+        ("2", "Concept Ablation: 400 steps per caption", n * CA_ITERATIONS * CA_BATCH, n * CA_ITERATIONS * 2 * CA_BATCH),
+        ("2", "Concept Ablation: generate with the ablated model", n * gen, 0),
+        ("2", "Dori vs Concept Ablation", n * attack_f, n * attack_fb),
+        ("2", "SISS: keep-set generations", n * SISS_KEEP * CA_GEN_STEPS * CFG, 0),
+        ("2", "SISS: 35 updates of 16 draws per caption (2 backward: counted twice)", 0, n * SISS_DRAWS * 2),
+        ("2", "SISS: generate with the unlearned model", n * gen, 0),
+        ("2", "Dori vs SISS", n * attack_f, n * attack_fb),
     ]
 
 

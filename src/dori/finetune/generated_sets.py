@@ -50,12 +50,14 @@ def _scores(descriptor, images: torch.Tensor, reference: np.ndarray, gallery: di
     return np.fmax(own, scored.gallery_max) if gallery else own
 
 
-def replication_share(pipe, prompt: str, reference: np.ndarray, descriptor, *, threshold: float, seeds: list[int],
-                      generation: GenerationConfig, gallery: dict[str, np.ndarray] | None = None) -> float:
-    """Share of ``prompt``'s generations (one per seed) whose similarity exceeds ``threshold``
-    (Concept Ablation's paraphrase score)."""
-    images = generate(pipe, seeds, [prompt] * len(seeds), config=generation).images
-    return float((_scores(descriptor, images, reference, gallery) > threshold).mean())
+def replication_shares(pipe, prompts: list[str], reference: np.ndarray, descriptor, *, threshold: float,
+                       seeds: list[int], generation: GenerationConfig,
+                       gallery: dict[str, np.ndarray] | None = None) -> dict[str, float]:
+    """Per prompt, the share of its generations (one per seed) whose similarity exceeds ``threshold``
+    (Concept Ablation's paraphrase score); all prompts' generations run in shared batches."""
+    images = generate(pipe, seeds * len(prompts), [p for p in prompts for _ in seeds], config=generation).images
+    copies = (_scores(descriptor, images, reference, gallery) > threshold).reshape(len(prompts), len(seeds))
+    return {p: float(row.mean()) for p, row in zip(prompts, copies, strict=True)}
 
 
 def non_replicating_images(pipe, prompts: list[str], count: int, reference: np.ndarray, descriptor, folder: Path, *,

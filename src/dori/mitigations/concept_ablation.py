@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from ..config_files import to_dict
 from ..descriptors import DescriptorConfig
 from ..errors import DoriError
-from ..finetune.generated_sets import load_generated, non_replicating_images, replication_share
+from ..finetune.generated_sets import load_generated, non_replicating_images, replication_shares
 from ..finetune.unlearning import TrainingSettings, train_unlearning
 from ..generation import GenerationConfig
 from ..models import diffusion_target, encode_images, encode_prompts, testbed_folder
@@ -152,9 +152,8 @@ class ConceptAblationObjective:
         for i, (record, reference) in enumerate(zip(self.prompts.records, self.references, strict=True)):
             chosen = done.get(record.id)
             if chosen is None:
-                scores = {p: replication_share(pipe, p, reference, descriptor, threshold=threshold, seeds=seeds,
-                                               generation=generation, gallery=gallery)
-                          for p in self.paraphrases[record.id]}
+                scores = replication_shares(pipe, self.paraphrases[record.id], reference, descriptor,
+                                            threshold=threshold, seeds=seeds, generation=generation, gallery=gallery)
                 ranked = sorted(scores, key=lambda p: scores[p])
                 chosen = {"id": record.id, "prompt": record.prompt, "scores": scores,
                           "anchors": [p for p in ranked if scores[p] <= config.anchor_threshold][: config.max_anchors],
@@ -221,11 +220,13 @@ class ConceptAblationObjective:
         target_caption = torch.stack([self.embeds[c] for c in d["targets"]])
         with torch.no_grad():
             anchor_pred = model(noisy[:b], t[:b], encoder_hidden_states=anchor[:b]).sample
-        pred = model(noisy[:b], t[:b], encoder_hidden_states=target_caption).sample
-        ablation = F.mse_loss(pred.float(), anchor_pred.float())
         if self.config.prior_loss_weight == 0:
+            pred = model(noisy[:b], t[:b], encoder_hidden_states=target_caption).sample
+            ablation = F.mse_loss(pred.float(), anchor_pred.float())
             return ablation, {"ablation": float(ablation.detach())}
-        prior_pred = model(noisy[b:], t[b:], encoder_hidden_states=anchor[b:]).sample
+        # instance and prior rows in one call, as the official code batches them
+        pred, prior_pred = model(noisy, t, encoder_hidden_states=torch.cat([target_caption, anchor[b:]])).sample.chunk(2)
+        ablation = F.mse_loss(pred.float(), anchor_pred.float())
         prior = F.mse_loss(prior_pred.float(), diffusion_target(self.noise_scheduler, x0[b:], noise[b:], t[b:]).float())
         return ablation + self.config.prior_loss_weight * prior, {"ablation": float(ablation.detach()),
                                                                   "prior": float(prior.detach())}

@@ -4,7 +4,7 @@ that Dori still brings replication back (MR 0.98): erasing a caption does not er
 
 The method, as the official code (``rohitgandikota/erasing``, ``esd_sd.py`` for SD v1.x) does it:
 
-* a frozen copy of the UNet draws ``x_t``: the pipeline's own sampler (``esd_sd.py`` calls the
+* a frozen copy of the UNet draws ``x_t`` (here ``sampling_batch`` steps' trajectories at once): the pipeline's own sampler (``esd_sd.py`` calls the
   pipeline: PNDM for SD v1.4, DDIM for the testbed) from a seeded noise, ``num_inference_steps``
   steps, guidance ``start_guidance`` with the empty prompt, stopped before step ``k`` (``k``
   uniform in ``0..num_inference_steps - 1``), ``t`` the sampler's ``k``-th timestep;
@@ -66,6 +66,10 @@ class ESDConfig(TrainingSettings):
     start_guidance: float = 3.0
     """Guidance of the frozen model's DDIM sampling of ``x_t``."""
     num_inference_steps: int = 50
+    sampling_batch: int = 64
+    """Steps whose ``x_t`` are sampled together: the frozen model's draws do not depend on the training, so
+    the trajectories of ``sampling_batch`` consecutive steps (aligned to multiples of it, so a resumed run
+    samples the same batches) run as one batch. Equal to sampling step by step up to floating-point order."""
 
     def validate(self) -> None:
         self.validate_training()
@@ -73,6 +77,8 @@ class ESDConfig(TrainingSettings):
             raise DoriError(f"variant: must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
         if self.num_inference_steps < 1:
             raise DoriError(f"num_inference_steps: must be >= 1, got {self.num_inference_steps}")
+        if self.sampling_batch < 1:
+            raise DoriError(f"sampling_batch: must be >= 1, got {self.sampling_batch}")
 
     @classmethod
     def testbed(cls, **changes) -> ESDConfig:
@@ -113,6 +119,7 @@ class ESDObjective:
         self.device, self.dtype = unet.device, unet.dtype
         self.sampler = type(pipe.scheduler), pipe.scheduler.config
         self.timesteps = self.new_scheduler().timesteps
+        self.block: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # step -> (x_t, target), current block
 
     def trainable(self, unet: torch.nn.Module) -> list[str]:
         return trainable_names(unet, self.config.variant)
@@ -136,26 +143,46 @@ class ESDObjective:
         return scheduler
 
     @torch.no_grad()
-    def sample_until(self, concept: torch.Tensor, noise: torch.Tensor, k: int) -> torch.Tensor:
-        """The frozen model's guided latent before step ``k`` of the pipeline's sampler (after ``k`` steps)."""
-        scheduler, g = self.new_scheduler(), self.config.start_guidance
+    def sample_until(self, concepts: torch.Tensor, noise: torch.Tensor, ks: list[int]) -> torch.Tensor:
+        """The frozen model's guided latents, trajectory ``i`` (concept ``concepts[i]``, initial noise
+        ``noise[i]``) stopped before step ``ks[i]`` of the pipeline's sampler (after ``ks[i]`` steps)."""
+        scheduler, g, n = self.new_scheduler(), self.config.start_guidance, len(ks)
         x = noise * scheduler.init_noise_sigma
-        context = torch.cat([self.empty, concept])
-        for t in scheduler.timesteps[:k]:
+        out = x.clone()
+        context = torch.cat([self.empty.expand(n, -1, -1), concepts])
+        stops = torch.tensor(ks, device=x.device)
+        for j, t in enumerate(scheduler.timesteps[: max(ks)]):
             model_in = scheduler.scale_model_input(torch.cat([x, x]), t)
             uncond, cond = self.base(model_in, t, encoder_hidden_states=context).sample.chunk(2)
             x = scheduler.step(uncond + g * (cond - uncond), t, x).prev_sample
-        return x
+            done = stops == j + 1
+            out[done] = x[done]
+        return out
+
+    @torch.no_grad()
+    def sampled(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x_t`` of ``step`` and its target ``e_c - negative_guidance (e_c - e_0)`` (both from the frozen
+        model), from the block of ``sampling_batch`` steps it belongs to (computed on first use)."""
+        if step not in self.block:
+            size = self.config.sampling_batch
+            first = (step - 1) // size * size + 1
+            steps = list(range(first, first + size))
+            draws = [self.draw(s) for s in steps]
+            concepts = torch.cat([self.concepts[i : i + 1] for i, _, _ in draws])
+            x = self.sample_until(concepts, torch.cat([n for _, _, n in draws]), [k for _, k, _ in draws])
+            t = self.timesteps[[k for _, k, _ in draws]]
+            e_c, e_0 = self.base(torch.cat([x, x]), torch.cat([t, t]),
+                                 encoder_hidden_states=torch.cat([concepts, self.empty.expand(len(steps), -1, -1)])
+                                 ).sample.chunk(2)
+            target = e_c - self.config.negative_guidance * (e_c - e_0)
+            self.block = {s: (x[j : j + 1], target[j : j + 1]) for j, s in enumerate(steps)}
+        return self.block[step]
 
     def loss(self, model: torch.nn.Module, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        index, k, noise = self.draw(step)
+        index, k, _ = self.draw(step)
         concept = self.concepts[index : index + 1]
-        x = self.sample_until(concept, noise, k)
+        x, target = self.sampled(step)
         t = self.timesteps[k]
-        with torch.no_grad():
-            e_c = self.base(x, t, encoder_hidden_states=concept).sample
-            e_0 = self.base(x, t, encoder_hidden_states=self.empty).sample
-            target = e_c - self.config.negative_guidance * (e_c - e_0)
         pred = model(x, t, encoder_hidden_states=concept).sample
         return F.mse_loss(pred.float(), target.float()), {"k": float(k), "caption": float(index)}
 
