@@ -89,7 +89,7 @@ def test_demo_writes_summary_rows(tmp_path):
         assert (tmp_path / "demo" / f"fit-{method}" / f"{method}.safetensors").is_file()
     for name in ("memorized", "nemo", "wanda", "wanda-10", "adversarial-ft", "esd", "ca", "siss"):
         assert {"shape_accuracy", "fid_vae", "retain_loss", "a_concept", "fid_concept"} <= set(rows[name]["utility"]), name
-    assert rows["memorized"]["utility"]["a_concept"] >= 0.5  # the unmitigated model draws the subjects
+    assert rows["memorized"]["utility"]["a_concept"] > 0.25  # above chance: the unmitigated model draws the subjects
     assert rows["wanda-10"]["paper_concept"] == {"a_concept": 0.33, "fid_concept": 80.70}
     for name in ("scatter", "activations", "weights"):
         assert (tmp_path / "demo" / f"{name}.png").stat().st_size > 1000

@@ -89,3 +89,24 @@ def test_latent_features_are_the_vae_posterior_means(testbed_pipe):
     with torch.no_grad():
         expected = testbed_pipe.vae.encode(images * 2 - 1).latent_dist.mean.flatten(1)
     assert torch.allclose(feats, expected)
+
+
+def test_testbed_concept_is_a_nearest_subject_accuracy_and_an_fid_against_a_baseline(testbed_pipe):
+    """``testbed_concept``: the 32 shipped paraphrases, a_concept = share of generations whose closest memorized
+    photo (testbed descriptor) is their caption's subject, fid_concept = 0 against the same images."""
+    from dori.descriptors import DescriptorConfig
+    from dori.prompts import prompts_for
+    from dori.utility import testbed_concept
+
+    figures, images = testbed_concept(testbed_pipe, num_seeds=1)
+    concept = prompts_for(testbed_pipe, "testbed:concept")
+    assert figures["concept_images"] == len(concept.records) == 32 and "fid_concept" not in figures
+    descriptor = DescriptorConfig().build(testbed_pipe)
+    names = list(concept.gallery)
+    photos = torch.stack([descriptor.embed(torch.from_numpy(concept.gallery[n]).permute(2, 0, 1)[None] / 255.0)[0]
+                          for n in names])
+    nearest = (descriptor.embed(images) @ photos.T).argmax(dim=1).tolist()
+    subjects = [r.id.split("/")[1].rsplit("-", 1)[0] for r in concept.records]
+    assert figures["a_concept"] == pytest.approx(np.mean([names[j] == s for j, s in zip(nearest, subjects, strict=True)]))
+    again, _ = testbed_concept(testbed_pipe, baseline=images, num_seeds=1)
+    assert again["a_concept"] == figures["a_concept"] and abs(again["fid_concept"]) < 1e-2
