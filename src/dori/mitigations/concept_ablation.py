@@ -39,17 +39,17 @@ Deviations, all in the saved sidecar (``deviations``):
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ..config_files import to_dict
 from ..descriptors import DescriptorConfig
 from ..errors import DoriError
 from ..finetune.generated_sets import load_generated, non_replicating_images, replication_shares
-from ..finetune.unlearning import TrainingSettings, train_unlearning
+from ..finetune.unlearning import TrainingSettings
 from ..generation import GenerationConfig
 from ..models import diffusion_target, encode_images, encode_prompts, testbed_folder
 from ..paraphrases import load_paraphrases
@@ -58,7 +58,7 @@ from ..prompts import require_references
 from ..runs import json_text
 from ..seeding import item_generator
 from .base import register_mitigation
-from .kinds import WeightsMitigation, fit_by_training
+from .kinds import WeightsMitigation, fit_unlearning
 
 DEVIATIONS = (
     "paraphrases from a file (the testbed ships its own) instead of an LLM; the pipeline's own sampler",
@@ -145,8 +145,6 @@ class ConceptAblationObjective:
         gallery = self.prompts.gallery or None
         seeds = list(range(config.seed, config.seed + config.paraphrase_images))
         path = folder / "anchors.json"
-        import json
-
         done = {s["id"]: s for s in json.loads(path.read_text())} if path.exists() else {}
         self.selection, images, captions, owners = [], [], [], []
         for i, (record, reference) in enumerate(zip(self.prompts.records, self.references, strict=True)):
@@ -255,17 +253,10 @@ class ConceptAblation(WeightsMitigation):
         config = config or ConceptAblationConfig()
         config.validate()
 
-        def train(out: Path) -> dict:
-            objective = ConceptAblationObjective(pipe, prompts, config, progress)
-            steps = replace(config, iterations=config.iterations * len(prompts.records))
-            result = train_unlearning(pipe, objective, steps, out, config=to_dict(config), stage="Concept Ablation",
-                                      resolved={"prompts": prompts.name, "ids": [r.id for r in prompts.records]},
-                                      progress=progress)
-            anchors = {s["id"]: {"anchors": s["anchors"], "targets": s["targets"], "kept_images": s["kept_images"]}
-                       for s in objective.selection}
-            return {"config": to_dict(config), "prompts": prompts.name, "ids": [r.id for r in prompts.records],
-                    "deviations": list(DEVIATIONS), "steps": result.summary["steps"],
-                    "loss_first": result.summary["loss_first"], "loss_last": result.summary["loss_last"],
-                    "anchors": anchors, "pipeline": str(result.pipeline) if result.pipeline else None}
+        def anchors(objective: ConceptAblationObjective) -> dict:
+            return {"anchors": {s["id"]: {k: s[k] for k in ("anchors", "targets", "kept_images")}
+                                for s in objective.selection}}
 
-        return fit_by_training(cls, pipe, run, "concept-ablation", train)
+        return fit_unlearning(cls, pipe, prompts, config, lambda: ConceptAblationObjective(pipe, prompts, config, progress),
+                              stage="Concept Ablation", folder="concept-ablation", deviations=DEVIATIONS, run=run,
+                              progress=progress, extra=anchors)

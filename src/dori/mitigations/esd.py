@@ -32,19 +32,17 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ..config_files import to_dict
 from ..errors import DoriError
-from ..finetune.unlearning import TrainingSettings, train_unlearning
+from ..finetune.unlearning import TrainingSettings
 from ..models import encode_prompts
 from ..progress import Progress
 from ..seeding import item_generator
 from .base import register_mitigation
-from .kinds import WeightsMitigation, fit_by_training
+from .kinds import WeightsMitigation, fit_unlearning
 
 VARIANTS = ("esd-x", "esd-u")
 DEVIATIONS = (
@@ -202,16 +200,5 @@ class ESD(WeightsMitigation):
         config = config or ESDConfig()
         config.validate()
         texts = [r.prompt for r in prompts.records]
-
-        def train(out: Path) -> dict:
-            objective = ESDObjective(pipe, texts, config)
-            steps = replace(config, iterations=config.iterations * len(texts))  # per caption, for the loop
-            result = train_unlearning(pipe, objective, steps, out, config=to_dict(config), stage="ESD",
-                                      resolved={"prompts": prompts.name, "ids": [r.id for r in prompts.records]},
-                                      progress=progress)
-            return {"config": to_dict(config), "prompts": prompts.name, "ids": [r.id for r in prompts.records],
-                    "deviations": list(DEVIATIONS), "steps": result.summary["steps"],
-                    "loss_first": result.summary["loss_first"], "loss_last": result.summary["loss_last"],
-                    "pipeline": str(result.pipeline) if result.pipeline else None}
-
-        return fit_by_training(cls, pipe, run, "esd", train)
+        return fit_unlearning(cls, pipe, prompts, config, lambda: ESDObjective(pipe, texts, config), stage="ESD",
+                              folder="esd", deviations=DEVIATIONS, run=run, progress=progress)

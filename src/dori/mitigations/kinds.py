@@ -130,6 +130,33 @@ def fit_by_training(cls: type[WeightsMitigation], pipe, run, folder: str, train:
     return fitted.stamp(pipe)
 
 
+def fit_unlearning(cls: type[WeightsMitigation], pipe, prompts, config, objective: Callable[[], object], *,
+                   stage: str, folder: str, deviations: tuple[str, ...], run=None, progress=None,
+                   extra: Callable[[object], dict] | None = None) -> WeightsMitigation:
+    """A Table 2 unlearning baseline fitted on the captions of ``prompts``: ``objective()`` builds the method's
+    :class:`~dori.finetune.unlearning.UnlearningObjective`, trained ``config.iterations`` steps per caption by
+    :func:`~dori.finetune.unlearning.train_unlearning` in ``<run>/<folder>`` (resumable); the sidecar holds
+    the settings, the captions, the ``deviations`` from the official code, the loss and ``extra(objective)``."""
+    from dataclasses import replace
+
+    from ..config_files import to_dict
+    from ..finetune.unlearning import train_unlearning
+
+    ids = [r.id for r in prompts.records]
+
+    def train(out: Path) -> dict:
+        built = objective()
+        steps = replace(config, iterations=config.iterations * len(ids))  # per caption, for the loop
+        result = train_unlearning(pipe, built, steps, out, config=to_dict(config), stage=stage,
+                                  resolved={"prompts": prompts.name, "ids": ids}, progress=progress)
+        return {"config": to_dict(config), "prompts": prompts.name, "ids": ids, "deviations": list(deviations),
+                "steps": result.summary["steps"], "loss_first": result.summary["loss_first"],
+                "loss_last": result.summary["loss_last"], **(extra(built) if extra else {}),
+                "pipeline": str(result.pipeline) if result.pipeline else None}
+
+    return fit_by_training(cls, pipe, run, folder, train)
+
+
 def snapshot(pipe, components: tuple[str, ...] = ("unet",)) -> dict[str, torch.Tensor]:
     """A CPU copy of the tensors of ``components``, to compare with after a fit (:meth:`WeightsMitigation.from_difference`)."""
     return {k: v.detach().cpu().clone() for k, v in _tensors(pipe, components).items()}

@@ -39,11 +39,10 @@ from pathlib import Path
 
 import torch
 
-from ..config_files import to_dict
 from ..descriptors import DescriptorConfig
 from ..errors import DoriError
 from ..finetune.generated_sets import load_generated, non_replicating_images
-from ..finetune.unlearning import TrainingSettings, train_unlearning
+from ..finetune.unlearning import TrainingSettings
 from ..generation import GenerationConfig
 from ..models import diffusion_target, encode_images, encode_prompts, testbed_folder
 from ..paraphrases import load_paraphrases
@@ -51,7 +50,7 @@ from ..progress import Progress
 from ..prompts import require_references
 from ..seeding import item_generator
 from .base import register_mitigation
-from .kinds import WeightsMitigation, fit_by_training
+from .kinds import WeightsMitigation, fit_unlearning
 
 DEVIATIONS = (
     "deletion set: the training image; keep set: filtered generations of the caption (and of its paraphrases, when given)",
@@ -236,16 +235,8 @@ class SISS(WeightsMitigation):
         config = config or SISSConfig()
         config.validate()
 
-        def train(out: Path) -> dict:
-            objective = SISSObjective(pipe, prompts, config, progress)
-            steps = replace(config, iterations=config.iterations * len(prompts.records))
-            result = train_unlearning(pipe, objective, steps, out, config=to_dict(config), stage="SISS",
-                                      resolved={"prompts": prompts.name, "ids": [r.id for r in prompts.records]},
-                                      progress=progress)
-            return {"config": to_dict(config), "prompts": prompts.name, "ids": [r.id for r in prompts.records],
-                    "deviations": list(DEVIATIONS), "steps": result.summary["steps"],
-                    "loss_first": result.summary["loss_first"], "loss_last": result.summary["loss_last"],
-                    "keep_images": dict(zip([r.id for r in prompts.records], objective.kept, strict=True)),
-                    "pipeline": str(result.pipeline) if result.pipeline else None}
+        def kept(objective: SISSObjective) -> dict:
+            return {"keep_images": dict(zip([r.id for r in prompts.records], objective.kept, strict=True))}
 
-        return fit_by_training(cls, pipe, run, "siss", train)
+        return fit_unlearning(cls, pipe, prompts, config, lambda: SISSObjective(pipe, prompts, config, progress),
+                              stage="SISS", folder="siss", deviations=DEVIATIONS, run=run, progress=progress, extra=kept)
