@@ -100,8 +100,21 @@ def test_demo_writes_summary_rows(tmp_path):
     assert len(grid["rows"]) == 4 * 2
     for cell in grid["rows"][0]["cells"].values():
         assert (tmp_path / "demo" / cell["image"]).is_file()
+    # the inference-time mitigations with both attacks, detection under attack and the leaderboard
+    for method in ("wen", "ren", "random-tokens"):
+        assert {method, f"{method}+dori", f"{method}+dori-adaptive"} <= set(rows)
+        assert {"shape_accuracy", "fid_vae"} <= set(rows[method]["utility"])
+    assert rows["wen"]["mr"] < rows["memorized"]["mr"]
+    assert rows["wen+dori-adaptive"]["mr"] >= rows["wen+dori"]["mr"]
+    detection = json.loads((tmp_path / "demo" / "detection.json").read_text())
+    assert len(detection["separations"]) == 6 and set(detection["mr"]) == {"dori", "dori-low-noise-norm"}
+    board = json.loads((tmp_path / "demo" / "leaderboard.json").read_text())["rows"]
+    assert [r["method"] for r in board] == ["none", "nemo", "wanda", "wanda-10", "esd", "ca", "siss", "adversarial-ft",
+                                            "wen", "ren", "random-tokens"]
+    assert all(r["shape_accuracy"] is not None and r["fid"] is not None for r in board)
     html = (tmp_path / "demo" / "report.html").read_text()
     assert "adversarial-ft+dori" in html and html.count("data:image/png;base64,") >= 8 * 2
+    assert "Leaderboard: every mitigation against Dori" in html and "Detection under attack" in html
     again = runner.invoke(app, ["demo", "--quick", "--out", str(tmp_path / "demo")])
     assert again.exit_code == 0, _text(again)
 

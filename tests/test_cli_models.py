@@ -35,7 +35,8 @@ def files(tmp_path_factory):
         "wanda: {num_inference_steps: 3, timesteps: 2}\n"
         "scatter: {attack: {steps: 2, record_at: [0]}, num_seeds: 1, reference_count: 3, starts: 2}\n"
         "activations: {max_triggers: 2, num_inference_steps: 5, successful_only: false}\n"
-        "weights: {max_triggers: 2, successful_only: false, methods: [wanda], wanda: {num_inference_steps: 3, timesteps: 2}}\n")
+        "weights: {max_triggers: 2, successful_only: false, methods: [wanda], wanda: {num_inference_steps: 3, timesteps: 2}}\n"
+        "robustness: {wen: {iterations: 1}, detection_seeds: 1}\n")
     (folder / "finetune.yaml").write_text("settings:\n  images_per_step: 1\n  retain_batch_size: 2\n  adv_pairs: 2\n"
                                           "  inner: {pairs: 2}\n  descriptor: {threshold: 1.0}\n")
     return {"memorized": str(memorized), "refs": str(refs), "nonmem": str(nonmem), "nonmem_refs": str(nonmem_refs),
@@ -89,7 +90,16 @@ def test_the_paper_in_one_command_on_a_users_model(tiny_pipeline_folder, files, 
          "--non-memorized", files["nonmem"], "--non-memorized-references", files["nonmem_refs"], "--descriptor",
          files["sscd"], "--seeds", "2", "--limit", "2", "--config", files["fast"], "--out", str(out)])
     rows = {row["name"]: row for row in json.loads((out / "summary.json").read_text())}
-    assert {"memorized", "non-memorized", "nemo", "wanda", "non-memorized+dori", "nemo+dori", "wanda+dori"} == set(rows)
+    inference = {f"{m}{suffix}" for m in ("wen", "ren", "random-tokens") for suffix in ("", "+dori", "+dori-adaptive")}
+    assert {"memorized", "non-memorized", "nemo", "wanda", "non-memorized+dori", "nemo+dori", "wanda+dori", "dori",
+            "dori-low-noise-norm", *inference} == set(rows)
+    assert rows["wen+dori-adaptive"]["adaptive"] is True and rows["wen+dori"]["adaptive"] is False
+    board = {r["method"]: r for r in json.loads((out / "leaderboard.json").read_text())["rows"]}
+    assert set(board) == {"none", "nemo", "wanda", "wen", "ren", "random-tokens"}
+    assert board["wen"]["unet_evaluations_per_image"] > board["none"]["unet_evaluations_per_image"] > 0
+    detection = json.loads((out / "detection.json").read_text())
+    assert {(r["detector"], r["positives"]) for r in detection["separations"]} == {
+        (d, g) for d in ("noise-norm", "nemo") for g in ("memorized", "dori", "dori-low-noise-norm")}
     assert rows["memorized"]["n"] == 4 and rows["memorized"]["paper_mr"] == 0.98
     assert rows["nemo+dori"]["mr_by_step"] and rows["nemo"]["utility"]["sscd_gen_mean"] <= 1.0 + 1e-6
     for name in ("scatter", "activations", "weights", "mr_vs_steps"):
@@ -106,6 +116,35 @@ def test_the_paper_in_one_command_on_a_users_model(tiny_pipeline_folder, files, 
     missing = runner.invoke(app, ["demo", "--model", str(tiny_pipeline_folder), "--descriptor", files["sscd"],
                                   "--out", str(tmp_path / "nothing")])
     assert missing.exit_code == 2 and "--references" in missing.output
+
+
+def test_leaderboard_on_a_users_model_and_merged_with_another(tiny_pipeline_folder, files, tmp_path, monkeypatch):
+    """`dori leaderboard --model --references --descriptor` writes leaderboard.json / .parquet with a row per
+    mitigation; `--merge` joins two files into one table and keeps a row seen twice once."""
+    import pandas as pd
+
+    monkeypatch.setenv("DORI_CACHE", str(tmp_path / "cache"))
+    common = ["leaderboard", "--model", str(tiny_pipeline_folder), "--prompts", files["memorized"], "--references",
+              files["refs"], "--non-memorized", files["nonmem"], "--descriptor", files["sscd"], "--seeds", "1",
+              "--limit", "1", "--config", files["fast"]]
+    first = _ok([*common, "--out", str(tmp_path / "a")])
+    assert "random-tokens" in first.output and "leaderboard.json" in first.output
+    rows = json.loads((tmp_path / "a" / "leaderboard.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["none", "nemo", "wanda", "wen", "ren", "random-tokens"]
+    assert all(0 <= r["mr"] <= 1 and 0 <= r["mr_dori"] <= 1 for r in rows)
+    assert pd.read_parquet(tmp_path / "a" / "leaderboard.parquet")["method"].tolist() == [r["method"] for r in rows]
+    for row in rows[1:]:
+        assert row["fit_seconds"] is not None and row["fit_seconds"] >= 0
+    second = tmp_path / "b"
+    second.mkdir()
+    (second / "leaderboard.json").write_text(json.dumps({"format": 1, "meta": {}, "rows": [
+        {**rows[0], "model": "another-model", "machine": "elsewhere"}]}))
+    _ok(["leaderboard", "--merge", str(tmp_path / "a"), "--merge", str(tmp_path / "a" / "leaderboard.parquet"),
+         "--merge", str(second), "--out", str(tmp_path / "merged")])
+    merged = pd.read_parquet(tmp_path / "merged" / "leaderboard.parquet")
+    assert len(merged) == len(rows) + 1 and set(merged["model"]) == {rows[0]["model"], "another-model"}
+    bad = runner.invoke(app, ["leaderboard", "--merge", str(tmp_path / "nothing.json")])
+    assert bad.exit_code == 2 and "does not exist" in bad.output
 
 
 def test_presets_set_every_verb_and_are_recorded(sd1_folder, files, tmp_path, monkeypatch):

@@ -46,13 +46,15 @@ from .errors import DoriError
 from .evaluate import EvaluateConfig, EvaluationResult, run_evaluate
 from .finetune import FinetuneConfig
 from .generation import GenerationConfig
-from .memorization import summary_row
+from .memorization import attack_row, summary_row
 from .mitigations.concept_ablation import ConceptAblationConfig
 from .mitigations.esd import ESDConfig
 from .mitigations.nemo import NeMoConfig
 from .mitigations.siss import SISSConfig
 from .mitigations.wanda import WandaConfig
+from .mitigations.wen import WenConfig
 from .progress import Progress, labelled
+from .robustness import RobustnessConfig
 from .runs import Processes, RunFolder, default_run_dir, json_text, safe_filename
 
 logger = logging.getLogger(__name__)
@@ -123,6 +125,10 @@ class DemoConfig:
     esd: ESDConfig = field(default_factory=ESDConfig.testbed)
     concept_ablation: ConceptAblationConfig = field(default_factory=ConceptAblationConfig.testbed)
     siss: SISSConfig = field(default_factory=SISSConfig.testbed)
+    robustness: RobustnessConfig | None = field(default_factory=RobustnessConfig)
+    """The inference-time mitigations (rows ``wen``, ``ren``, ``random-tokens``, each with ``+dori`` and
+    ``+dori-adaptive``), detection under attack (``detection.json``, rows ``dori`` and ``dori-low-noise-norm``)
+    and the leaderboard (:mod:`dori.robustness`); None: not run."""
     fresh_attack_seed: int = 1000
     table2_curves: bool = False
     """Record Table 2's attacks (Wanda at 10%, the fine-tuned models) after 0/1/10/25/50 steps too; by default
@@ -147,6 +153,8 @@ class DemoConfig:
         self.wanda.validate()
         if self.wanda_10 is not None:
             self.wanda_10.validate()
+        if self.robustness is not None:
+            self.robustness.validate()
         self.attack_config.validate()
         self.finetune_config.validate()
         for method in UNLEARNING:
@@ -171,6 +179,7 @@ class DemoConfig:
             esd=ESDConfig.testbed(iterations=2),
             concept_ablation=ConceptAblationConfig.testbed(iterations=2, num_class_images=8, paraphrase_images=2),
             siss=SISSConfig.testbed(iterations=2, keep_images=32),
+            robustness=RobustnessConfig(negatives=(("testbed:seen-once", 6), ("testbed:held-out", 6)), detection_seeds=2),
             finetune_cache=False,
             utility_images=16,
             scatter=ScatterConfig(starts=3, num_seeds=2, reference_count=12,
@@ -178,6 +187,14 @@ class DemoConfig:
             activations=ActivationsConfig(max_triggers=3, num_inference_steps=10),
             weights=WeightsConfig(max_triggers=2, methods=("wanda",)),
         )
+
+    @classmethod
+    def leaderboard(cls, quick: bool = False) -> DemoConfig:
+        """The testbed's leaderboard (``dori leaderboard``): every mitigation's rows, utility and the detection
+        stage, without the non-memorized groups, the false-positive control and the locality analyses."""
+        base = cls.quick() if quick else cls()
+        return replace(base, groups=base.groups[:1], control_targets=(), utility_groups=(), analyses=False,
+                       title="dori leaderboard: mitigations against Dori on the testbed")
 
     @classmethod
     def paper(cls, memorized: str = "webster-sd1-vm", references: str | None = None, *,
@@ -201,6 +218,8 @@ class DemoConfig:
             control_targets=((non_memorized, limit or 40),) if non_memorized_references is not None else (),
             control_references=non_memorized_references, utility_groups=("non-memorized",), testbed_utility=False,
             finetune=False, unlearning=(), wanda_10=None, analyses=analyses,
+            robustness=RobustnessConfig(wen=WenConfig(), negatives=((non_memorized, limit or 40),),
+                                        negative_references=non_memorized_references),
             scatter=ScatterConfig(prompts=memorized, references=references, starts=starts, num_seeds=num_seeds,
                                   reference_prompts=non_memorized, **attack),
             activations=ActivationsConfig(memorized=memorized, max_triggers=starts),
@@ -231,19 +250,6 @@ def shape_accuracy(results: list[EvaluationResult]) -> float:
     return float(sum(scores) / sum(weights)) if weights else math.nan
 
 
-def attack_row(name: str, records: list[dict], threshold: float) -> dict:
-    """A Table-1 row over every generation of every trigger."""
-    from .memorization import mean_std, memorization_rate
-
-    scores = [s for r in records for s in r["scores"]]
-    mean, std = mean_std(scores)
-    steps = sorted({int(k) for r in records for k in r["mr_by_step"]})
-    return {"name": name, "n": len(scores), "sscd_mean": mean, "sscd_std": std,
-            "mr": memorization_rate(scores, threshold), "score": "sscd_orig", "triggers": len(records),
-            "mr_by_step": {s: float(np.mean([r["mr_by_step"][str(s)] for r in records])) for s in steps},
-            "relative_perturbation": float(np.mean([r["relative_perturbation"] for r in records]))}
-
-
 class _Demo:
     """The demo's stages, each a sub-run in the demo's folder (and so resumable on its own)."""
 
@@ -261,10 +267,12 @@ class _Demo:
 
     def attack(self, name: str, prompts: str, limit: int | None, mitigations: tuple[str, ...] = (), *, pipe=None,
                init: str = "prompt", seed: int | None = None, attack: AttackConfig | None = None,
-               references: str | None = None) -> list[dict]:
+               references: str | None = None, adaptive: bool = True, recipe: str | None = None) -> list[dict]:
+        from .attack.recipes import DEFAULT_RECIPE
         from .attack.run import AttackRunConfig, run_attack
 
         config = AttackRunConfig(prompts=prompts, references=references, limit=limit, init=init,
+                                 adaptive=adaptive, recipe=recipe or DEFAULT_RECIPE,
                                  num_seeds=self.config.attack_seeds, seed=self.config.seed if seed is None else seed,
                                  attack=attack or self.config.attack_config, generation=self.config.generation,
                                  descriptor=self.config.descriptor, mitigations=mitigations)
@@ -401,6 +409,8 @@ class _Demo:
             scratch.mkdir()
             for name in (fitted.name, fitted.with_suffix(".json").name):
                 shutil.copy(fitted.parent / name, scratch / name)
+            if (fitted.parent / "summary.json").exists():  # the fit's cost, for the leaderboard
+                shutil.copy(fitted.parent / "summary.json", scratch / f"{method}.summary.json")
             scratch.replace(cached)
         return artefact
 
@@ -428,7 +438,8 @@ class _Demo:
 
         by_name = {r["name"]: r for r in rows}
         cases = [("memorized", self.pipe, ())]
-        for name in ("nemo", "wanda", "wanda-10", *[UNLEARNING[m] for m in self.config.unlearning]):
+        inference = self.config.robustness.inference if self.config.robustness is not None else ()
+        for name in ("nemo", "wanda", "wanda-10", *[UNLEARNING[m] for m in self.config.unlearning], *inference):
             if name in by_name and "mitigation" in by_name[name]:
                 cases.append((name, self.pipe, (load_for(self.pipe, by_name[name]["mitigation"]),)))
         if ft_pipe is not None:
@@ -499,6 +510,12 @@ def run_demo(pipe=None, config: DemoConfig | None = None, out: str | Path | None
             rows.extend(ft_rows)
         if config.unlearning and config.attack:
             rows.extend(demo.unlearned())
+        if config.robustness is not None and config.attack:
+            from .robustness import detection_rows, inference_rows
+
+            rows.extend(inference_rows(demo, config.robustness))
+            if config.robustness.detection:
+                rows.extend(detection_rows(demo, config.robustness))
         with processes.main_only() as main:
             if main:
                 _finish(demo, pipe, ft_pipe, rows)
@@ -511,6 +528,10 @@ def _finish(demo: _Demo, pipe, ft_pipe, rows: list[dict]) -> None:
     config, run = demo.config, demo.run
     if config.finetune and config.testbed_utility:
         demo.utility(ft_pipe, rows)
+    if config.robustness is not None and config.robustness.leaderboard and config.attack:
+        from .robustness import leaderboard
+
+        leaderboard(demo, rows, config.robustness, ft_pipe)
     _mr_figure(rows, run.path)
     for row in rows:
         if paper.paper_mr(row["name"]) is not None:

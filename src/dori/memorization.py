@@ -122,3 +122,14 @@ def summary_row(name: str, records: list[dict], threshold: float, field: str = "
         "score": field,
         "mr_gallery": memorization_rate([r.get("gallery_max", math.nan) for r in records], threshold),
     }
+
+
+def attack_row(name: str, records: list[dict], threshold: float) -> dict:
+    """A Table-1 row over every generation of every trigger."""
+    scores = [s for r in records for s in r["scores"]]
+    mean, std = mean_std(scores)
+    steps = sorted({int(k) for r in records for k in r["mr_by_step"]})
+    return {"name": name, "n": len(scores), "sscd_mean": mean, "sscd_std": std,
+            "mr": memorization_rate(scores, threshold), "score": "sscd_orig", "triggers": len(records),
+            "mr_by_step": {s: float(np.mean([r["mr_by_step"][str(s)] for r in records])) for s in steps},
+            "relative_perturbation": float(np.mean([r["relative_perturbation"] for r in records]))}

@@ -242,6 +242,43 @@ def _parquet_section(run_dir: Path) -> dict | None:
             "shown": len(rows)}
 
 
+LEADERBOARD_HEADERS = {"method": "method", "kind": "kind", "mr": "MR", "mr_dori": "MR + Dori",
+                       "mr_dori_adaptive": "MR + Dori, adaptive", "trigger_auc": "noise-norm AUC on its triggers",
+                       "shape_accuracy": "shape colours", "fid": "FID", "fit_seconds": "fit s",
+                       "fit_unet_evaluations": "fit UNet evaluations", "generate_seconds_per_image": "s / image",
+                       "unet_evaluations_per_image": "UNet evaluations / image"}
+
+
+def _leaderboard_section(run_dir: Path) -> dict | None:
+    """``leaderboard.json`` (:mod:`dori.robustness`) and ``detection.json`` as tables."""
+    path = run_dir / "leaderboard.json"
+    if not path.is_file():
+        return None
+    data = _read_json(path, "a leaderboard (format, meta, rows)")
+    rows = data.get("rows") if isinstance(data, dict) else None
+    if not isinstance(rows, list):
+        raise DoriError(f"{path}: must be an object with a list of rows")
+    keys = list(LEADERBOARD_HEADERS)
+    body = [[format_value(row.get(k), ".0f" if k in ("fit_seconds", "fit_unet_evaluations", "fid",
+                                                   "unet_evaluations_per_image") else ".2f") for k in keys]
+            for row in rows if isinstance(row, dict)]
+    out = {"table": _table([LEADERBOARD_HEADERS[k] for k in keys], body, [False, False] + [True] * (len(keys) - 2))}
+    detection = run_dir / "detection.json"
+    if detection.is_file():
+        det = _read_json(detection, "detection results (separations, scores, mr)")
+        seps = det.get("separations", []) if isinstance(det, dict) else []
+        mr = det.get("mr", {}) if isinstance(det, dict) else {}
+        out["detection"] = _table(
+            ["detector", "positives", "negatives", "AUC", "TPR at 1% FPR", "median (pos / neg)", "MR of the positives"],
+            [[format_value(r.get("detector")), f"{r.get('positives')} ({r.get('n_positive')})",
+              f"{r.get('negatives')} ({r.get('n_negative')})", format_value(r.get("auc")),
+              format_value(r.get("tpr_at_1pct_fpr")),
+              f"{format_value(r.get('positive_median'), '.3g')} / {format_value(r.get('negative_median'), '.3g')}",
+              format_value(mr.get(r.get("positives"))) if r.get("positives") in mr else ""]
+             for r in seps if isinstance(r, dict)], [False, False, False, True, True, True, True])
+    return out
+
+
 def _subruns(run_dir: Path) -> list[dict]:
     subruns = []
     for child in sorted(p for p in run_dir.iterdir() if p.is_dir() and (p / MANIFEST).is_file()):
@@ -272,6 +309,7 @@ def _run_section(run_dir: Path, index: int, base: Path) -> dict:
             "status_class": _STATUS_CLASS.get(status, "other"), "manifest": _manifest_section(manifest),
             "summary": _summary_section(run_dir), "grid": _grid_section(run_dir, images),
             "figures": _figures(run_dir, images, base), "table": _parquet_section(run_dir),
+            "leaderboard": _leaderboard_section(run_dir),
             "subruns": _subruns(run_dir)}
 
 

@@ -129,6 +129,90 @@ class DiffusionLoss:
         return self.reduce(self.unet(noisy, t, encoder_hidden_states=cond).sample, target)
 
 
+class ThroughAdjustments:
+    """An objective evaluated at the triggers as inference mitigations would adjust them before sampling
+    (Wen et al.'s adjustment: ``mitigation.adjust(pipe, y, noise)``), for the adaptive attack.
+
+    Each call draws one initial noise per trigger from its generator (before the inner objective's
+    draws), adjusts the triggers from it, and passes the gradient straight through the adjustment
+    (``y + stopgrad(adjust(y) - y)``: the adjustment is an optimisation without a usable derivative, the
+    BPDA of Athalye et al. 2018)."""
+
+    def __init__(self, objective: Objective, pipe, mitigations: list):
+        self.objective, self.pipe, self.mitigations = objective, pipe, list(mitigations)
+        self.pairs = objective.pairs
+
+    def __call__(self, y: torch.Tensor, targets: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        noise = torch.stack([torch.randn(tuple(targets.shape[1:]), generator=g) for g in generators])
+        noise = noise.to(self.pipe.unet.device, self.pipe.unet.dtype)
+        adjusted = y
+        for mitigation in self.mitigations:
+            adjusted = adjusted + (mitigation.adjust(self.pipe, adjusted, noise).to(y.dtype) - adjusted).detach()
+        return self.objective(adjusted, targets, generators)
+
+
+class NoiseNormPenalty:
+    """The diffusion loss plus ``weight`` times the trigger's text-conditional noise norm at the first
+    sampling step (Wen et al.'s detection statistic), hinged at ``target``: a trigger that replicates
+    while the noise-norm detector (and Wen's adjustment, which stops at its target) sees nothing.
+
+    Each call draws one initial noise per trigger (after the inner loss's draws) and evaluates the UNet on
+    ``[empty; trigger]`` at the first timestep of a ``steps``-step schedule of the pipeline's scheduler;
+    the norm is of the noise predictions, divided by the square root of the latent's size so that
+    ``weight`` means the same at any resolution."""
+
+    def __init__(self, pipe, inner: Objective, weight: float = 1.0, target: float = 0.0, steps: int = 25):
+        from copy import deepcopy
+
+        from ..generation import epsilon_scale
+        from ..mitigations.sampling_calls import empty_embedding
+
+        if weight < 0 or target < 0:
+            raise DoriError(f"weight, target: must be >= 0, got {weight}, {target}")
+        self.pipe, self.inner, self.weight, self.target = pipe, inner, weight, target
+        self.pairs = inner.pairs + 2
+        scheduler = deepcopy(pipe.scheduler)
+        scheduler.set_timesteps(steps)
+        self.scheduler, self.t = scheduler, scheduler.timesteps[0]
+        self.scale = epsilon_scale(pipe.scheduler, self.t)
+        self.empty = empty_embedding(pipe)
+        self.last_norm: torch.Tensor | None = None
+        """The per-trigger noise norm of the last call (not divided by the size)."""
+
+    def noise_norm(self, y: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` text-conditional noise norm of triggers ``y`` at the initial noises ``noise``."""
+        unet = self.pipe.unet
+        x = self.scheduler.scale_model_input(noise * self.scheduler.init_noise_sigma, self.t).to(unet.device, unet.dtype)
+        context = torch.cat([self.empty.to(unet.device, unet.dtype).expand(len(y), -1, -1), y.to(unet.dtype)])
+        out = unet(torch.cat([x, x]), self.t, encoder_hidden_states=context).sample.float()
+        uncond, cond = out.chunk(2)
+        return self.scale * (cond - uncond).flatten(1).norm(dim=1)
+
+    def __call__(self, y: torch.Tensor, targets: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        loss = self.inner(y, targets, generators)
+        noise = torch.stack([torch.randn(tuple(targets.shape[1:]), generator=g) for g in generators])
+        norm = self.noise_norm(y, noise)
+        self.last_norm = norm.detach().cpu()
+        size = float(targets[0].numel()) ** 0.5
+        return loss + self.weight * torch.relu(norm - self.target) / size
+
+
+class WithMitigations:
+    """A success or early check that generates with ``mitigations`` applied (for ``prompt``), so that the
+    attack's loss can run without them (the non-adaptive attack on inference mitigations)."""
+
+    def __init__(self, check, pipe, mitigations: list, prompt: str | None = None):
+        self.check, self.pipe, self.mitigations, self.prompt = check, pipe, list(mitigations), prompt
+        if hasattr(check, "cost"):
+            self.cost = check.cost
+
+    def __call__(self, y: torch.Tensor, which: list[int]):
+        from ..mitigations.base import mitigated
+
+        with mitigated(self.pipe, *self.mitigations, prompt=self.prompt):
+            return self.check(y, which)
+
+
 # -- constraints ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class NoConstraint:

@@ -9,6 +9,7 @@ end (:func:`load_triggers`).
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,7 +28,15 @@ from ..progress import Progress, for_stage
 from ..prompts import PromptSet, prompts_for, require_references
 from ..runs import Processes, RunFolder, default_run_dir, safe_filename
 from .loop import AttackConfig, AttackItem
-from .parts import CONSTRAINTS, FromPrompt, OtherPrompt, RandomNormal, make_constraint
+from .parts import (
+    CONSTRAINTS,
+    FromPrompt,
+    OtherPrompt,
+    RandomNormal,
+    ThroughAdjustments,
+    WithMitigations,
+    make_constraint,
+)
 from .recipes import DEFAULT_RECIPE, RECIPES, build_attack
 
 logger = logging.getLogger(__name__)
@@ -66,6 +75,11 @@ class AttackRunConfig:
     mitigation_union: bool = False
     """Apply a per-prompt mitigation's selections of every prompt together; otherwise each target prompt
     gets its own and a prompt it was not fitted on is refused."""
+    adaptive: bool = True
+    """For ``inference`` mitigations (Wen, Ren, random tokens): optimise through them (their hooks act in
+    the loss, and an adjustment of the embedding such as Wen's is passed with the straight-through
+    gradient); False: optimise on the model without them and apply them only to the success check's
+    images (the non-adaptive attack). Mitigations of the other kinds are always in the loss."""
 
     def validate(self) -> None:
         if self.init not in INITS:
@@ -164,6 +178,10 @@ def run_attack(pipe, config: AttackRunConfig, out: str | Path | None = None, *, 
         attack = build_attack(config.recipe, pipe, descriptor, references, initializer=config.initializer(pipe),
                               seeds=config.seeds(), generation=config.generation, config=config.attack,
                               constraint=make_constraint(config.constraint, config.radius))
+        inference = [m for m in mitigations if m.kind == "inference"]
+        in_loss = mitigations if config.adaptive else [m for m in mitigations if m.kind != "inference"]
+        if config.adaptive and any(hasattr(m, "adjust") for m in inference):
+            attack.objective = ThroughAdjustments(attack.objective, pipe, [m for m in inference if hasattr(m, "adjust")])
         per_prompt = not config.mitigation_union and any(m.scope == "per-prompt" for m in mitigations)
         groups: dict[str | None, list[AttackItem]] = {}
         for it in todo:
@@ -175,7 +193,8 @@ def run_attack(pipe, config: AttackRunConfig, out: str | Path | None = None, *, 
         for prompt, group in groups.items():
             for start in range(0, len(group), config.batch_size):
                 batch = group[start : start + config.batch_size]
-                with mitigated(pipe, *mitigations, prompt=prompt):
+                with mitigated(pipe, *in_loss, prompt=prompt), \
+                        checks_mitigated(attack, [] if config.adaptive else inference, prompt):
                     results = attack.run(batch, targets)
                 _save_results(run, results, config.seeds(), {r.id for r in prompt_set.records if r.truncated})
                 finished += len(batch)
@@ -190,6 +209,23 @@ def run_attack(pipe, config: AttackRunConfig, out: str | Path | None = None, *, 
             run.finalize(summarize_attack(records))
         processes.barrier()
     return run.path, records
+
+
+@contextmanager
+def checks_mitigated(attack, mitigations: list, prompt: str | None):
+    """While active, ``attack``'s success and early checks generate with ``mitigations`` applied (the
+    non-adaptive attack: the loss does not see them)."""
+    if not mitigations:
+        yield attack
+        return
+    success, early = attack.success, attack.early_check
+    attack.success = WithMitigations(success, attack.pipe, mitigations, prompt)
+    if early is not None:
+        attack.early_check = WithMitigations(early, attack.pipe, mitigations, prompt)
+    try:
+        yield attack
+    finally:
+        attack.success, attack.early_check = success, early
 
 
 def _save_results(run: RunFolder, results, seeds: list[int], truncated: set[str] = frozenset()) -> None:

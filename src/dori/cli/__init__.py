@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from . import analyze, attack, evaluate, mitigate, references, report, testbed
+from . import analyze, attack, evaluate, leaderboard, mitigate, references, report, testbed
 
 EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 
@@ -23,6 +23,7 @@ app.command("ablate", rich_help_panel="Mitigate")(mitigate.ablate)
 app.command("finetune", rich_help_panel="Mitigate")(mitigate.finetune)
 app.add_typer(analyze.app, name="analyze", rich_help_panel="Measure")
 app.command("report", rich_help_panel="Run the paper")(report.report)
+app.command("leaderboard", rich_help_panel="Run the paper")(leaderboard.leaderboard)
 app.command("references", rich_help_panel="Measure")(references.references)
 app.add_typer(testbed.app, name="testbed", rich_help_panel="The embedded testbed")
 

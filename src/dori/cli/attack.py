@@ -36,7 +36,7 @@ from .options import (
 )
 
 FIELDS = {"prompts": "prompts", "references": ("references", text), "limit": "limit", "recipe": "recipe",
-          "mitigation": ("mitigations", paths), "mitigation_union": "mitigation_union", "init": "init", "other_prompt": "other_prompt",
+          "mitigation": ("mitigations", paths), "mitigation_union": "mitigation_union", "adaptive": "adaptive", "init": "init", "other_prompt": "other_prompt",
           "steps": "attack.steps", "lr": "attack.lr", "pairs": "attack.pairs", "restarts": "restarts",
           "seeds": "num_seeds", "seed": "seed", "early_stop": "attack.early_stop",
           "check_confirm": "attack.check_confirm", "check_tail": "attack.check_tail", "constraint": "constraint", "radius": "radius",
@@ -52,7 +52,8 @@ def attack(
     references: References = None,
     mitigation: Mitigation = None,
     mitigation_union: MitigationUnion = False,
-    recipe: Annotated[str, typer.Option(help="A registered attack recipe (dori_kowalczuk2025: the paper's).")] = "dori_kowalczuk2025",
+    adaptive: Annotated[bool, typer.Option(help="Optimise through inference-time mitigations (wen, ren, random-tokens); --no-adaptive: optimise without them, apply them only to the check's images.")] = True,
+    recipe: Annotated[str, typer.Option(help="A registered attack recipe (dori_kowalczuk2025: the paper's; dori_low_noise_norm: also keeps Wen's noise norm low).")] = "dori_kowalczuk2025",
     init: Annotated[str, typer.Option(help="Start from the 'prompt' embedding, 'random' N(0, I), or an 'other' prompt's.")] = "prompt",
     other_prompt: Annotated[str | None, typer.Option(help="The prompt for --init other (default: a shape caption on the testbed, a non-memorized LAION prompt elsewhere).")] = None,
     steps: Annotated[int, typer.Option("--steps", help="Adam steps (the paper: 50).")] = 50,

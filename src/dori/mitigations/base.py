@@ -45,7 +45,7 @@ FORMAT = 2
 """Version of the saved sidecar; 1 had the method's name under ``kind``."""
 
 MITIGATIONS: Registry[type] = Registry("mitigation", "dori.mitigations", "dori.mitigations",
-                                       skip=("base", "kinds", "run"))
+                                       skip=("base", "kinds", "run", "sampling_calls"))
 register_mitigation = MITIGATIONS.register
 
 

@@ -3,17 +3,20 @@
 Run folder: the manifest (its ``config`` holds the method's full settings, so ``--config
 manifest.json`` fits it again), per-item records where the method writes them (NeMo: one per
 prompt), ``<method>.safetensors`` + ``<method>.json`` (the artefact ``--mitigation`` takes) and
-``summary.json`` (what the method reports, e.g. NeMo's neurons per layer).
+``summary.json`` (what the method reports, e.g. NeMo's neurons per layer, and the fit's cost: ``fit_seconds``
+and ``fit_unet_evaluations``, the samples through the UNet's forward in this process and session).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..config_files import from_dict, to_dict
 from ..errors import DoriError
+from ..hooks import counting_calls
 from ..models import model_name, model_record
 from ..progress import Progress
 from ..prompts import PromptSet, prompts_for
@@ -83,8 +86,11 @@ def run_mitigate(pipe, config: MitigateConfig, out: str | Path | None = None, *,
     with run.guard():
         # a method that shares its work among processes fits in every one; any other in the main one
         everywhere = getattr(cls, "distributed_fit", False) or processes.world == 1
-        mitigation = cls.fit(pipe, prompts, config.method_config(), run=run, progress=progress) \
-            if everywhere or processes.main else None
+        started = time.perf_counter()
+        with counting_calls(pipe.unet) as counter:
+            mitigation = cls.fit(pipe, prompts, config.method_config(), run=run, progress=progress) \
+                if everywhere or processes.main else None
+        cost = {"fit_seconds": round(time.perf_counter() - started, 3), "fit_unet_evaluations": counter.samples}
         if processes.main:
             if isinstance(mitigation, MitigationBase) and mitigation.made_for is None:
                 mitigation.stamp(pipe)  # a plugin's fit that did not record its model
@@ -93,7 +99,7 @@ def run_mitigate(pipe, config: MitigateConfig, out: str | Path | None = None, *,
         if mitigation is None:
             mitigation = cls.load(path)
         summary = {"method": config.method, "kind": mitigation.kind, "scope": mitigation.scope, "mitigation": str(path),
-                   **(mitigation.summary() if hasattr(mitigation, "summary") else {})}
+                   **(mitigation.summary() if hasattr(mitigation, "summary") else {}), **cost}
         if processes.main:
             run.finalize(summary)
         processes.barrier()
