@@ -91,3 +91,17 @@ def timed(fn: Callable[[], object], repeats: int = 3, device: str = "cpu", warmu
 def ratio_range(a: Timing, b: Timing) -> str:
     """``a / b`` from the medians, with the range the repeats allow (lowest a over highest b, and back)."""
     return f"{a.median / b.median:.3f} (range {a.low / b.high:.3f}-{a.high / b.low:.3f})"
+
+
+def parse_value(text: str):
+    """A ``--set FIELD=VALUE`` value: None, a bool, an int, a float, or the text itself."""
+    if text.lower() in ("none", "null"):
+        return None
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text

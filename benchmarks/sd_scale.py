@@ -114,6 +114,11 @@ def verbs(model: Path, files: dict[str, Path], work: Path, device: str, dtype: s
         ("attack (1 trigger, 3 steps, NeMo)", ["attack", *common, *data, "--steps", "3", "--seeds", "1",
                                                "--eval-steps", "2", "--mitigation", str(runs / "nemo" / "nemo.safetensors"),
                                                "--out", str(runs / "attack")]),
+        ("mitigate wen (1 iteration)", ["mitigate", "wen", *common, "--prompts", str(files["prompts"]), "--iterations",
+                                        "1", "--out", str(runs / "wen")]),
+        ("attack (1 trigger, 2 steps, 2 pairs, through Wen's adjustment)", [
+            "attack", *common, *data, "--steps", "2", "--pairs", "2", "--seeds", "1", "--eval-steps", "2",
+            "--mitigation", str(runs / "wen" / "wen.safetensors"), "--adaptive", "--out", str(runs / "attack-wen")]),
         (f"finetune (2 steps, Dori 2 steps, {finetune_dtype})", ["finetune", *finetune_common, "--prompts", str(files["prompts"]), "--references",
                                               str(files["refs"]), "--descriptor", str(files["sscd"]), "--retain",
                                               str(files["nonmem"]), "--retain-generate", "--epochs", "1",

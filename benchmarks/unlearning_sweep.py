@@ -16,18 +16,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from measure import machine_line
-
-
-def parse_value(text: str):
-    if text in ("None", "none"):
-        return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
+from measure import machine_line, parse_value
 
 
 def main() -> None:

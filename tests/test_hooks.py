@@ -99,3 +99,19 @@ def test_testbed_training_that_raises_leaves_no_hook(tmp_path, monkeypatch):
     assert any(name.startswith("testbed-sparsify/") for name in during["hooks"])  # on during the step
     assert active_names(made["unet"]) == set()
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in made["unet"].modules())
+
+
+def test_counting_class_calls_counts_copies_of_the_model_too():
+    import copy
+
+    from dori.hooks import counting_class_calls
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3))
+    twin = copy.deepcopy(model)
+    other = torch.nn.Linear(3, 3)
+    with counting_class_calls(torch.nn.Sequential) as counter:
+        model(torch.zeros(2, 3))
+        twin(torch.zeros(5, 3))
+        other(torch.zeros(7, 3))  # another class: not counted
+    model(torch.zeros(1, 3))  # after the block: not counted
+    assert (counter.calls, counter.samples) == (2, 7)

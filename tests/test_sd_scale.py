@@ -24,7 +24,7 @@ def test_every_verb_on_an_sd14_shaped_pipeline(tmp_path):
     figures = json.loads((work / "figures.json").read_text())
     assert figures["shape"]["parameters"] == {"unet": 859_520_964, "text_encoder": 123_060_480, "vae": 83_653_863}
     verbs = {row["verb"].split(" (")[0] for row in figures["verbs"]}
-    assert {"evaluate", "mitigate nemo", "mitigate wanda", "attack", "finetune", "analyze scatter",
+    assert {"evaluate", "mitigate nemo", "mitigate wanda", "mitigate wen", "attack", "finetune", "analyze scatter",
             "analyze activations", "analyze weights", "report"} <= verbs
     assert all(row["exit"] == 0 for row in figures["verbs"])
     assert (work / "runs" / "finetune" / "adversarial-ft.safetensors").is_file()

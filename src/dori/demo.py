@@ -136,6 +136,11 @@ class DemoConfig:
     figure shows NeMo, Wanda and the control only."""
     """First seed of the fresh Dori attack on the fine-tuned model (new seeds, prompt and N(0, I) inits)."""
     utility_images: int = 60
+    concept_damage: bool = True
+    """The testbed's concept damage (``a_concept``, ``fid_concept``) in every model's utility."""
+    table1_curves: bool = True
+    """Record Dori against NeMo and Wanda after 0/1/10/25/50 steps (the MR-vs-steps figure); False: the final
+    success check only, as Table 2's rows."""
     analyses: bool = True
     scatter: ScatterConfig = field(default_factory=lambda: ScatterConfig(starts=12, num_seeds=4, reference_count=40))
     activations: ActivationsConfig = field(default_factory=lambda: ActivationsConfig(max_triggers=12))
@@ -191,9 +196,11 @@ class DemoConfig:
     @classmethod
     def leaderboard(cls, quick: bool = False) -> DemoConfig:
         """The testbed's leaderboard (``dori leaderboard``): every mitigation's rows, utility and the detection
-        stage, without the non-memorized groups, the false-positive control and the locality analyses."""
+        stage, without the non-memorized groups, the false-positive control, the locality analyses, the
+        concept damage and the MR-vs-steps curves (only the final success check of each attack)."""
         base = cls.quick() if quick else cls()
         return replace(base, groups=base.groups[:1], control_targets=(), utility_groups=(), analyses=False,
+                       concept_damage=False, table1_curves=False,
                        title="dori leaderboard: mitigations against Dori on the testbed")
 
     @classmethod
@@ -333,8 +340,9 @@ class _Demo:
                    for r in self.attack(f"control-{i}", prompts, limit, references=config.control_references)]
         rows = [attack_row("non-memorized+dori", control, self.threshold)] if control else []
         for name in paths:
+            curve = config.table1_curves and name != "wanda-10"
             records = self.attack(name, config.memorized, config.limit, (str(paths[name]),), references=config.references,
-                                  attack=self.table2_attack() if name == "wanda-10" else None)
+                                  attack=None if curve else self.table2_attack())
             rows.append(attack_row(f"{name}+dori", records, self.threshold))
         return rows
 
@@ -446,13 +454,15 @@ class _Demo:
             cases.append(("adversarial-ft", ft_pipe, ()))
         table = {}
         # the concept captions' reference set: the unmitigated model's generations with other seeds
-        _, baseline = testbed_concept(self.pipe, seed=self.config.seed + 1000)
+        concept = self.config.concept_damage
+        baseline = testbed_concept(self.pipe, seed=self.config.seed + 1000)[1] if concept else None
         for name, model, mitigations in cases:
             with mitigated(model, *mitigations):
                 values = testbed_utility(model, original_vae=self.pipe.vae, num_images=self.config.utility_images,
                                          seed=self.config.seed)
-                values.update(testbed_concept(model, baseline=baseline, original_vae=self.pipe.vae,
-                                              seed=self.config.seed)[0])
+                if concept:
+                    values.update(testbed_concept(model, baseline=baseline, original_vae=self.pipe.vae,
+                                                  seed=self.config.seed)[0])
             by_name[name].setdefault("utility", {}).update(values)
             table[name] = values
         (self.run.path / "utility.json").write_text(json_text(table, indent=1))
@@ -550,7 +560,7 @@ def _finish(demo: _Demo, pipe, ft_pipe, rows: list[dict]) -> None:
 
 
 def _mr_figure(rows: list[dict], folder: Path) -> None:
-    if any("mr_by_step" in r for r in rows):
+    if any(len(r.get("mr_by_step", ())) > 1 for r in rows):
         from .analysis.plots import plot_mr_vs_steps
 
         fig = plot_mr_vs_steps({r["name"]: r["mr_by_step"] for r in rows if len(r.get("mr_by_step", ())) > 1},

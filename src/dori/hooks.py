@@ -142,3 +142,20 @@ def counting_calls(module: torch.nn.Module) -> Iterator[CallCounter]:
     with hooked(module, f"count-{id(counter)}") as hooks:
         hooks.forward("", counter)
         yield counter
+
+
+@contextmanager
+def counting_class_calls(cls: type) -> Iterator[CallCounter]:
+    """Counts the forward calls of every module of class ``cls`` inside the block (copies of a model
+    included, such as a method's frozen reference UNet), through a global forward hook."""
+    counter = CallCounter()
+
+    def hook(module, args, output):
+        if type(module) is cls:
+            counter(module, args, output)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        yield counter
+    finally:
+        handle.remove()

@@ -4,7 +4,8 @@ Run folder: the manifest (its ``config`` holds the method's full settings, so ``
 manifest.json`` fits it again), per-item records where the method writes them (NeMo: one per
 prompt), ``<method>.safetensors`` + ``<method>.json`` (the artefact ``--mitigation`` takes) and
 ``summary.json`` (what the method reports, e.g. NeMo's neurons per layer, and the fit's cost: ``fit_seconds``
-and ``fit_unet_evaluations``, the samples through the UNet's forward in this process and session).
+and ``fit_unet_evaluations``, the samples through any UNet of the model's class, a method's frozen copy
+included, in this process and session).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from ..config_files import from_dict, to_dict
 from ..errors import DoriError
-from ..hooks import counting_calls
+from ..hooks import counting_class_calls
 from ..models import model_name, model_record
 from ..progress import Progress
 from ..prompts import PromptSet, prompts_for
@@ -87,7 +88,7 @@ def run_mitigate(pipe, config: MitigateConfig, out: str | Path | None = None, *,
         # a method that shares its work among processes fits in every one; any other in the main one
         everywhere = getattr(cls, "distributed_fit", False) or processes.world == 1
         started = time.perf_counter()
-        with counting_calls(pipe.unet) as counter:
+        with counting_class_calls(type(pipe.unet)) as counter:
             mitigation = cls.fit(pipe, prompts, config.method_config(), run=run, progress=progress) \
                 if everywhere or processes.main else None
         cost = {"fit_seconds": round(time.perf_counter() - started, 3), "fit_unet_evaluations": counter.samples}
