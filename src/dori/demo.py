@@ -15,7 +15,12 @@ Rows of ``summary.json`` (a list of ``{"name", "n", "sscd_mean", "sscd_std", "mr
   aimed at seen-once and held-out images on the unmitigated model (the false-positive control);
   ``nemo+dori`` / ``wanda+dori``: Dori against the mitigated model, from the memorized prompt's
   embedding, 50 steps. Their similarity and MR are over ``attack_seeds`` generations per trigger;
-  ``mr_by_step`` holds the MR after 0, 1, 10, 25 and 50 steps (``mr_vs_steps.png``).
+  ``mr_by_step`` holds the MR after 0, 1, 10, 25 and 50 steps (``mr_vs_steps.png``);
+* ``esd`` / ``ca`` / ``siss`` / ``wanda-10``, each with ``+dori``: Table 2's unlearning baselines and the
+  stronger pruning;
+* ``wen`` / ``ren`` / ``random-tokens``, each with ``+dori`` (optimised without the mitigation) and
+  ``+dori-adaptive`` (through it); ``dori`` (the unmitigated model) and ``dori-low-noise-norm`` (the
+  detection-aware recipe), with ``detection.json`` and ``leaderboard.json`` (:mod:`dori.robustness`).
 
 Every row has ``paper_mr`` where the paper (v3, SD v1.4) reports one (:mod:`dori.paper`).
 
@@ -225,8 +230,7 @@ class DemoConfig:
             control_targets=((non_memorized, limit or 40),) if non_memorized_references is not None else (),
             control_references=non_memorized_references, utility_groups=("non-memorized",), testbed_utility=False,
             finetune=False, unlearning=(), wanda_10=None, analyses=analyses,
-            robustness=RobustnessConfig(wen=WenConfig(), negatives=((non_memorized, limit or 40),),
-                                        negative_references=non_memorized_references),
+            robustness=RobustnessConfig(wen=WenConfig(), negatives=((non_memorized, limit or 40),)),
             scatter=ScatterConfig(prompts=memorized, references=references, starts=starts, num_seeds=num_seeds,
                                   reference_prompts=non_memorized, **attack),
             activations=ActivationsConfig(memorized=memorized, max_triggers=starts),

@@ -50,7 +50,6 @@ class RobustnessConfig:
     random_tokens: RandomTokensConfig = field(default_factory=RandomTokensConfig)
     detection: bool = True
     negatives: tuple[tuple[str, int], ...] = (("testbed:seen-once", 24), ("testbed:held-out", 24))
-    negative_references: str | None = None
     detection_seeds: int = 4
     leaderboard: bool = True
 

@@ -76,9 +76,10 @@ def demo(
     verbose: Verbose = False,
 ) -> None:
     """The paper in one command: Table 1 (memorized, non-memorized, NeMo, Wanda, each + Dori), Table 2 on the
-    testbed (adversarial fine-tuning, ESD, Concept Ablation, SISS, Wanda at 10%, each + Dori), utility, the
-    locality analyses, summary.json, plots and report.html. On your model: --model, --references,
-    --descriptor (and --preset paper-sd1)."""
+    testbed (adversarial fine-tuning, ESD, Concept Ablation, SISS, Wanda at 10%, each + Dori), the
+    inference-time mitigations (Wen, Ren, random tokens) against the non-adaptive and the adaptive attack,
+    detection under attack, the leaderboard, utility, the locality analyses, summary.json, plots and
+    report.html. On your model: --model, --references, --descriptor (and --preset paper-sd1)."""
     setup(verbose)
     from ..config_files import merge, to_dict
     from ..demo import DemoConfig, run_demo
