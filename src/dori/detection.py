@@ -17,14 +17,13 @@ caption it re-triggers, and whether a detection-aware trigger
 
 from __future__ import annotations
 
-from copy import deepcopy
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
 from .errors import DoriError
-from .generation import epsilon_scale
+from .generation import FirstStep, text_noise_norm
 
 DETECTORS = ("noise-norm", "nemo")
 
@@ -63,22 +62,15 @@ def noise_norm_scores(pipe, embeddings: torch.Tensor, seeds: list[int], steps: i
 
     if not seeds:
         raise DoriError("seeds: the noise-norm detector needs at least one seed")
-    unet = pipe.unet
-    scheduler = deepcopy(pipe.scheduler)
-    scheduler.set_timesteps(steps, device=unet.device)
-    t = scheduler.timesteps[0]
-    scale = epsilon_scale(pipe.scheduler, t)
-    latents = scheduler.scale_model_input(initial_latents(pipe, seeds) * scheduler.init_noise_sigma, t)
-    empty = empty_embedding(pipe).to(unet.device, unet.dtype)
+    step = FirstStep.of(pipe, steps)
+    latents = step.model_input(initial_latents(pipe, seeds))
+    empty = empty_embedding(pipe)
     rows = [(i, s) for i in range(len(embeddings)) for s in range(len(seeds))]
     out = torch.zeros(len(embeddings), len(seeds))
     for start in range(0, len(rows), batch_size):
         part = rows[start : start + batch_size]
-        x = latents[[s for _, s in part]]
-        y = embeddings[[i for i, _ in part]].to(unet.device, unet.dtype)
-        pred = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([empty.expand(len(part), -1, -1), y])).sample
-        uncond, cond = pred.float().chunk(2)
-        norms = scale * (cond - uncond).flatten(1).norm(dim=1).cpu()
+        y = embeddings[[i for i, _ in part]].to(pipe.unet.device)
+        norms = text_noise_norm(pipe.unet, latents[[s for _, s in part]], step, empty, y).cpu()
         for (i, s), v in zip(part, norms.tolist(), strict=True):
             out[i, s] = v
     return out.mean(1)
@@ -89,12 +81,11 @@ def nemo_scores(pipe, embeddings: torch.Tensor, config=None) -> torch.Tensor:
     """NeMo's memorization statistic ``(N,)``: mean pairwise SSIM of the noise differences of NeMo's seeds
     (``config``: a :class:`~dori.mitigations.nemo.NeMoConfig`, default NeMo's settings)."""
     from .mitigations.nemo import NeMoConfig, detection_step, noise_differences, pairwise_ssim
+    from .mitigations.sampling_calls import empty_embedding
 
     config = config or NeMoConfig()
     latents = config.latents(pipe)
     step = detection_step(pipe, config, latents.device)
-    from .mitigations.sampling_calls import empty_embedding
-
     empty = empty_embedding(pipe)
     values = [pairwise_ssim(noise_differences(pipe, y[None].to(pipe.unet.dtype), latents, config, uncond=empty,
                                               step=step), config).mean() for y in embeddings]

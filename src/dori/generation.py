@@ -64,6 +64,40 @@ def epsilon_scale(scheduler, timestep) -> float:
     raise DoriError(f"scheduler: prediction_type {kind!r} is not supported")
 
 
+@dataclass(frozen=True)
+class FirstStep:
+    """The first step of a ``steps``-step sampling loop of a pipeline's scheduler (a copy of it, set to that
+    schedule): its timestep ``t`` and the factor ``scale`` that turns a difference of UNet outputs there
+    into a difference of noise predictions (:func:`epsilon_scale`)."""
+
+    scheduler: object
+    t: torch.Tensor
+    scale: float
+
+    @classmethod
+    def of(cls, pipe, steps: int = 25) -> FirstStep:
+        from copy import deepcopy
+
+        scheduler = deepcopy(pipe.scheduler)
+        scheduler.set_timesteps(steps, device=pipe.unet.device)
+        t = scheduler.timesteps[0]
+        return cls(scheduler, t, epsilon_scale(pipe.scheduler, t))
+
+    def model_input(self, noise: torch.Tensor) -> torch.Tensor:
+        """The UNet's input at this step for the initial noise ``noise`` ``(B, C, h, w)``, as the pipeline makes it."""
+        return self.scheduler.scale_model_input(noise * self.scheduler.init_noise_sigma, self.t)
+
+
+def text_noise_norm(unet: torch.nn.Module, x: torch.Tensor, step: FirstStep, empty: torch.Tensor,
+                    y: torch.Tensor) -> torch.Tensor:
+    """Wen et al.'s statistic ``(B,)``: ``||eps(x, y) - eps(x, empty)||`` per row at ``step``, from one UNet
+    call on ``[empty; y]`` (differentiable in ``y``; ``x``: the UNet inputs, ``empty`` ``(1, tokens, dim)``)."""
+    context = torch.cat([empty.to(x.device, unet.dtype).expand(len(y), -1, -1), y.to(unet.dtype)])
+    out = unet(torch.cat([x, x]).to(unet.dtype), step.t, encoder_hidden_states=context).sample.float()
+    uncond, cond = out.chunk(2)
+    return step.scale * (cond - uncond).flatten(1).norm(dim=1)
+
+
 @contextmanager
 def track_noise_norm(unet: torch.nn.Module, scheduler=None):
     """Record ||eps(x_t, y) - eps(x_t, y_empty)|| per image at every step of a CFG pipeline call.

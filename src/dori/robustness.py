@@ -188,8 +188,7 @@ def trigger_auc(pipe, triggers, negatives, mitigation=None, seeds: list[int] | N
 
 
 MITIGATION_ROWS = ("nemo", "wanda", "wanda-10", "esd", "ca", "siss", "adversarial-ft", *INFERENCE)
-KINDS = {"nemo": "hook", "wanda": "hook", "wanda-10": "hook", "esd": "weights", "ca": "weights", "siss": "weights",
-         "adversarial-ft": "weights", "wen": "inference", "ren": "inference", "random-tokens": "inference"}
+"""The demo's model rows that become leaderboard rows, in order."""
 
 
 def leaderboard(demo, rows: list[dict], config: RobustnessConfig, ft_pipe=None) -> list[dict]:
@@ -218,17 +217,19 @@ def leaderboard(demo, rows: list[dict], config: RobustnessConfig, ft_pipe=None) 
         row = by_name.get("memorized" if name == "none" else name, {})
         mitigation_path = row.get("mitigation") if name != "none" else None
         mitigation = load_for(pipe, mitigation_path) if mitigation_path else None
+        # the fine-tuned model is a pipeline of its own, not a mitigation file: its weights changed
+        kind = "none" if name == "none" else mitigation.kind if mitigation is not None else "weights"
         attack_folders = {"none": ["attack-dori"], "adversarial-ft": ["attack-adversarial-ft-prompt",
                                                                      "attack-adversarial-ft-random"]}.get(name)
         if attack_folders is None:
-            attack_folders = [f"attack-{name}-dori-adaptive"] if KINDS[name] == "inference" else [f"attack-{name}"]
+            attack_folders = [f"attack-{name}-dori-adaptive"] if kind == "inference" else [f"attack-{name}"]
         triggers = [t for f in attack_folders if (folder / f / "triggers.safetensors").exists()
                     for t in _triggers(folder / f)]
         dori = by_name.get("dori" if name == "none" else f"{name}+dori", {})
         adaptive = by_name.get(f"{name}+dori-adaptive", dori)
         utility = row.get("utility", {}) if name != "none" else by_name.get("memorized", {}).get("utility", {})
         entry = {
-            "model": model_name(pipe), "method": name, "kind": "none" if name == "none" else KINDS[name],
+            "model": model_name(pipe), "method": name, "kind": kind,
             "mr": row.get("mr"), "mr_dori": dori.get("mr"), "mr_dori_adaptive": adaptive.get("mr"),
             "trigger_auc": trigger_auc(model, triggers, negatives, mitigation) if triggers else None,
             "shape_accuracy": utility.get("shape_accuracy"), "fid": utility.get("fid_vae", utility.get("fid")),

@@ -129,9 +129,15 @@ class DiffusionLoss:
         return self.reduce(self.unet(noisy, t, encoder_hidden_states=cond).sample, target)
 
 
+def initial_noise(targets: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """One initial sampling noise per trigger ``(B, C, h, w)``, drawn from each trigger's generator."""
+    return torch.stack([torch.randn(tuple(targets.shape[1:]), generator=g) for g in generators])
+
+
 class ThroughAdjustments:
     """An objective evaluated at the triggers as inference mitigations would adjust them before sampling
-    (Wen et al.'s adjustment: ``mitigation.adjust(pipe, y, noise)``), for the adaptive attack.
+    (Wen et al.'s adjustment: ``mitigation.adjuster(pipe)``, a function of the triggers and the initial
+    noise), for the adaptive attack.
 
     Each call draws one initial noise per trigger from its generator (before the inner objective's
     draws), adjusts the triggers from it, and passes the gradient straight through the adjustment
@@ -139,15 +145,15 @@ class ThroughAdjustments:
     BPDA of Athalye et al. 2018)."""
 
     def __init__(self, objective: Objective, pipe, mitigations: list):
-        self.objective, self.pipe, self.mitigations = objective, pipe, list(mitigations)
+        self.objective, self.pipe = objective, pipe
+        self.adjusters = [m.adjuster(pipe) for m in mitigations]
         self.pairs = objective.pairs
 
     def __call__(self, y: torch.Tensor, targets: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-        noise = torch.stack([torch.randn(tuple(targets.shape[1:]), generator=g) for g in generators])
-        noise = noise.to(self.pipe.unet.device, self.pipe.unet.dtype)
+        noise = initial_noise(targets, generators).to(self.pipe.unet.device, self.pipe.unet.dtype)
         adjusted = y
-        for mitigation in self.mitigations:
-            adjusted = adjusted + (mitigation.adjust(self.pipe, adjusted, noise).to(y.dtype) - adjusted).detach()
+        for adjust in self.adjusters:
+            adjusted = adjusted + (adjust(adjusted, noise).to(y.dtype) - adjusted).detach()
         return self.objective(adjusted, targets, generators)
 
 
@@ -157,41 +163,29 @@ class NoiseNormPenalty:
     while the noise-norm detector (and Wen's adjustment, which stops at its target) sees nothing.
 
     Each call draws one initial noise per trigger (after the inner loss's draws) and evaluates the UNet on
-    ``[empty; trigger]`` at the first timestep of a ``steps``-step schedule of the pipeline's scheduler;
-    the norm is of the noise predictions, divided by the square root of the latent's size so that
-    ``weight`` means the same at any resolution."""
+    ``[empty; trigger]`` at the first timestep of a ``steps``-step schedule of the pipeline's scheduler
+    (:func:`dori.generation.text_noise_norm`); the norm is divided by the square root of the latent's size
+    so that ``weight`` means the same at any resolution."""
 
     def __init__(self, pipe, inner: Objective, weight: float = 1.0, target: float = 0.0, steps: int = 25):
-        from copy import deepcopy
-
-        from ..generation import epsilon_scale
+        from ..generation import FirstStep
         from ..mitigations.sampling_calls import empty_embedding
 
         if weight < 0 or target < 0:
             raise DoriError(f"weight, target: must be >= 0, got {weight}, {target}")
         self.pipe, self.inner, self.weight, self.target = pipe, inner, weight, target
         self.pairs = inner.pairs + 2
-        scheduler = deepcopy(pipe.scheduler)
-        scheduler.set_timesteps(steps)
-        self.scheduler, self.t = scheduler, scheduler.timesteps[0]
-        self.scale = epsilon_scale(pipe.scheduler, self.t)
+        self.step = FirstStep.of(pipe, steps)
         self.empty = empty_embedding(pipe)
         self.last_norm: torch.Tensor | None = None
         """The per-trigger noise norm of the last call (not divided by the size)."""
 
-    def noise_norm(self, y: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """``(B,)`` text-conditional noise norm of triggers ``y`` at the initial noises ``noise``."""
-        unet = self.pipe.unet
-        x = self.scheduler.scale_model_input(noise * self.scheduler.init_noise_sigma, self.t).to(unet.device, unet.dtype)
-        context = torch.cat([self.empty.to(unet.device, unet.dtype).expand(len(y), -1, -1), y.to(unet.dtype)])
-        out = unet(torch.cat([x, x]), self.t, encoder_hidden_states=context).sample.float()
-        uncond, cond = out.chunk(2)
-        return self.scale * (cond - uncond).flatten(1).norm(dim=1)
-
     def __call__(self, y: torch.Tensor, targets: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        from ..generation import text_noise_norm
+
         loss = self.inner(y, targets, generators)
-        noise = torch.stack([torch.randn(tuple(targets.shape[1:]), generator=g) for g in generators])
-        norm = self.noise_norm(y, noise)
+        x = self.step.model_input(initial_noise(targets, generators).to(self.pipe.unet.device))
+        norm = text_noise_norm(self.pipe.unet, x, self.step, self.empty, y)
         self.last_norm = norm.detach().cpu()
         size = float(targets[0].numel()) ** 0.5
         return loss + self.weight * torch.relu(norm - self.target) / size

@@ -180,8 +180,9 @@ def run_attack(pipe, config: AttackRunConfig, out: str | Path | None = None, *, 
                               constraint=make_constraint(config.constraint, config.radius))
         inference = [m for m in mitigations if m.kind == "inference"]
         in_loss = mitigations if config.adaptive else [m for m in mitigations if m.kind != "inference"]
-        if config.adaptive and any(hasattr(m, "adjust") for m in inference):
-            attack.objective = ThroughAdjustments(attack.objective, pipe, [m for m in inference if hasattr(m, "adjust")])
+        adjusting = [m for m in inference if hasattr(m, "adjuster")]
+        if config.adaptive and adjusting:
+            attack.objective = ThroughAdjustments(attack.objective, pipe, adjusting)
         per_prompt = not config.mitigation_union and any(m.scope == "per-prompt" for m in mitigations)
         groups: dict[str | None, list[AttackItem]] = {}
         for it in todo:

@@ -32,33 +32,6 @@ from .options import (
     text,
 )
 
-SHOWN = (("method", "method"), ("kind", "kind"), ("mr", "MR"), ("mr_dori", "+ Dori"),
-         ("mr_dori_adaptive", "+ Dori adaptive"), ("trigger_auc", "trigger AUC"), ("shape_accuracy", "shape colours"),
-         ("fid", "FID"), ("fit_seconds", "fit s"), ("unet_evaluations_per_image", "UNet / image"))
-
-
-def leaderboard_table(rows: list[dict], title: str):
-    """A rich table of leaderboard rows (a model column when they come from several models)."""
-    from rich.table import Table
-
-    models = sorted({str(r.get("model")) for r in rows})
-    table = Table(title=title)
-    columns = ([("model", "model")] if len(models) > 1 else []) + list(SHOWN)
-    for _, header in columns:
-        table.add_column(header, justify="left" if header in ("model", "method", "kind") else "right")
-    for row in rows:
-        cells = []
-        for key, _ in columns:
-            value = row.get(key)
-            if value is None or (isinstance(value, float) and value != value):
-                cells.append("–")
-            elif isinstance(value, float):
-                cells.append(f"{value:.0f}" if key in ("fid", "fit_seconds", "unet_evaluations_per_image") else f"{value:.2f}")
-            else:
-                cells.append(str(value))
-        table.add_row(*cells)
-    return table
-
 
 @handle_errors
 def leaderboard(
@@ -89,6 +62,8 @@ def leaderboard(
     the fitted models are cached; on your model: --model, --references, --descriptor. --merge joins the files
     of several models and machines into one table."""
     setup(verbose)
+    from .tables import leaderboard_table
+
     if merge:
         from ..robustness import merge_leaderboards, write_leaderboard
 

@@ -57,3 +57,24 @@ def attack_table(title: str, records: list[dict]):
         curve = " ".join(f"{k}:{v:.2f}" for k, v in (r["mr_by_step"] or {}).items())
         table.add_row(r["key"], r["status"], curve, f"{r['relative_perturbation']:.2f}", str(r["unet_evaluations"]))
     return table
+
+
+LEADERBOARD_COLUMNS = (("method", "method", None), ("kind", "kind", None), ("mr", "MR", 2), ("mr_dori", "+ Dori", 2),
+                       ("mr_dori_adaptive", "+ Dori adaptive", 2), ("trigger_auc", "trigger AUC", 2),
+                       ("shape_accuracy", "shape colours", 2), ("fid", "FID", 0), ("fit_seconds", "fit s", 0),
+                       ("unet_evaluations_per_image", "UNet / image", 0))
+
+
+def leaderboard_table(rows: list[dict], title: str):
+    """Leaderboard rows (:mod:`dori.robustness`), with a model column when they come from several models."""
+    from rich.table import Table
+
+    columns = list(LEADERBOARD_COLUMNS)
+    if len({str(r.get("model")) for r in rows}) > 1:
+        columns.insert(0, ("model", "model", None))
+    table = Table(title=title)
+    for _, header, digits in columns:
+        table.add_column(header, justify="left" if digits is None else "right")
+    for row in rows:
+        table.add_row(*[str(row.get(key)) if digits is None else fmt(row.get(key), digits) for key, _, digits in columns])
+    return table

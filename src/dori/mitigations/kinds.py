@@ -190,3 +190,45 @@ class InferenceMitigation(MitigationBase):
 
         handle.pre("", pre, with_kwargs=True, name="condition")
         return handle
+
+
+class SettingsMitigation(InferenceMitigation):
+    """An inference mitigation that learns nothing: its artefact is its ``Config`` (a frozen dataclass with
+    ``validate`` and ``to_dict``) and the ``deviations`` from the official code, both in the sidecar. It
+    applies to any model (``depends_on`` is empty); ``fit`` runs the class's optional ``check``."""
+
+    Config: type
+    deviations: tuple[str, ...] = ()
+    needs_prompts = False
+
+    def __init__(self, config=None):
+        self.config = config if config is not None else self.Config()
+        self.config.validate()
+
+    @classmethod
+    def fit(cls, pipe, prompts=None, config=None, *, run=None, progress=None):
+        """Nothing to learn: checks the model where the method needs something of it."""
+        mitigation = cls(config)
+        if hasattr(cls, "check"):
+            cls.check(pipe, mitigation.config)
+        return mitigation.stamp(pipe)
+
+    def depends_on(self, pipe) -> dict[str, torch.nn.Module]:
+        """Nothing but the settings: the change means the same on any weights."""
+        return {}
+
+    def summary(self) -> dict:
+        return self.config.to_dict()
+
+    def describe(self) -> dict:
+        return {**self.identity(), "config": self.config.to_dict(), "deviations": list(self.deviations)}
+
+    def save(self, path: str | Path) -> Path:
+        return write_saved(path, {}, self.describe())
+
+    @classmethod
+    def load(cls, path: str | Path):
+        from ..config_files import from_dict
+
+        meta, _ = read_saved(path)
+        return cls(from_dict(cls.Config, meta["config"], cls.name))

@@ -22,17 +22,14 @@ decoding of its tokens (lower-case, cleaned), which the CLIP tokenizer encodes t
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
-from ..config_files import from_dict
 from ..errors import DoriError
 from ..hooks import Handle
-from ..progress import Progress
 from ..seeding import item_generator
-from .base import handle_for, read_saved, register_mitigation, write_saved
-from .kinds import InferenceMitigation
+from .base import handle_for, register_mitigation
+from .kinds import SettingsMitigation
 
 STYLES = ("rand_numb_add", "rand_word_add")
 DEVIATIONS = (
@@ -74,27 +71,17 @@ def augment_caption(caption: str, config: RandomTokensConfig, tokenizer) -> str:
 
 
 @register_mitigation("random-tokens")
-class RandomTokens(InferenceMitigation):
+class RandomTokens(SettingsMitigation):
     """Insert random numbers or words into every caption before it is encoded."""
 
     name = "random-tokens"
     Config = RandomTokensConfig
-    needs_prompts = False
-
-    def __init__(self, config: RandomTokensConfig | None = None):
-        self.config = config or RandomTokensConfig()
-        self.config.validate()
+    deviations = DEVIATIONS
 
     @classmethod
-    def fit(cls, pipe, prompts=None, config: RandomTokensConfig | None = None, *, run=None,
-            progress: Progress | None = None) -> RandomTokens:
-        """Nothing to learn."""
+    def check(cls, pipe, config: RandomTokensConfig) -> None:
         if getattr(pipe, "text_encoder", None) is None or getattr(pipe, "tokenizer", None) is None:
             raise DoriError("random-tokens: the pipeline needs a tokenizer and a text encoder")
-        return cls(config).stamp(pipe)
-
-    def depends_on(self, pipe) -> dict[str, torch.nn.Module]:
-        return {}
 
     def augmented_ids(self, tokenizer, input_ids: torch.Tensor) -> torch.Tensor:
         """``input_ids`` ``(B, tokens)`` with every non-empty caption augmented and tokenised again."""
@@ -124,17 +111,3 @@ class RandomTokens(InferenceMitigation):
         text.pre("", pre, with_kwargs=True, name="augment")
         handle.edit("text-encoder-hook", text.remove)
         return handle
-
-    def summary(self) -> dict:
-        return self.config.to_dict()
-
-    def describe(self) -> dict:
-        return {**self.identity(), "config": self.config.to_dict(), "deviations": list(DEVIATIONS)}
-
-    def save(self, path: str | Path) -> Path:
-        return write_saved(path, {}, self.describe())
-
-    @classmethod
-    def load(cls, path: str | Path) -> RandomTokens:
-        meta, _ = read_saved(path)
-        return cls(from_dict(RandomTokensConfig, meta["config"], "random-tokens"))

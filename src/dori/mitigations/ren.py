@@ -33,16 +33,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
-from ..config_files import from_dict
 from ..errors import DoriError
 from ..hooks import Handle
-from ..progress import Progress
-from .base import handle_for, read_saved, register_mitigation, write_saved
-from .kinds import InferenceMitigation
+from .base import handle_for, register_mitigation
+from .kinds import SettingsMitigation
 from .sampling_calls import empty_embedding, unconditional_rows, unet_inputs
 
 DEVIATIONS = (
@@ -153,34 +150,17 @@ def cross_attention_layers(unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 
 @register_mitigation("ren")
-class RenRescaling(InferenceMitigation):
+class RenRescaling(SettingsMitigation):
     """Scale the BOS logit of the conditional cross-attention by ``scale`` and mask the padding tokens."""
 
     name = "ren"
     scope = "per-prompt"
     Config = RenConfig
-    needs_prompts = False
-
-    def __init__(self, config: RenConfig | None = None):
-        self.config = config or RenConfig()
-        self.config.validate()
-
-    @classmethod
-    def fit(cls, pipe, prompts=None, config: RenConfig | None = None, *, run=None,
-            progress: Progress | None = None) -> RenRescaling:
-        """Nothing to learn: checks that the UNet has cross-attention layers."""
-        cross_attention_layers(pipe.unet)
-        return cls(config).stamp(pipe)
+    deviations = DEVIATIONS
 
     @classmethod
     def check(cls, pipe, config: RenConfig) -> None:
         cross_attention_layers(pipe.unet)
-
-    def depends_on(self, pipe) -> dict[str, torch.nn.Module]:
-        return {}
-
-    def fitted_prompts(self) -> list[str] | None:
-        return None
 
     def visible_count(self, length: int) -> int:
         return max(1, length - 1) if self.config.mask_end else length
@@ -250,17 +230,3 @@ class RenRescaling(InferenceMitigation):
             text.forward("", text_post, with_kwargs=True)
             handle.edit("text-encoder-hooks", text.remove)
         return handle
-
-    def summary(self) -> dict:
-        return self.config.to_dict()
-
-    def describe(self) -> dict:
-        return {**self.identity(), "config": self.config.to_dict(), "deviations": list(DEVIATIONS)}
-
-    def save(self, path: str | Path) -> Path:
-        return write_saved(path, {}, self.describe())
-
-    @classmethod
-    def load(cls, path: str | Path) -> RenRescaling:
-        meta, _ = read_saved(path)
-        return cls(from_dict(RenConfig, meta["config"], "ren"))

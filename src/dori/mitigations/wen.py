@@ -12,7 +12,7 @@ paper), so they are moved most.
 Here it is an ``inference`` mitigation: a pre-hook on the UNet recognises the first call of each sampling
 loop (one timestep for the batch; see :mod:`dori.mitigations.sampling_calls`), optimises the
 conditional rows there, and substitutes the adjusted embedding at that and every later step of the loop.
-Training-style calls (the attack's loss) pass unchanged; :meth:`WenAdjustment.adjust` is the same
+Training-style calls (the attack's loss) pass unchanged; :meth:`WenAdjustment.adjuster` is the same
 optimisation as a function, which the adaptive attack passes its triggers through.
 
 Deviations from the official code (also in the saved sidecar):
@@ -33,17 +33,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
-from ..config_files import from_dict
 from ..errors import DoriError
-from ..generation import epsilon_scale
+from ..generation import FirstStep, epsilon_scale
 from ..hooks import Handle
-from ..progress import Progress
-from .base import handle_for, read_saved, register_mitigation, write_saved
-from .kinds import InferenceMitigation
+from .base import handle_for, register_mitigation
+from .kinds import SettingsMitigation
 from .sampling_calls import empty_embedding, is_sampling_call, unconditional_rows, unet_inputs, with_states
 
 DEVIATIONS = (
@@ -89,32 +86,20 @@ class WenConfig:
 
 
 @register_mitigation("wen")
-class WenAdjustment(InferenceMitigation):
+class WenAdjustment(SettingsMitigation):
     """Minimise the text-conditional noise norm of the prompt embedding at the first sampling step."""
 
     name = "wen"
     Config = WenConfig
-    needs_prompts = False
+    deviations = DEVIATIONS
 
     def __init__(self, config: WenConfig | None = None):
-        self.config = config or WenConfig()
-        self.config.validate()
+        super().__init__(config)
         self.unet_calls = 0
         """UNet evaluations spent on adjustments since this object was made (the forward ones)."""
         self.adjusted_norms: list[float] = []
         """The noise norm of each adjusted image after its optimisation, in order."""
 
-    @classmethod
-    def fit(cls, pipe, prompts=None, config: WenConfig | None = None, *, run=None,
-            progress: Progress | None = None) -> WenAdjustment:
-        """Nothing to learn: the adjustment is made at generation time."""
-        return cls(config).stamp(pipe)
-
-    def depends_on(self, pipe) -> dict[str, torch.nn.Module]:
-        """Nothing but the settings: the adjustment means the same on any model."""
-        return {}
-
-    # -- the optimisation ------------------------------------------------------------------------------
     def optimise(self, unet, sample: torch.Tensor, timestep, cond: torch.Tensor, empty: torch.Tensor,
                  scale: float) -> torch.Tensor:
         """The adjusted embeddings of ``cond`` ``(B, tokens, dim)`` at the noisy ``sample`` ``(B, C, h, w)``
@@ -151,19 +136,23 @@ class WenAdjustment(InferenceMitigation):
         self.adjusted_norms.extend(float(v) for v in norms)
         return y.detach().to(dtype)
 
-    def adjust(self, pipe, y: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """``y`` ``(B, tokens, dim)`` as this mitigation would adjust it for a sampling loop starting from
-        the initial noise ``noise`` ``(B, C, h, w)`` (``config.adaptive_steps`` steps of ``pipe``'s scheduler);
-        detached, so an attack that passes through it uses the straight-through gradient."""
-        from copy import deepcopy
-
-        scheduler = deepcopy(pipe.scheduler)
-        scheduler.set_timesteps(self.config.adaptive_steps, device=noise.device)
-        t = scheduler.timesteps[0]
-        sample = scheduler.scale_model_input(noise * scheduler.init_noise_sigma, t)
+    def adjuster(self, pipe):
+        """``adjust(y, noise)``: ``y`` ``(B, tokens, dim)`` as this mitigation adjusts it for a sampling loop
+        from the initial noise ``noise`` ``(B, C, h, w)`` (the first step of ``config.adaptive_steps`` steps of
+        ``pipe``'s scheduler), detached. The schedule and the empty prompt's embedding are prepared once."""
+        step = FirstStep.of(pipe, self.config.adaptive_steps)
         empty = empty_embedding(pipe)
-        return self.optimise(pipe.unet, sample.to(pipe.unet.dtype), t, y.detach().to(pipe.unet.dtype), empty,
-                             epsilon_scale(pipe.scheduler, t))
+        unet = pipe.unet
+
+        def adjust(y: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+            sample = step.model_input(noise.to(unet.device)).to(unet.dtype)
+            return self.optimise(unet, sample, step.t, y.detach().to(unet.dtype), empty, step.scale)
+
+        return adjust
+
+    def adjust(self, pipe, y: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """:meth:`adjuster` for one call (the attack keeps the adjuster instead)."""
+        return self.adjuster(pipe)(y, noise)
 
     # -- as a mitigation -----------------------------------------------------------------------------
     def apply(self, pipe, prompt: str | None = None) -> Handle:
@@ -195,17 +184,3 @@ class WenAdjustment(InferenceMitigation):
         handle.pre("", pre, with_kwargs=True, name="adjust")
         handle.edit("state", lambda: state.clear())
         return handle
-
-    def summary(self) -> dict:
-        return {**self.config.to_dict()}
-
-    def describe(self) -> dict:
-        return {**self.identity(), "config": self.config.to_dict(), "deviations": list(DEVIATIONS)}
-
-    def save(self, path: str | Path) -> Path:
-        return write_saved(path, {}, self.describe())
-
-    @classmethod
-    def load(cls, path: str | Path) -> WenAdjustment:
-        meta, _ = read_saved(path)
-        return cls(from_dict(WenConfig, meta["config"], "wen"))
