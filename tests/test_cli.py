@@ -19,6 +19,23 @@ def test_help_lists_the_verbs():
     assert all(verb in result.output for verb in ("evaluate", "demo", "testbed"))
 
 
+def test_processes_launches_the_same_command_with_a_share_of_the_cores(monkeypatch):
+    from dori.cli.launch import launch_command, strip_processes
+
+    args = strip_processes(["--processes", "2", "demo", "--quick", "--out", "runs/x"])
+    assert args == ["demo", "--quick", "--out", "runs/x"] == strip_processes(["--processes=2", *args])
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("dori.cli.launch.usable_cores", lambda: 8)
+    command, env = launch_command(2, args)
+    assert command[command.index("--num_processes") + 1] == "2" and command[-len(args) - 2:] == ["-m", "dori", *args]
+    assert env["OMP_NUM_THREADS"] == "4" and env["DORI_LAUNCHED"] == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice stands
+    assert launch_command(4, args)[1]["OMP_NUM_THREADS"] == "3"
+    # in-process invocation (no command line to start again) is refused, naming the option
+    result = runner.invoke(app, ["--processes", "2", "demo", "--quick"])
+    assert result.exit_code == 2 and "--processes" in _text(result)
+
+
 @pytest.fixture
 def files(tmp_path, sd1_folder):
     csv, refs = write_prompts_with_references(tmp_path / "in", ["a cat", "a dog"])

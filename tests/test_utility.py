@@ -37,6 +37,44 @@ def test_fid_is_zero_for_identical_sets_and_grows_with_a_shift(torchscript_file)
     assert 0 < near < far
 
 
+class _Pooled(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1)
+
+
+def _images(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(rank)
+    real = torch.rand((32, 3, 8, 8), generator=g)
+    return real, (real * (0.5 + 0.2 * rank)).clamp(0, 1)
+
+
+def _fid_in_a_group(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        value = fid(*_images(rank), _Pooled())
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    torch.save(value, f"{out}/{rank}.pt")
+
+
+def test_fid_is_each_process_own_in_a_launched_run(tmp_path):
+    """Under ``--processes`` (a process group) every process scores its own images: FID gathers nothing
+    (torchmetrics would otherwise merge the two sets, or wait for a process that never computes one)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_fid_in_a_group, args=(2, port, str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        alone = fid(*_images(rank), _Pooled())
+        assert torch.load(tmp_path / f"{rank}.pt") == pytest.approx(alone, rel=1e-6)
+    assert fid(*_images(0), _Pooled()) != pytest.approx(fid(*_images(1), _Pooled()), rel=1e-2)
+
+
 def test_missing_or_bad_weights_name_the_file(tmp_path):
     with pytest.raises(DoriError, match="inception: no file .*missing.pt"):
         InceptionFeatures(tmp_path / "missing.pt")

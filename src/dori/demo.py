@@ -33,6 +33,7 @@ captions (similarity to the unmitigated image of the same seed; 1 = unchanged).
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 from dataclasses import asdict, dataclass, field, replace
@@ -440,10 +441,13 @@ class _Demo:
             rows += [row, attack_row(f"{name}+dori", records, self.threshold)]
         return rows
 
-    def utility(self, ft_pipe, rows: list[dict]) -> None:
+    def utility(self, ft_pipe, rows: list[dict], processes: Processes) -> None:
         """``utility`` per model row: shape-colour accuracy, FID with the original VAE's latents as features,
         and the retain denoising loss (:func:`dori.utility.testbed_utility`). NeMo's per-prompt neurons are
-        all blocked together here (the union), a conservative reading of its utility cost."""
+        all blocked together here (the union), a conservative reading of its utility cost.
+
+        Each model's figures are written to ``utility/<name>.json`` as they are done (a resumed demo keeps
+        them), the models shared among the processes; ``utility.json`` holds them all."""
         from .mitigations import mitigated
         from .mitigations.base import load_for
         from .utility import testbed_concept, testbed_utility
@@ -456,20 +460,34 @@ class _Demo:
                 cases.append((name, self.pipe, (load_for(self.pipe, by_name[name]["mitigation"]),)))
         if ft_pipe is not None:
             cases.append(("adversarial-ft", ft_pipe, ()))
-        table = {}
-        # the concept captions' reference set: the unmitigated model's generations with other seeds
+        folder = self.run.path / "utility"
+        folder.mkdir(exist_ok=True)
         concept = self.config.concept_damage
-        baseline = testbed_concept(self.pipe, seed=self.config.seed + 1000)[1] if concept else None
-        for name, model, mitigations in cases:
+        baseline = None
+        for name, model, mitigations in cases[processes.rank :: processes.world]:
+            file = folder / f"{safe_filename(name)}.json"
+            if file.exists():
+                continue
+            if concept and baseline is None:
+                # the concept captions' reference set: the unmitigated model's generations with other seeds
+                baseline = testbed_concept(self.pipe, seed=self.config.seed + 1000)[1]
             with mitigated(model, *mitigations):
                 values = testbed_utility(model, original_vae=self.pipe.vae, num_images=self.config.utility_images,
                                          seed=self.config.seed)
                 if concept:
                     values.update(testbed_concept(model, baseline=baseline, original_vae=self.pipe.vae,
                                                   seed=self.config.seed)[0])
+            scratch = file.with_name(f".{file.name}.tmp")
+            scratch.write_text(json_text(values, indent=1))
+            scratch.replace(file)
+        processes.barrier()
+        table = {}
+        for name, _, _ in cases:
+            values = json.loads((folder / f"{safe_filename(name)}.json").read_text())
             by_name[name].setdefault("utility", {}).update(values)
             table[name] = values
-        (self.run.path / "utility.json").write_text(json_text(table, indent=1))
+        if processes.main:
+            (self.run.path / "utility.json").write_text(json_text(table, indent=1))
 
     def analyses(self) -> None:
         """The three locality analyses at the demo's (scaled-down) counts; their figures are copied to the top."""
@@ -530,6 +548,8 @@ def run_demo(pipe=None, config: DemoConfig | None = None, out: str | Path | None
             rows.extend(inference_rows(demo, config.robustness))
             if config.robustness.detection:
                 rows.extend(detection_rows(demo, config.robustness))
+        if config.finetune and config.testbed_utility:
+            demo.utility(ft_pipe, rows, processes)
         with processes.main_only() as main:
             if main:
                 _finish(demo, pipe, ft_pipe, rows)
@@ -540,8 +560,6 @@ def run_demo(pipe=None, config: DemoConfig | None = None, out: str | Path | None
 def _finish(demo: _Demo, pipe, ft_pipe, rows: list[dict]) -> None:
     """Utility, the MR figure, the paper's numbers, the analyses, the grid, the summary and the report."""
     config, run = demo.config, demo.run
-    if config.finetune and config.testbed_utility:
-        demo.utility(ft_pipe, rows)
     if config.robustness is not None and config.robustness.leaderboard and config.attack:
         from .robustness import leaderboard
 

@@ -310,11 +310,27 @@ class Processes:
             self.barrier()
             return
         _SOLO["on"] = True
+        threads = self._solo_threads()
         try:
             yield True
         finally:
             _SOLO["on"] = False
+            if threads is not None:
+                import torch
+
+                torch.set_num_threads(threads)
         self.barrier()
+
+    def _solo_threads(self) -> int | None:
+        """On CPU, the main process's work alone gets the threads of every process (the others wait at the
+        barrier); returns the thread count to restore, or None when nothing changed."""
+        import torch
+
+        if self.world == 1 or self.state.device.type != "cpu":
+            return None
+        before = torch.get_num_threads()
+        torch.set_num_threads(before * self.world)
+        return before
 
     @property
     def main(self) -> bool:

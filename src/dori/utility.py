@@ -66,7 +66,8 @@ def fid(real: torch.Tensor, fake: torch.Tensor, features: torch.nn.Module) -> fl
 
     if len(real) < 2 or len(fake) < 2:
         raise DoriError("fid: need at least 2 images on each side")
-    metric = FrechetInceptionDistance(feature=features, normalize=True)
+    # every image is this process's own: no gathering across the processes of a launched run
+    metric = FrechetInceptionDistance(feature=features, normalize=True, sync_on_compute=False)
     metric.update(real.float(), real=True)
     metric.update(fake.float(), real=False)
     return float(metric.compute())

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Annotated
 
 import typer
 
@@ -13,6 +14,20 @@ EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 app = typer.Typer(help="Find, attack and remove memorized training images in text-to-image diffusion models.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.callback()
+def _processes(processes: Annotated[int, typer.Option(
+        "--processes", min=1, help="Run the verb in N processes that share its work (accelerate launch; on CPU "
+        "each gets 1/N of the cores). Give it before the verb: dori --processes 2 demo.")] = 1) -> None:
+    from .launch import relaunch
+
+    if processes > 1 and _ARGV is None:
+        raise typer.BadParameter("needs the dori command line (dori.cli.main), which it starts again",
+                                 param_hint="--processes")
+    relaunch(processes, _ARGV or [])
+
+
 app.command("demo", rich_help_panel="Run the paper")(report.demo)
 app.command("evaluate", rich_help_panel="Measure")(evaluate.evaluate)
 app.command("attack", rich_help_panel="Attack")(attack.attack)
@@ -28,7 +43,13 @@ app.command("references", rich_help_panel="Measure")(references.references)
 app.add_typer(testbed.app, name="testbed", rich_help_panel="The embedded testbed")
 
 
+_ARGV: list[str] | None = None
+"""The command line of :func:`main` (``--processes`` starts the same command in several processes)."""
+
+
 def main() -> None:
+    global _ARGV
+    _ARGV = sys.argv[1:]
     app()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,11 @@ def console(stderr: bool = False):
 
 def setup(verbose: bool) -> None:
     from rich.logging import RichHandler
+
+    from .launch import is_main
+
+    if not is_main():  # several launched processes: the main one prints the results, the others only errors
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -151,6 +157,10 @@ class Bars:
         return None
 
     def __call__(self, stage: str, done: int, total: int, info: str = "") -> None:
+        from .launch import is_main
+
+        if not is_main():  # one set of bars: the main process's
+            return
         if not self.started:
             self.progress.__enter__()
             self.started = True

@@ -39,7 +39,7 @@ from ..models import (
 )
 from ..progress import Progress
 from ..prompts import PromptSet, load_reference_folder, require_references
-from ..runs import RunFolder, default_run_dir, json_text, read_jsonl, safe_filename
+from ..runs import Processes, RunFolder, default_run_dir, json_text, read_jsonl, safe_filename
 from ..seeding import item_generator
 from .config import FinetuneConfig
 from .retain import check_retain, load_retain_set
@@ -324,11 +324,11 @@ def adversarial_finetune(pipe, prompts: PromptSet, config: FinetuneConfig | None
     descriptor = config.descriptor.build(pipe)
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=pipe.unet.device.type == "cpu")
     out = Path(out) if out is not None else default_run_dir("finetune", model_name(pipe))
-    run = RunFolder(out, "finetune", to_dict(config), model=model_record(pipe),
-                    resolved={"prompts": prompts.name, "ids": [r.id for r in prompts.records],
-                              "descriptor": descriptor.describe()},
-                    overwrite=overwrite and accelerator.is_main_process, rank=accelerator.process_index,
-                    world_size=accelerator.num_processes, seeds=[config.seed])
+    # made by the main process first (a process that finds the folder half-made would refuse it)
+    run = Processes(pipe).open(out, "finetune", to_dict(config), model=model_record(pipe),
+                               resolved={"prompts": prompts.name, "ids": [r.id for r in prompts.records],
+                                         "descriptor": descriptor.describe()},
+                               overwrite=overwrite, seeds=[config.seed])
     with run.guard():
         # every memorized image known: a surrogate must not copy any of them
         gallery = list(prompts.references.values()) + list((prompts.gallery or {}).values())

@@ -28,7 +28,7 @@ import torch
 from ..errors import DoriError
 from ..models import model_record
 from ..progress import Progress
-from ..runs import RunFolder, json_text, read_jsonl
+from ..runs import Processes, json_text, read_jsonl
 from .trainer import save_training_run
 
 logger = logging.getLogger(__name__)
@@ -154,9 +154,9 @@ def train_unlearning(pipe, objective: UnlearningObjective, settings: TrainingSet
     if separate and settings.mixed_precision == "fp16":
         raise DoriError(f"mixed_precision: {objective.name} combines gradient terms itself, which fp16's loss "
                         "scaling does not support; use bf16 or no")
-    run = RunFolder(Path(out), objective.name, config, model=model_record(pipe), resolved=resolved or {},
-                    overwrite=overwrite and accelerator.is_main_process, rank=accelerator.process_index,
-                    world_size=accelerator.num_processes, seeds=[settings.seed])
+    # made by the main process first (a process that finds the folder half-made would refuse it)
+    run = Processes(pipe).open(Path(out), objective.name, config, model=model_record(pipe), resolved=resolved or {},
+                               overwrite=overwrite, seeds=[settings.seed])
     with run.guard():
         prepare = getattr(objective, "prepare", None)
         if prepare is not None:  # the method's data (generated images, scores), resumable in the run folder

@@ -233,6 +233,9 @@ class ConceptAblationObjective:
 @register_mitigation("concept-ablation")
 class ConceptAblation(WeightsMitigation):
     """The UNet weights Concept Ablation changed to map the memorized captions to their anchors."""
+    distributed_fit = True
+    """Under several processes every one runs the same training (the same draws; accelerate averages
+    identical gradients), so the weights are those of one process and no process waits on another's fit."""
 
     name = "concept-ablation"
     Config = ConceptAblationConfig

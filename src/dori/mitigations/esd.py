@@ -188,6 +188,9 @@ class ESDObjective:
 @register_mitigation("esd")
 class ESD(WeightsMitigation):
     """The UNet weights ESD changed to erase the memorized captions."""
+    distributed_fit = True
+    """Under several processes every one runs the same training (the same draws; accelerate averages
+    identical gradients), so the weights are those of one process and no process waits on another's fit."""
 
     name = "esd"
     Config = ESDConfig

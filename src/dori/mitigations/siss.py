@@ -215,6 +215,9 @@ class SISSObjective:
 @register_mitigation("siss")
 class SISS(WeightsMitigation):
     """The UNet weights SISS changed to unlearn the memorized training images."""
+    distributed_fit = True
+    """Under several processes every one runs the same training (the same draws; accelerate averages
+    identical gradients), so the weights are those of one process and no process waits on another's fit."""
 
     name = "siss"
     Config = SISSConfig
