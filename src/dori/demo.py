@@ -144,6 +144,8 @@ class DemoConfig:
     utility_images: int = 60
     concept_damage: bool = True
     """The testbed's concept damage (``a_concept``, ``fid_concept``) in every model's utility."""
+    concept_seeds: int = 2
+    """Generations per concept caption (32 captions) for the concept damage, and for its baseline."""
     table1_curves: bool = True
     """Record Dori against NeMo and Wanda after 0/1/10/25/50 steps (the MR-vs-steps figure); False: the final
     success check only, as Table 2's rows."""
@@ -170,13 +172,16 @@ class DemoConfig:
         self.finetune_config.validate()
         for method in UNLEARNING:
             getattr(self, method.replace("-", "_")).validate()
+        if self.concept_seeds < 1:
+            raise DoriError(f"concept_seeds: must be >= 1, got {self.concept_seeds}")
         unknown = [m for m in self.unlearning if m not in UNLEARNING]
         if unknown:
             raise DoriError(f"unlearning: {unknown[0]!r} is not one of {', '.join(UNLEARNING)}")
 
     @classmethod
     def quick(cls) -> DemoConfig:
-        """The same story with fewer seeds, prompts and attack steps (about a minute on 2 cores; for tests)."""
+        """The same story with fewer seeds, prompts and attack steps (about 4 minutes on 2 cores, its models
+        fitted in the run folder; for a first look and the tests)."""
         return cls(
             groups=(DemoGroup("memorized", "testbed:memorized", 4, None, "sscd_orig"),
                     DemoGroup("seen-once", "testbed:seen-once", 1, 12, "sscd_orig"),
@@ -193,6 +198,7 @@ class DemoConfig:
             robustness=RobustnessConfig(negatives=(("testbed:seen-once", 6), ("testbed:held-out", 6)), detection_seeds=2),
             finetune_cache=False,
             utility_images=16,
+            concept_seeds=1,
             scatter=ScatterConfig(starts=3, num_seeds=2, reference_count=12,
                                   attack=AttackConfig(steps=10, record_at=(0,))),
             activations=ActivationsConfig(max_triggers=3, num_inference_steps=10),
@@ -416,6 +422,9 @@ class _Demo:
         artefact = cached / f"{method}.safetensors"
         if not artefact.exists():
             fitted = self.fit(method, settings, f"fit-{method}")
+            if self.run.rank != 0:  # the main process fills the cache; the others wait for it
+                self.run.barrier()
+                return artefact
             cached.parent.mkdir(parents=True, exist_ok=True)
             scratch = cached.with_name(f".{cached.name}.tmp")
             shutil.rmtree(scratch, ignore_errors=True)
@@ -424,7 +433,9 @@ class _Demo:
                 shutil.copy(fitted.parent / name, scratch / name)
             if (fitted.parent / "summary.json").exists():  # the fit's cost, for the leaderboard
                 shutil.copy(fitted.parent / "summary.json", scratch / f"{method}.summary.json")
+            shutil.rmtree(cached, ignore_errors=True)  # an entry without its artefact (a crashed copy)
             scratch.replace(cached)
+            self.run.barrier()
         return artefact
 
     def unlearned(self) -> list[dict]:
@@ -470,13 +481,13 @@ class _Demo:
                 continue
             if concept and baseline is None:
                 # the concept captions' reference set: the unmitigated model's generations with other seeds
-                baseline = testbed_concept(self.pipe, seed=self.config.seed + 1000)[1]
+                baseline = testbed_concept(self.pipe, seed=self.config.seed + 1000, num_seeds=self.config.concept_seeds)[1]
             with mitigated(model, *mitigations):
                 values = testbed_utility(model, original_vae=self.pipe.vae, num_images=self.config.utility_images,
                                          seed=self.config.seed)
                 if concept:
                     values.update(testbed_concept(model, baseline=baseline, original_vae=self.pipe.vae,
-                                                  seed=self.config.seed)[0])
+                                                  seed=self.config.seed, num_seeds=self.config.concept_seeds)[0])
             scratch = file.with_name(f".{file.name}.tmp")
             scratch.write_text(json_text(values, indent=1))
             scratch.replace(file)
