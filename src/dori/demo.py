@@ -464,11 +464,11 @@ class _Demo:
         from .utility import testbed_concept, testbed_utility
 
         by_name = {r["name"]: r for r in rows}
-        cases = [("memorized", self.pipe, ())]
+        cases = [("memorized", self.pipe, ())]  # (row, model, saved mitigations: loaded by the process that scores it)
         inference = self.config.robustness.inference if self.config.robustness is not None else ()
         for name in ("nemo", "wanda", "wanda-10", *[UNLEARNING[m] for m in self.config.unlearning], *inference):
             if name in by_name and "mitigation" in by_name[name]:
-                cases.append((name, self.pipe, (load_for(self.pipe, by_name[name]["mitigation"]),)))
+                cases.append((name, self.pipe, (by_name[name]["mitigation"],)))
         if ft_pipe is not None:
             cases.append(("adversarial-ft", ft_pipe, ()))
         folder = self.run.path / "utility"
@@ -482,7 +482,7 @@ class _Demo:
             if concept and baseline is None:
                 # the concept captions' reference set: the unmitigated model's generations with other seeds
                 baseline = testbed_concept(self.pipe, seed=self.config.seed + 1000, num_seeds=self.config.concept_seeds)[1]
-            with mitigated(model, *mitigations):
+            with mitigated(model, *[load_for(self.pipe, path) for path in mitigations]):
                 values = testbed_utility(model, original_vae=self.pipe.vae, num_images=self.config.utility_images,
                                          seed=self.config.seed)
                 if concept:
