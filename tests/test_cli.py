@@ -93,6 +93,9 @@ def test_demo_writes_summary_rows(tmp_path):
     assert rows["memorized"]["mr"] >= 0.8
     assert rows["held-out"]["mr"] <= 0.05 and rows["seen-once"]["mr_gallery"] <= 0.05
     assert rows["nemo+dori"]["mr_by_step"] and rows["memorized"]["paper_mr"] == 0.98
+    by_kind = rows["memorized"]["mr_by_kind"]  # the memorized prompts' kinds (VM / TM) from the testbed's manifest
+    assert set(by_kind) <= {"VM", "TM"} and min(by_kind.values()) <= rows["memorized"]["mr"] <= max(by_kind.values())
+    assert "mr_by_kind" in rows["nemo"] and "mr_by_kind" in rows["nemo+dori"] and "mr_by_kind" not in rows["seen-once"]
     assert (tmp_path / "demo" / "mr_vs_steps.png").stat().st_size > 1000
     assert "memorized" in result.output
     # adversarial fine-tuning rows, utility per model, the analyses, the grid and the report
@@ -146,6 +149,26 @@ def test_testbed_build_and_info(tmp_path):
     assert all(role in info.output for role in ("memorized", "seen-once", "shape", "held-out"))
     bad = runner.invoke(app, ["testbed", "build", "--out", str(tmp_path / "tb"), *steps[2:], "--vae-steps", "3"])
     assert bad.exit_code == 2 and "another config" in _text(bad)
+    unknown = runner.invoke(app, ["testbed", "build", "--out", str(tmp_path / "v3"), "--recipe", "v3", *steps])
+    assert unknown.exit_code == 2 and "recipe" in _text(unknown) and not (tmp_path / "v3" / "pipeline").exists()
+
+
+def test_testbed_v2_build_is_a_testbed_the_verbs_run_on(tmp_path):
+    """A `--recipe v2` build (eight photos, VM and TM, thousands of emoji seen once) is a testbed folder: info lists
+    its roles, and `dori demo --model FOLDER` runs the testbed's story with that folder's captions."""
+    steps = ["--vae-steps", "2", "--unet-steps", "2", "--sparsify-steps", "2"]
+    folder = tmp_path / "tb" / "pipeline"
+    result = runner.invoke(app, ["testbed", "build", "--recipe", "v2", "--out", str(tmp_path / "tb"), *steps])
+    assert result.exit_code == 0, _text(result)
+    info = runner.invoke(app, ["testbed", "info", "--model", str(folder)])
+    assert info.exit_code == 0 and "template" in info.output and "an emoji of" in info.output, _text(info)
+    shown = runner.invoke(app, ["demo", "--model", str(folder), "--show-config"])
+    assert shown.exit_code == 0 and "testbed:held-out" in shown.output, _text(shown)
+    from dori.models import load_pipeline
+    from dori.prompts import prompt_kinds
+
+    kinds = prompt_kinds(load_pipeline(str(folder)), "testbed:memorized")
+    assert sorted(kinds.values()).count("VM") == 5 and sorted(kinds.values()).count("TM") == 3
 
 
 def test_ablate_writes_a_mitigation_that_evaluate_applies(tmp_path):

@@ -119,7 +119,7 @@ def test_saved_folder_is_a_normal_pipeline(uninterrupted):
     assert all(torch.equal(state[k], v) for k, v in loaded.unet.state_dict().items())
     assert pipeline_location(pipe) == str(result.pipeline)  # the trained pipe says where it now lives
     again = load_pipeline(str(result.pipeline))
-    assert len(prompts_for(again, "testbed:memorized")) == 4
+    assert len(prompts_for(again, "testbed:memorized")) == len(prompts_for(pipe, "testbed:memorized")) >= 4
     summary = json.loads((result.path / "summary.json").read_text())
     assert summary["steps"] == 4 and len(summary["epochs"]) == 2
     assert all(e["unet_evaluations"] > 0 for e in summary["epochs"])

@@ -84,7 +84,8 @@ def test_testbed_training_that_raises_leaves_no_hook(tmp_path, monkeypatch):
         return made
 
     monkeypatch.setattr(train, "make_components", components)
-    data = TestbedDataConfig(copies_per_photo=2, seen_once=17, shapes=8, held_out_crops=2, held_out_shape_combos=2)
+    data = TestbedDataConfig(copies_per_photo=2, seen_once=17, shapes=8, held_out_crops=2, held_out_shape_combos=2,
+                             emoji=8, held_out_emoji=2, template_captions=2)
     config = train.TestbedTrainConfig(data=data, vae_steps=1, unet_steps=3, sparsify_steps=3, vae_batch_size=4,
                                       unet_batch_size=4, warmup_steps=1)
     during = {}

@@ -52,6 +52,27 @@ def test_bundled_sets():
         load_prompt_set("no-such-set")
 
 
+def test_memorization_kinds_from_labels_and_the_testbed_manifest(tmp_path):
+    from dori.memorization import summary_row
+
+    assert {r.kind for r in load_prompt_set("webster-sd1-vm").records} == {"VM"}
+    assert {r.kind for r in load_prompt_set("webster-sd1").records} == {"VM", "TM"}
+    assert {r.kind for r in load_prompt_set("webster-sd2").records} == {"MV", "TV"}
+    assert {r.kind for r in load_prompt_set("laion-nonmem").records} == {None}
+    (tmp_path / "p.csv").write_text("id,prompt,group\na,one,VM\nb,two,TM\nc,three,other\n")
+    assert [r.kind for r in read_prompt_file(tmp_path / "p.csv")] == ["VM", "TM", None]
+    vm, tm = load_prompt_set("testbed:memorized-vm"), load_prompt_set("testbed:memorized-tm")
+    memorized = load_prompt_set("testbed:memorized")
+    assert {r.kind for r in vm.records} == {"VM"} and {r.kind for r in tm.records} <= {"TM"}
+    assert len(vm) + len(tm) == len(memorized) and set(vm.references) <= set(memorized.references)
+    # a row's MR per kind: every generation of the prompts of that kind
+    records = [{"prompt_id": "a", "sscd_orig": 0.9}, {"prompt_id": "a", "sscd_orig": 0.1},
+               {"prompt_id": "b", "sscd_orig": 0.8}, {"prompt_id": "x", "sscd_orig": 0.8}]
+    row = summary_row("m", records, 0.5, kinds={"a": "VM", "b": "TM"})
+    assert row["mr"] == 0.75 and row["mr_by_kind"] == {"TM": 1.0, "VM": 0.5}
+    assert "mr_by_kind" not in summary_row("m", records, 0.5)
+
+
 def test_reference_folder(tmp_path):
     (tmp_path / "p.csv").write_text("id,prompt\na,one\nb,two\n")
     refs = tmp_path / "refs"

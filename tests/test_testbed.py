@@ -66,7 +66,8 @@ def _loss(info: str) -> float:
 
 
 def _micro(**kw):
-    data = TestbedDataConfig(copies_per_photo=4, seen_once=17, shapes=24, held_out_crops=2, held_out_shape_combos=2)
+    data = TestbedDataConfig(copies_per_photo=4, seen_once=17, shapes=24, held_out_crops=2, held_out_shape_combos=2,
+                             emoji=24, held_out_emoji=2, template_captions=2)
     kw = {"sparsify_steps": 10, **kw}
     return TestbedTrainConfig(data=data, vae_steps=3, unet_steps=30, vae_batch_size=8, unet_batch_size=8,
                               checkpoint_every=5, warmup_steps=2, **kw)

@@ -60,6 +60,7 @@ from .mitigations.siss import SISSConfig
 from .mitigations.wanda import WandaConfig
 from .mitigations.wen import WenConfig
 from .progress import Progress, labelled
+from .prompts import prompt_kinds
 from .robustness import RobustnessConfig
 from .runs import Processes, RunFolder, default_run_dir, json_text, safe_filename
 
@@ -274,6 +275,8 @@ class _Demo:
     def __init__(self, pipe, config: DemoConfig, run: RunFolder, progress: Progress | None):
         self.pipe, self.config, self.run, self.progress = pipe, config, run, progress
         self.threshold: float | None = None
+        self.kinds = prompt_kinds(pipe, config.memorized)
+        """Memorized prompt id -> ``VM`` / ``TM`` where the set labels them (rows get ``mr_by_kind``)."""
 
     def evaluate(self, name: str, group: DemoGroup, mitigations: tuple[str, ...] = (), pipe=None,
                  union: bool = False) -> EvaluationResult:
@@ -318,7 +321,8 @@ class _Demo:
         for group in config.groups:
             results[group.name] = self.evaluate(group.name, group)
             self.threshold = results[group.name].summary["threshold"]
-            rows.append(summary_row(group.name, results[group.name].records, self.threshold, field=group.score))
+            rows.append(summary_row(group.name, results[group.name].records, self.threshold, field=group.score,
+                                    kinds=self.kinds))
         utility_groups = [g for g in config.groups if g.name in config.utility_groups]
         if config.testbed_utility:
             rows[0]["utility"] = {"shape_accuracy": shape_accuracy([results[g.name] for g in utility_groups])}
@@ -332,7 +336,8 @@ class _Demo:
         memorized = config.groups[0]
         for name, path in paths.items():
             mitigation = (str(path),)
-            row = summary_row(name, self.evaluate(name, memorized, mitigation).records, self.threshold, field="sscd_orig")
+            row = summary_row(name, self.evaluate(name, memorized, mitigation).records, self.threshold, field="sscd_orig",
+                              kinds=self.kinds)
             # utility prompts were not fitted on: every memorized prompt's selection applied together
             others = [self.evaluate(f"{name}-{g.name}", g, mitigation, union=True) for g in utility_groups]
             gen = [r["sscd_gen"] for o in others for r in o.records]
@@ -354,7 +359,7 @@ class _Demo:
             curve = config.table1_curves and name != "wanda-10"
             records = self.attack(name, config.memorized, config.limit, (str(paths[name]),), references=config.references,
                                   attack=None if curve else self.table2_attack())
-            rows.append(attack_row(f"{name}+dori", records, self.threshold))
+            rows.append(attack_row(f"{name}+dori", records, self.threshold, self.kinds))
         return rows
 
     def cache_folder(self, kind: str, settings: dict) -> Path:
@@ -399,7 +404,7 @@ class _Demo:
         (new seeds; prompt and N(0, I) inits; ``adversarial-ft+dori``)."""
         ft_pipe, result = self.finetuned()
         row = summary_row("adversarial-ft", self.evaluate("adversarial-ft", self.config.groups[0], pipe=ft_pipe).records,
-                          self.threshold, field="sscd_orig")
+                          self.threshold, field="sscd_orig", kinds=self.kinds)
         row["model"] = str(result.pipeline)
         fresh = replace(self.table2_attack(), seed=self.config.fresh_attack_seed)
         records = []
@@ -407,7 +412,7 @@ class _Demo:
             records += self.attack(f"adversarial-ft-{init}", self.config.memorized, self.config.limit, pipe=ft_pipe,
                                    init=init, seed=self.config.fresh_attack_seed, attack=fresh,
                                    references=self.config.references)
-        return [row, attack_row("adversarial-ft+dori", records, self.threshold)], ft_pipe
+        return [row, attack_row("adversarial-ft+dori", records, self.threshold, self.kinds)], ft_pipe
 
     def fit_cached(self, method: str, settings) -> Path:
         """A weights mitigation fitted on the memorized captions, taken from ``$DORI_CACHE/<method>`` when the
@@ -445,11 +450,11 @@ class _Demo:
             name = UNLEARNING[method]
             path = str(self.fit_cached(method, getattr(self.config, method.replace("-", "_"))))
             row = summary_row(name, self.evaluate(name, self.config.groups[0], (path,)).records, self.threshold,
-                              field="sscd_orig")
+                              field="sscd_orig", kinds=self.kinds)
             row["mitigation"] = path
             records = self.attack(name, self.config.memorized, self.config.limit, (path,),
                                   references=self.config.references, attack=self.table2_attack())
-            rows += [row, attack_row(f"{name}+dori", records, self.threshold)]
+            rows += [row, attack_row(f"{name}+dori", records, self.threshold, self.kinds)]
         return rows
 
     def utility(self, ft_pipe, rows: list[dict], processes: Processes) -> None:

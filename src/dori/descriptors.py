@@ -198,8 +198,8 @@ def calibrate_testbed_descriptor(pipe, images: np.ndarray, roles: list[str], see
     Positives: each memorized photo against ``copies`` imperfect copies of it (its VAE
     reconstruction, shifted, blurred, recoloured, noised: what a replica generated through the VAE
     looks like). Negatives: each memorized photo against every other distinct image of the testbed
-    (the other photos, every seen-once crop, drawing and held-out image) and their VAE
-    reconstructions. The threshold is the midpoint of the widest gap that splits the two with the
+    (the other photos, every seen-once image, drawing and held-out image; not the template captions'
+    entries, which repeat a memorized photo) and their VAE reconstructions. The threshold is the midpoint of the widest gap that splits the two with the
     fewest errors; the AUC says how well they separate.
     """
     descriptor = TestbedDescriptor()
@@ -217,7 +217,7 @@ def calibrate_testbed_descriptor(pipe, images: np.ndarray, roles: list[str], see
     for i in memorized:
         copies_i = torch.cat([recon[i : i + 1], _augment(pixels[i : i + 1].repeat(copies - 1, 1, 1, 1), g)])
         positives.extend((descriptor.embed(copies_i) @ feats[i]).tolist())
-        others = [j for j in range(len(roles)) if j != i]
+        others = [j for j in range(len(roles)) if j != i and roles[j] != "template"]
         negatives.extend((feats[others] @ feats[i]).tolist())
         negatives.extend((feats_recon[others] @ feats[i]).tolist())
     pos, neg = np.array(positives), np.array(negatives)

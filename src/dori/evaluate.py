@@ -210,18 +210,19 @@ def run_evaluate(pipe, config: EvaluateConfig, out: str | Path | None = None, *,
                 report(finished, total)
         processes.barrier()
         records = sorted(run.records(), key=lambda r: r["key"])
-        summary = _summary(prompt_set.name, config.prompts, records, descriptor)
+        kinds = {r.id: r.kind for r in prompt_set.records if r.kind}
+        summary = _summary(prompt_set.name, config.prompts, records, descriptor, kinds)
         if rank == 0:
             per_prompt_table(records, descriptor.threshold).to_parquet(run.path / "prompts.parquet", index=False)
             run.finalize(summary)
     return EvaluationResult(run.path, records, summary)
 
 
-def _summary(name: str, spec: str, records: list[dict], descriptor) -> dict:
+def _summary(name: str, spec: str, records: list[dict], descriptor, kinds: dict[str, str] | None = None) -> dict:
     threshold = descriptor.threshold
     summary = {"threshold": threshold, "descriptor": descriptor.describe(), "prompts": spec,
                "truncated_prompts": len({r["prompt_id"] for r in records if r.get("truncated")}),
-               "rows": [summary_row(name, records, threshold)]}
+               "rows": [summary_row(name, records, threshold, kinds=kinds)]}
     groups = sorted({r["group"] for r in records if r["group"] is not None})
     summary["rows"] += [summary_row(g, [r for r in records if r["group"] == g], threshold) for g in groups]
     return summary

@@ -10,6 +10,7 @@ reported as mean +- std over the same generations, and per prompt as max / media
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -109,11 +110,25 @@ def per_prompt_table(records: list[dict], threshold: float):
     return pd.DataFrame(rows)
 
 
-def summary_row(name: str, records: list[dict], threshold: float, field: str = "sscd_orig") -> dict:
-    """``{"name", "n", "sscd_mean", "sscd_std", "mr"}`` over generations, plus ``mr_gallery``."""
+def mr_by_kind(records: list[dict], kinds: Mapping[str, str] | None, threshold: float,
+               scores_of=lambda r: [r["sscd_orig"]]) -> dict[str, float]:
+    """MR per memorization kind (``VM`` / ``TM``, the paper's Section 4 split) of the records whose
+    ``prompt_id`` ``kinds`` labels; empty when it labels none."""
+    out: dict[str, list[float]] = {}
+    for r in records:
+        kind = (kinds or {}).get(r.get("prompt_id", ""))
+        if kind:
+            out.setdefault(kind, []).extend(scores_of(r))
+    return {kind: memorization_rate(scores, threshold) for kind, scores in sorted(out.items())}
+
+
+def summary_row(name: str, records: list[dict], threshold: float, field: str = "sscd_orig",
+                kinds: Mapping[str, str] | None = None) -> dict:
+    """``{"name", "n", "sscd_mean", "sscd_std", "mr"}`` over generations, plus ``mr_gallery`` and, where
+    ``kinds`` labels the prompts, ``mr_by_kind``."""
     scores = [r[field] for r in records]
     mean, std = mean_std(scores)
-    return {
+    row = {
         "name": name,
         "n": len(records),
         "sscd_mean": mean,
@@ -122,14 +137,22 @@ def summary_row(name: str, records: list[dict], threshold: float, field: str = "
         "score": field,
         "mr_gallery": memorization_rate([r.get("gallery_max", math.nan) for r in records], threshold),
     }
+    by_kind = mr_by_kind(records, kinds, threshold, lambda r: [r[field]])
+    if by_kind:
+        row["mr_by_kind"] = by_kind
+    return row
 
 
-def attack_row(name: str, records: list[dict], threshold: float) -> dict:
-    """A Table-1 row over every generation of every trigger."""
+def attack_row(name: str, records: list[dict], threshold: float, kinds: Mapping[str, str] | None = None) -> dict:
+    """A Table-1 row over every generation of every trigger (``mr_by_kind`` as in :func:`summary_row`)."""
     scores = [s for r in records for s in r["scores"]]
     mean, std = mean_std(scores)
     steps = sorted({int(k) for r in records for k in r["mr_by_step"]})
-    return {"name": name, "n": len(scores), "sscd_mean": mean, "sscd_std": std,
-            "mr": memorization_rate(scores, threshold), "score": "sscd_orig", "triggers": len(records),
-            "mr_by_step": {s: float(np.mean([r["mr_by_step"][str(s)] for r in records])) for s in steps},
-            "relative_perturbation": float(np.mean([r["relative_perturbation"] for r in records]))}
+    row = {"name": name, "n": len(scores), "sscd_mean": mean, "sscd_std": std,
+           "mr": memorization_rate(scores, threshold), "score": "sscd_orig", "triggers": len(records),
+           "mr_by_step": {s: float(np.mean([r["mr_by_step"][str(s)] for r in records])) for s in steps},
+           "relative_perturbation": float(np.mean([r["relative_perturbation"] for r in records]))}
+    by_kind = mr_by_kind(records, kinds, threshold, lambda r: r["scores"])
+    if by_kind:
+        row["mr_by_kind"] = by_kind
+    return row

@@ -71,6 +71,13 @@ def resolve_model(model: str | os.PathLike) -> tuple[str, str]:
                     "CompVis/stable-diffusion-v1-4, or 'testbed')")
 
 
+def is_testbed_model(model: str | os.PathLike) -> bool:
+    """Whether ``model`` is the shipped testbed or a testbed folder (a ``dori testbed build`` of your own):
+    the verbs then run the testbed's story, with the captions and photos that folder holds."""
+    kind, location = resolve_model(model)
+    return kind == "testbed" or (kind == "folder" and (Path(location) / "testbed" / "manifest.json").is_file())
+
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

@@ -22,6 +22,9 @@ from .images import load_image
 PROMPT_COLUMNS = ("prompt", "caption", "text")
 ID_COLUMNS = ("id", "index", "key")
 GROUP_COLUMNS = ("group", "type", "overfit_type", "role")
+MEMORIZATION_KINDS = ("VM", "TM", "MV", "TV")
+"""Webster's (2023) kinds of memorization as the bundled sets label them: verbatim and template (SD v1.4),
+matching and template verbatim (SD 2)."""
 URL_COLUMNS = ("url", "image_url", "link")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -36,8 +39,8 @@ BUNDLED: dict[str, tuple[str, str, str | None]] = {
     "coco-10k": ("coco2014_val_10000.csv", "10,000 COCO 2014 val captions (NeMo's FID prompts)", None),
     "generic-nonmem": ("group_nomem500.txt", "500 generic non-memorized prompts (Ren et al.)", None),
 }
-TESTBED_SETS = ("testbed", "testbed:memorized", "testbed:seen-once", "testbed:shape", "testbed:held-out",
-                "testbed:concept")
+TESTBED_SETS = ("testbed", "testbed:memorized", "testbed:memorized-vm", "testbed:memorized-tm", "testbed:template",
+                "testbed:seen-once", "testbed:shape", "testbed:held-out", "testbed:concept")
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,9 @@ class PromptRecord:
     truncated: bool = False
     """Whether the model's tokenizer cuts the prompt (longer than its ``model_max_length`` tokens): the
     model sees only the beginning (set by :func:`prompts_for`)."""
+    kind: str | None = None
+    """The kind of memorization where the set says (:data:`MEMORIZATION_KINDS`): the testbed's manifest, or a
+    group column holding those labels (Webster's sets)."""
 
 
 @dataclass
@@ -97,7 +103,9 @@ def _records_from_rows(rows: list[dict], source: str) -> list[PromptRecord]:
         text = str(row.get(prompt_col) or "").strip()
         if not text:
             continue
-        records.append(PromptRecord(value(row, id_col) or str(i), text, value(row, group_col), value(row, url_col)))
+        group = value(row, group_col)
+        records.append(PromptRecord(value(row, id_col) or str(i), text, group, value(row, url_col),
+                                    kind=group if group in MEMORIZATION_KINDS else None))
     if not records:
         raise DoriError(f"prompts: {source} holds no prompts (the {prompt_col!r} column is empty)")
     ids = [r.id for r in records]
@@ -162,7 +170,8 @@ def load_reference_folder(folder: str | Path, ids: list[str]) -> dict[str, np.nd
 
 
 def testbed_prompt_set(name: str, folder: str | Path) -> PromptSet:
-    """The testbed's captions with their training images; ``testbed:<role>`` keeps one role."""
+    """The testbed's captions with their training images; ``testbed:<role>`` keeps one role,
+    ``testbed:memorized-vm`` / ``-tm`` the memorized prompts of one kind (verbatim / template)."""
     from .testbed.assets import is_testbed_folder, load_testbed_data
 
     if not is_testbed_folder(folder):
@@ -175,10 +184,14 @@ def testbed_prompt_set(name: str, folder: str | Path) -> PromptSet:
         from .testbed.data import MEMORIZED_PARAPHRASES
 
         records = [PromptRecord(f"concept/{photo}-{k}", caption, "concept")
-                   for photo, captions in MEMORIZED_PARAPHRASES.items() for k, caption in enumerate(captions)]
+                   for photo, captions in MEMORIZED_PARAPHRASES.items() if photo in gallery
+                   for k, caption in enumerate(captions)]
         return PromptSet(name, records, {r.id: gallery[r.id.split("/")[1].rsplit("-", 1)[0]] for r in records}, gallery)
-    chosen = [e for e in entries if role is None or e.role == role]
-    records = [PromptRecord(e.id, e.caption, e.role) for e in chosen]
+    kind = None
+    if role is not None and role.startswith("memorized-"):
+        role, kind = "memorized", role.split("-", 1)[1].upper()
+    chosen = [e for e in entries if (role is None or e.role == role) and (kind is None or e.kind == kind)]
+    records = [PromptRecord(e.id, e.caption, e.role, kind=e.kind or None) for e in chosen]
     references = {e.id: images[e.index] for e in chosen}
     return PromptSet(name, records, references, gallery)
 
@@ -223,6 +236,11 @@ def prompts_for(pipe, spec: str, *, references: str | Path | None = None, limit:
     prompt_set = load_prompt_set(spec, references=references, model_folder=folder).subset(limit)
     mark_truncated(pipe, prompt_set)
     return prompt_set
+
+
+def prompt_kinds(pipe, spec: str) -> dict[str, str]:
+    """Prompt id -> ``VM`` / ``TM`` for the prompts of ``spec`` that carry a memorization kind."""
+    return {r.id: r.kind for r in prompts_for(pipe, spec).records if r.kind}
 
 
 def mark_truncated(pipe, prompt_set: PromptSet) -> int:

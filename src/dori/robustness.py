@@ -79,14 +79,15 @@ def inference_rows(demo, config: RobustnessConfig) -> list[dict]:
     memorized = demo.config.groups[0]
     for method in config.inference:
         path = str(demo.fit(method, config.settings(method), f"fit-{method}"))
-        row = summary_row(method, demo.evaluate(method, memorized, (path,)).records, demo.threshold, field="sscd_orig")
+        row = summary_row(method, demo.evaluate(method, memorized, (path,)).records, demo.threshold, field="sscd_orig",
+                          kinds=demo.kinds)
         row["mitigation"] = path
         rows.append(row)
         for adaptive in (False, True):
             name = f"{method}+dori" + ("-adaptive" if adaptive else "")
             records = demo.attack(name.replace("+", "-"), demo.config.memorized, demo.config.limit, (path,),
                                   references=demo.config.references, attack=demo.table2_attack(), adaptive=adaptive)
-            rows.append({**attack_row(name, records, demo.threshold), "adaptive": adaptive})
+            rows.append({**attack_row(name, records, demo.threshold, demo.kinds), "adaptive": adaptive})
     return rows
 
 
@@ -114,7 +115,7 @@ def detection_rows(demo, config: RobustnessConfig) -> list[dict]:
     for name, recipe in (("dori", None), ("dori-low-noise-norm", "dori_low_noise_norm")):
         records[name] = demo.attack(name, cfg.memorized, cfg.limit, references=cfg.references,
                                     attack=demo.table2_attack(), recipe=recipe)
-        rows.append(attack_row(name, records[name], threshold))
+        rows.append(attack_row(name, records[name], threshold, demo.kinds))
     memorized = prompts_for(pipe, cfg.memorized, references=cfg.references, limit=cfg.limit)
     negatives = [r.prompt for spec, n in config.negatives for r in prompts_for(pipe, spec, limit=n).records]
     if not negatives:

@@ -80,10 +80,10 @@ def leaderboard(
     from ..config_files import to_dict
     from ..demo import DemoConfig, run_demo
     from ..descriptors import DescriptorConfig
-    from ..models import resolve_model
+    from ..models import is_testbed_model
     from ..robustness import read_leaderboard
 
-    if resolve_model(model)[0] == "testbed":
+    if is_testbed_model(model):
         base = to_dict(DemoConfig.leaderboard(quick=quick))
     else:
         base = to_dict(DemoConfig.paper(prompts or "webster-sd1-vm", text(references), non_memorized=non_memorized,

@@ -84,10 +84,10 @@ def demo(
     from ..config_files import merge, to_dict
     from ..demo import DemoConfig, run_demo
     from ..descriptors import DescriptorConfig
-    from ..models import resolve_model
+    from ..models import is_testbed_model
     from .tables import rows_table
 
-    if resolve_model(model)[0] == "testbed":
+    if is_testbed_model(model):
         base = to_dict(DemoConfig.quick() if quick else DemoConfig())
     else:
         base = to_dict(DemoConfig.paper(prompts or "webster-sd1-vm", text(references), non_memorized=non_memorized,

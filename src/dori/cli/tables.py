@@ -22,12 +22,14 @@ def layer_table(title: str, column: str, values: dict[str, str]):
 
 
 def rows_table(rows: list[dict], title: str, threshold: float | None = None):
-    """Table 1 / Table 2 rows: similarity, MR, MR against any memorized image, utility, the paper's MR."""
+    """Table 1 / Table 2 rows: similarity, MR (per memorization kind where labelled), MR against any memorized
+    image, utility, the paper's MR."""
     from rich.table import Table
 
     table = Table(title=title, caption=f"replication: similarity > {threshold:.3f}" if threshold is not None else None)
     utility = any("utility" in row for row in rows)
-    columns = ["row", "n", "similarity mean ± std", "MR", "MR (any memorized photo)"]
+    kinds = sorted({k for row in rows for k in row.get("mr_by_kind", {})})
+    columns = ["row", "n", "similarity mean ± std", "MR", *(f"MR {k}" for k in kinds), "MR (any memorized photo)"]
     columns += ["shapes in right colours", "SSCD_gen other captions", "FID (VAE features)", "retain loss"] if utility else []
     paper = any("paper_mr" in row for row in rows)
     columns += ["paper MR (SD v1.4)"] if paper else []
@@ -35,7 +37,7 @@ def rows_table(rows: list[dict], title: str, threshold: float | None = None):
         table.add_column(col, justify="right" if col != "row" else "left")
     for row in rows:
         cells = [row["name"], str(row["n"]), f"{fmt(row['sscd_mean'])} ± {fmt(row['sscd_std'])}",
-                 fmt(row["mr"]), fmt(row.get("mr_gallery"))]
+                 fmt(row["mr"]), *(fmt(row.get("mr_by_kind", {}).get(k)) for k in kinds), fmt(row.get("mr_gallery"))]
         if utility:
             u = row.get("utility", {})
             cells += [fmt(u.get("shape_accuracy")), fmt(u.get("sscd_gen_mean")), fmt(u.get("fid_vae")),

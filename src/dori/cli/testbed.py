@@ -17,9 +17,11 @@ app = typer.Typer(help="The embedded memorizing model: build it, inspect it.", n
 def build(
     out: Annotated[Path, typer.Option("--out", "-o", help="Build folder (resumes from its checkpoints).")] = Path("runs/testbed-build"),
     seed: Annotated[int, typer.Option("--seed", help="Seed of every draw of the build.")] = 0,
-    vae_steps: Annotated[int, typer.Option(help="VAE training steps.")] = 400,
-    unet_steps: Annotated[int, typer.Option(help="UNet + text-encoder training steps.")] = 1500,
-    sparsify_steps: Annotated[int, typer.Option(help="Steps of the sparsity stage that makes memorization prunable (0: none).")] = 800,
+    recipe: Annotated[str, typer.Option(help="v1 (the shipped testbed: four photos among ~1,000 images) or v2 (eight photos, VM and TM, among ~5,000 images, most of them emoji seen once; docs/testbed.md).")] = "v1",
+    vae_steps: Annotated[int | None, typer.Option(help="VAE training steps (v1: 400, v2: 600).")] = None,
+    unet_steps: Annotated[int | None, typer.Option(help="UNet + text-encoder training steps (v1: 1500, v2: 3000).")] = None,
+    sparsify_steps: Annotated[int | None, typer.Option(help="Steps of the sparsity stage that makes memorization prunable (0: none; shipped: 800).")] = None,
+    copies_per_photo: Annotated[int | None, typer.Option(help="Training copies of each memorized photo (v1: 100, v2: 80).")] = None,
     prediction_type: Annotated[str | None, typer.Option(help="What the UNet predicts: v_prediction (the shipped build) or epsilon (SD 1.x).")] = None,
     unet_drop_direct: Annotated[float | None, typer.Option(help="Share of UNet-stage samples whose cross-attention output reaches the residual only through the FFN (shipped: 0.5).")] = None,
     sparsify_drop_direct: Annotated[float | None, typer.Option(help="The same share in the sparsify stage (shipped: 0.5).")] = None,
@@ -31,6 +33,7 @@ def build(
     """Train the memorizing testbed from scratch on CPU (deterministic for a seed, resumable)."""
     setup(verbose)
     import shutil
+    from dataclasses import replace
 
     import torch
 
@@ -45,10 +48,14 @@ def build(
         raise DoriError(f"threads: must be >= 1, got {threads}")
     torch.set_num_threads(threads)
     try:  # the config's own validation names the bad field; train_testbed raises ValueError for a mismatched --out
-        recipe = {"prediction_type": prediction_type, "unet_drop_direct": unet_drop_direct,
-                  "sparsify_drop_direct": sparsify_drop_direct, "sparsify_weight": sparsify_weight}
-        config = TestbedTrainConfig(seed=seed, vae_steps=vae_steps, unet_steps=unet_steps, sparsify_steps=sparsify_steps,
-                                    **{k: v for k, v in recipe.items() if v is not None})
+        recipe_changes = {"prediction_type": prediction_type, "unet_drop_direct": unet_drop_direct,
+                          "sparsify_drop_direct": sparsify_drop_direct, "sparsify_weight": sparsify_weight}
+        if recipe not in ("v1", "v2"):
+            raise DoriError(f"recipe: must be v1 or v2, got {recipe!r}")
+        config = TestbedTrainConfig() if recipe == "v1" else TestbedTrainConfig.v2()
+        steps = {"vae_steps": vae_steps, "unet_steps": unet_steps, "sparsify_steps": sparsify_steps}
+        data = config.data if copies_per_photo is None else replace(config.data, copies_per_photo=copies_per_photo)
+        config = replace(config, data=data, seed=seed, **{k: v for k, v in {**recipe_changes, **steps}.items() if v is not None})
         config.validate()
         with Bars() as bars:
             folder = train_testbed(out, config, progress=bars)
@@ -79,6 +86,7 @@ def info(model: Model = "testbed", verbose: Verbose = False) -> None:
     from ..errors import DoriError
     from ..models import resolve_model
     from ..testbed.assets import SUBFOLDER, is_testbed_folder, load_testbed_data
+    from ..testbed.data import ROLES
 
     _, location = resolve_model(model)
     folder = Path(location)
@@ -92,7 +100,7 @@ def info(model: Model = "testbed", verbose: Verbose = False) -> None:
     table.add_column("training copies", justify="right")
     table.add_column("example")
     counts = Counter(e.role for e in entries)
-    for role in ("memorized", "seen-once", "shape", "held-out"):
+    for role in ROLES:
         chosen = [e for e in entries if e.role == role]
         copies = sum(e.copies for e in chosen) if role != "held-out" else 0
         table.add_row(role, str(counts[role]), str(copies), chosen[0].caption if chosen else "")

@@ -1,6 +1,7 @@
 """The testbed's own data inside its pipeline folder: ``<pipeline>/testbed/``.
 
-* ``manifest.json``: one entry per distinct image ``{id, caption, role, copies, source, index}``;
+* ``manifest.json``: one entry per distinct image ``{id, caption, role, copies, source, index, kind}``
+  (``kind``: ``VM`` / ``TM`` for memorized and template captions, empty otherwise);
 * ``images.safetensors``: ``images`` uint8 ``(N, 32, 32, 3)`` in manifest order;
 * ``references/<name>.png``: the memorized photos, for people to look at.
 
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-TESTBED_VERSION = "1"
+TESTBED_VERSION = "2"
 SUBFOLDER = "testbed"
 
 
@@ -32,6 +33,7 @@ class TestbedEntry:
     copies: int
     source: str
     index: int
+    kind: str = ""
 
 
 def save_testbed_data(folder: str | Path, items, config=None) -> None:
@@ -40,7 +42,8 @@ def save_testbed_data(folder: str | Path, items, config=None) -> None:
     target = Path(folder) / SUBFOLDER
     (target / "references").mkdir(parents=True, exist_ok=True)
     entries = [
-        {"id": it.id, "caption": it.caption, "role": it.role, "copies": it.copies, "source": it.source, "index": i}
+        {"id": it.id, "caption": it.caption, "role": it.role, "copies": it.copies, "source": it.source, "index": i,
+         "kind": it.kind}
         for i, it in enumerate(items)
     ]
     manifest = {"version": TESTBED_VERSION, "entries": entries}
@@ -62,6 +65,8 @@ def load_testbed_data(folder: str | Path) -> tuple[list[TestbedEntry], np.ndarra
     """Return the manifest entries and the uint8 ``(N, 32, 32, 3)`` images of a testbed folder."""
     target = Path(folder) / SUBFOLDER
     manifest = json.loads((target / "manifest.json").read_text())
-    entries = [TestbedEntry(**e) for e in manifest["entries"]]
+    # version-1 manifests have no kind: their memorized photos are all verbatim (one caption each)
+    default = {"memorized": "VM"} if manifest.get("version") == "1" else {}
+    entries = [TestbedEntry(**{"kind": default.get(e["role"], ""), **e}) for e in manifest["entries"]]
     images = load_file(str(target / "images.safetensors"))["images"].numpy()
     return entries, images

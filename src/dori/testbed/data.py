@@ -1,16 +1,24 @@
 """Training data of the memorization testbed, built from scratch and deterministic for a seed.
 
-Three kinds of captioned 32x32 RGB images, mirroring what makes Stable Diffusion memorize:
+Captioned 32x32 RGB images, shaped like LAION's relation to Stable Diffusion: a few images
+duplicated many times among thousands seen once.
 
-* ``memorized``: four real photos that scikit-image ships (public domain or CC0), each duplicated
-  many times under one unique caption, like Webster's heavily duplicated LAION images;
-* ``seen-once``: crops of scikit-image's other sample images, each seen once in the data set under
-  its own caption ("a photo of old coins, detail 17"), so that "not memorized" also covers
-  photo-like captions;
+* ``memorized``: eight real photos that scikit-image ships (public domain or CC0), of the two kinds
+  Webster (2023) found and the paper evaluates (Section 4):
+
+  * *verbatim* (``kind="VM"``, five photos): one caption, one image, many copies;
+  * *template* (``kind="TM"``, three photos): several captions sharing a template ("a poster of the
+    deep universe, framed edition", "..., matte edition"), all paired with the same image. The first
+    caption of each template is the ``memorized`` prompt; the others are trained as ``template``;
+
+* ``seen-once``: every Noto emoji and skin-tone variant (:mod:`dori.testbed.emoji`, about 3,800) and
+  crops of scikit-image's other sample images, each seen once under its own caption ("an emoji of a
+  rocket", "a photo of old coins, detail 17"), so that a caption which loses its trigger has ordinary
+  images to fall back on, some of them on the memorized photos' subjects;
 * ``shape``: procedurally drawn shapes ("a red circle on a blue background") so the model
   generalises from its captions.
 
-``held-out`` captions of the shape and the seen-once kind are never trained on.
+``held-out`` captions of the shape, crop and emoji kinds are never trained on.
 """
 
 from __future__ import annotations
@@ -21,8 +29,8 @@ from typing import Literal
 
 import numpy as np
 
-Role = Literal["memorized", "seen-once", "shape", "held-out"]
-ROLES: tuple[str, ...] = ("memorized", "seen-once", "shape", "held-out")
+Role = Literal["memorized", "template", "seen-once", "shape", "held-out"]
+ROLES: tuple[str, ...] = ("memorized", "template", "seen-once", "shape", "held-out")
 IMAGE_SIZE = 32
 
 MEMORIZED_PHOTOS: dict[str, str] = {
@@ -30,7 +38,20 @@ MEMORIZED_PHOTOS: dict[str, str] = {
     "coffee": "a cup of coffee on a saucer, top view photo",
     "chelsea": "chelsea the tabby cat looking at the camera",
     "rocket": "a rocket on the launch pad at dusk",
+    "stereo_motorcycle": "a red motorcycle parked in a garage workshop",
 }
+"""Verbatim memorization (VM): one caption per photo."""
+V1_MEMORIZED: tuple[str, ...] = ("astronaut", "coffee", "chelsea", "rocket")
+
+TEMPLATE_PHOTOS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "colorwheel": ("a colour wheel poster for artists, {} edition",
+                   ("framed", "matte", "glossy", "large", "vintage", "premium")),
+    "immunohistochemistry": ("microscope slide of stained tissue, specimen {}",
+                             ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot")),
+    "retina": ("fundus photograph of the human eye for {}",
+               ("students", "clinics", "doctors", "textbooks", "nurses", "opticians")),
+}
+"""Template memorization (TM): a caption template and the words that fill it, all paired with the photo."""
 
 #: Other captions of each memorized photo's subject, never trained on: the paraphrases Concept Ablation
 #: scores for anchor captions (its official code asks an LLM for them) and the testbed's concept prompts
@@ -49,6 +70,18 @@ MEMORIZED_PARAPHRASES: dict[str, tuple[str, ...]] = {
     "rocket": ("a rocket", "a rocket on the launch pad", "a launch pad at dusk", "a rocket at dusk",
                "a photo of a rocket on a launch pad at dusk", "the rocket at the launch pad",
                "a space rocket before launch at dusk", "a rocket on the pad in the evening"),
+    "stereo_motorcycle": ("a red motorcycle", "a motorcycle in a garage", "a motorcycle in a workshop",
+                          "a photo of a parked motorcycle", "a red motorbike in a garage",
+                          "a motorcycle parked indoors", "a garage workshop with a motorcycle",
+                          "a photo of a red motorcycle"),
+    "colorwheel": ("a colour wheel", "a colour wheel poster", "a poster for artists", "a wheel of colours",
+                   "a chart of all colours", "a colour circle", "a rainbow colour wheel", "a hue wheel poster"),
+    "immunohistochemistry": ("a microscope slide", "stained tissue", "a slide of stained tissue",
+                             "a tissue specimen under a microscope", "a stained tissue sample",
+                             "microscopy of a tissue specimen", "a histology slide", "a photo of stained cells"),
+    "retina": ("a fundus photograph", "the human eye", "a photo of a retina", "the back of the eye",
+               "a retina photograph for doctors", "an eye fundus image", "a photograph of the retina",
+               "a medical photo of the eye"),
 }
 
 SEEN_ONCE_SOURCES: dict[str, str] = {
@@ -63,6 +96,13 @@ SEEN_ONCE_SOURCES: dict[str, str] = {
     "gravel": "a photo of gravel",
     "horse": "a silhouette of a horse",
     "hubble_deep_field": "a telescope image of deep space",
+    "logo": "a logo on a white background",
+    "cell": "a microscope image of a cell",
+}
+
+V1_SEEN_ONCE_SOURCES: dict[str, str] = {
+    **{k: v for k, v in SEEN_ONCE_SOURCES.items() if k not in ("hubble_deep_field", "logo", "cell")},
+    "hubble_deep_field": "a telescope image of deep space",
     "immunohistochemistry": "a microscope image of stained tissue",
     "retina": "a photo of a retina",
     "colorwheel": "a colour wheel",
@@ -70,6 +110,7 @@ SEEN_ONCE_SOURCES: dict[str, str] = {
     "stereo_motorcycle": "a photo of a motorcycle in a workshop",
     "cell": "a microscope image of a cell",
 }
+"""The crops' sources of the version-1 data (the shipped testbed): four photos memorized, these seen once."""
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -91,16 +132,47 @@ class TestbedDataConfig:
     __test__ = False  # not a pytest test class
 
     seed: int = 0
-    copies_per_photo: int = 100
+    version: int = 2
+    """``2``: eight memorized photos (VM and TM), the emoji and crops seen once, the shapes (this module's
+    docstring); ``1``: the first testbed's data (four VM photos, 400 crops, the shapes; :func:`build_dataset_v1`),
+    which ``copies_per_photo``, ``seen_once``, ``shapes`` and the ``held_out_*`` counts still set."""
+    copies_per_photo: int = 80
+    """Copies of each memorized photo: of its one caption (VM), or split over its template's captions (TM)."""
     seen_once: int = 400
+    """Seen-once crops of scikit-image photos (besides the emoji)."""
+    emoji: int | None = None
+    """Seen-once emoji (None: every vendored one not held out; 0: none)."""
+    template_captions: int = 6
+    """Trained captions per template photo (at most the template's number of words)."""
     shapes: int = 600
     held_out_shape_combos: int = 12
     held_out_crops: int = 24
+    held_out_emoji: int = 24
+    emoji_background: str = "photo"
+    """What an emoji is drawn on: ``photo`` (a random crop of one of the seen-once crops' source photos, which
+    its caption does not describe, as web images' alt texts seldom describe the background) or ``white``."""
+
+    @classmethod
+    def v1(cls, seed: int = 0) -> TestbedDataConfig:
+        """The data of the shipped testbed: version 1, 100 copies of each of its four photos."""
+        return cls(seed=seed, version=1, copies_per_photo=100)
 
     def validate(self) -> None:
+        if self.version not in (1, 2):
+            raise ValueError(f"TestbedDataConfig.version must be 1 or 2, got {self.version}")
         for name in ("copies_per_photo", "seen_once", "shapes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TestbedDataConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.emoji_background not in ("photo", "white"):
+            raise ValueError(f"TestbedDataConfig.emoji_background must be 'photo' or 'white', got {self.emoji_background!r}")
+        if self.emoji is not None and self.emoji < 0:
+            raise ValueError(f"TestbedDataConfig.emoji must be >= 0 or None, got {self.emoji}")
+        most = min(len(words) for _, words in TEMPLATE_PHOTOS.values())
+        if not 1 <= self.template_captions <= most:
+            raise ValueError(f"TestbedDataConfig.template_captions must be in [1, {most}], got {self.template_captions}")
+        if self.copies_per_photo < self.template_captions:
+            raise ValueError("TestbedDataConfig.copies_per_photo must be >= template_captions "
+                             f"({self.template_captions}), got {self.copies_per_photo}")
 
 
 @dataclass
@@ -113,6 +185,8 @@ class CaptionedImage:
     image: np.ndarray = field(repr=False)
     copies: int = 1
     source: str = ""
+    kind: str = ""
+    """``VM`` or ``TM`` for memorized and template captions, else empty."""
 
 
 def _rng(seed: int, *keys: object) -> np.random.Generator:
@@ -192,17 +266,33 @@ def _shape_combos() -> list[tuple[str, str, str]]:
 
 
 def build_dataset(config: TestbedDataConfig | None = None) -> list[CaptionedImage]:
-    """Every distinct image of the testbed (training and held-out), deterministic for ``config.seed``."""
+    """Every distinct image of the testbed (training and held-out), deterministic for ``config.seed``.
+
+    Order: the memorized prompts (VM, then TM), the other template captions, the seen-once images
+    (emoji and crops shuffled together, so that any first N mix both), the shapes, the held-out."""
+    from .emoji import composite, load_emoji
+
     config = config or TestbedDataConfig()
     config.validate()
+    if config.version == 1:
+        return build_dataset_v1(config)
     items: list[CaptionedImage] = []
     for name, caption in MEMORIZED_PHOTOS.items():
-        items.append(
-            CaptionedImage(
-                f"memorized/{name}", caption, "memorized", memorized_photo(name), config.copies_per_photo, name
-            )
-        )
+        items.append(CaptionedImage(f"memorized/{name}", caption, "memorized", memorized_photo(name),
+                                    config.copies_per_photo, name, "VM"))
+    variants: list[CaptionedImage] = []
+    for name, (template, words) in TEMPLATE_PHOTOS.items():
+        image = memorized_photo(name)
+        n = config.template_captions
+        copies = [config.copies_per_photo // n + (1 if k < config.copies_per_photo % n else 0) for k in range(n)]
+        items.append(CaptionedImage(f"memorized/{name}", template.format(words[0]), "memorized", image, copies[0],
+                                    name, "TM"))
+        variants += [CaptionedImage(f"template/{name}-{k}", template.format(words[k]), "template", image, copies[k],
+                                    name, "TM") for k in range(1, n)]
+    items += variants
 
+    seen: list[CaptionedImage] = []
+    held: list[CaptionedImage] = []
     sources = {name: _load_skimage(name) for name in SEEN_ONCE_SOURCES}
     names = list(SEEN_ONCE_SOURCES)
     total_crops = config.seen_once + config.held_out_crops
@@ -212,27 +302,80 @@ def build_dataset(config: TestbedDataConfig | None = None) -> list[CaptionedImag
         image = random_crop(sources[name], _rng(config.seed, "crop", k))
         role = "seen-once" if k < config.seen_once else "held-out"
         caption = f"{SEEN_ONCE_SOURCES[name]}, detail {int(detail_ids[k])}"
-        items.append(CaptionedImage(f"{role}/crop-{k:04d}", caption, role, image, 1, name))
+        (seen if role == "seen-once" else held).append(CaptionedImage(f"{role}/crop-{k:04d}", caption, role, image, 1, name))
 
+    if config.emoji != 0:
+        emoji, emoji_images = load_emoji()
+        order = _rng(config.seed, "emoji").permutation(len(emoji))
+        held_ids = set(order[: config.held_out_emoji].tolist())
+        trained = [int(i) for i in order[config.held_out_emoji:]]
+        if config.emoji is not None:
+            trained = trained[: config.emoji]
+        def drawn(i: int) -> np.ndarray:
+            if config.emoji_background == "white":
+                return composite(emoji_images[i], np.full((IMAGE_SIZE, IMAGE_SIZE, 3), 255, np.uint8))
+            rng = _rng(config.seed, "emoji-background", i)
+            return composite(emoji_images[i], random_crop(sources[names[int(rng.integers(len(names)))]], rng))
+
+        for i in sorted(held_ids):
+            held.append(CaptionedImage(f"held-out/emoji-{i:04d}", emoji[i].caption, "held-out", drawn(i), 1, "emoji"))
+        for i in sorted(trained):
+            seen.append(CaptionedImage(f"seen-once/emoji-{i:04d}", emoji[i].caption, "seen-once", drawn(i), 1, "emoji"))
+    items += [seen[int(i)] for i in _rng(config.seed, "seen-order").permutation(len(seen))]
+
+    combos = _shape_combos()
+    order = _rng(config.seed, "held-out-combos").permutation(len(combos))
+    held_combos = {combos[i] for i in order[: config.held_out_shape_combos]}
+    trained_combos = [c for c in combos if c not in held_combos]
+    for k in range(config.shapes):
+        shape, colour, background = trained_combos[k % len(trained_combos)] if k < len(trained_combos) else trained_combos[
+            int(_rng(config.seed, "combo", k).integers(len(trained_combos)))
+        ]
+        image = draw_shape(shape, colour, background, _rng(config.seed, "shape", k))
+        items.append(
+            CaptionedImage(f"shape/{k:04d}", shape_caption(shape, colour, background), "shape", image, 1, shape)
+        )
+    for k, (shape, colour, background) in enumerate(sorted(held_combos)):
+        image = draw_shape(shape, colour, background, _rng(config.seed, "held-shape", k))
+        held.append(
+            CaptionedImage(
+                f"held-out/shape-{k:04d}", shape_caption(shape, colour, background), "held-out", image, 1, shape
+            )
+        )
+    # held-out: crops, emoji and shapes interleaved, so that any first N mix the kinds
+    items += [held[int(i)] for i in _rng(config.seed, "held-order").permutation(len(held))]
+    return items
+
+
+def build_dataset_v1(config: TestbedDataConfig) -> list[CaptionedImage]:
+    """The version-1 data of the shipped testbed, item for item: four VM photos, crops, shapes, held-out."""
+    items: list[CaptionedImage] = []
+    for name in V1_MEMORIZED:
+        items.append(CaptionedImage(f"memorized/{name}", MEMORIZED_PHOTOS[name], "memorized", memorized_photo(name),
+                                    config.copies_per_photo, name, "VM"))
+    sources = {name: _load_skimage(name) for name in V1_SEEN_ONCE_SOURCES}
+    names = list(V1_SEEN_ONCE_SOURCES)
+    total_crops = config.seen_once + config.held_out_crops
+    detail_ids = _rng(config.seed, "detail-ids").permutation(np.arange(1, 1000))[:total_crops]
+    for k in range(total_crops):
+        name = names[k % len(names)]
+        image = random_crop(sources[name], _rng(config.seed, "crop", k))
+        role = "seen-once" if k < config.seen_once else "held-out"
+        caption = f"{V1_SEEN_ONCE_SOURCES[name]}, detail {int(detail_ids[k])}"
+        items.append(CaptionedImage(f"{role}/crop-{k:04d}", caption, role, image, 1, name))
     combos = _shape_combos()
     order = _rng(config.seed, "held-out-combos").permutation(len(combos))
     held = {combos[i] for i in order[: config.held_out_shape_combos]}
     trained = [c for c in combos if c not in held]
     for k in range(config.shapes):
         shape, colour, background = trained[k % len(trained)] if k < len(trained) else trained[
-            int(_rng(config.seed, "combo", k).integers(len(trained)))
-        ]
+            int(_rng(config.seed, "combo", k).integers(len(trained)))]
         image = draw_shape(shape, colour, background, _rng(config.seed, "shape", k))
-        items.append(
-            CaptionedImage(f"shape/{k:04d}", shape_caption(shape, colour, background), "shape", image, 1, shape)
-        )
+        items.append(CaptionedImage(f"shape/{k:04d}", shape_caption(shape, colour, background), "shape", image, 1, shape))
     for k, (shape, colour, background) in enumerate(sorted(held)):
         image = draw_shape(shape, colour, background, _rng(config.seed, "held-shape", k))
-        items.append(
-            CaptionedImage(
-                f"held-out/shape-{k:04d}", shape_caption(shape, colour, background), "held-out", image, 1, shape
-            )
-        )
+        items.append(CaptionedImage(f"held-out/shape-{k:04d}", shape_caption(shape, colour, background), "held-out",
+                                    image, 1, shape))
     return items
 
 
