@@ -25,7 +25,7 @@ def build(
     prediction_type: Annotated[str | None, typer.Option(help="What the UNet predicts: v_prediction (the shipped build) or epsilon (SD 1.x).")] = None,
     unet_drop_direct: Annotated[float | None, typer.Option(help="Share of UNet-stage samples whose cross-attention output reaches the residual only through the FFN (shipped: 0.5).")] = None,
     sparsify_drop_direct: Annotated[float | None, typer.Option(help="The same share in the sparsify stage (shipped: 0.5).")] = None,
-    sparsify_weight: Annotated[float | None, typer.Option(help="Weight of the sparsity penalty in the sparsify stage (shipped: 0.25).")] = None,
+    sparsify_weight: Annotated[float | None, typer.Option(help="Weight of the sparsity penalty in the sparsify stage (v1: 0.25, v2: 0.5).")] = None,
     threads: Annotated[int, typer.Option(help="torch threads (a build is bit-identical for the same machine and thread count).")] = 2,
     install: Annotated[bool, typer.Option("--install", help="Copy the result over the testbed shipped with the package.")] = False,
     verbose: Verbose = False,
