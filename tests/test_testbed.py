@@ -10,7 +10,7 @@ from dori.memorization import score_images
 from dori.models import testbed_path as shipped_testbed
 from dori.prompts import load_prompt_set
 from dori.testbed.assets import load_testbed_data
-from dori.testbed.data import MEMORIZED_PHOTOS, TestbedDataConfig
+from dori.testbed.data import MEMORIZED_PHOTOS, ROLES, TEMPLATE_PHOTOS, TestbedDataConfig
 from dori.testbed.train import TestbedTrainConfig, train_testbed
 
 
@@ -27,8 +27,14 @@ def test_shipped_folder_is_a_plain_diffusers_pipeline():
     assert pipe.tokenizer.model_max_length == 77 and len(pipe.tokenizer) == 49408
     entries, images = load_testbed_data(shipped_testbed())
     memorized = [e for e in entries if e.role == "memorized"]
-    assert {e.source for e in memorized} == set(MEMORIZED_PHOTOS) and all(e.copies >= 50 for e in memorized)
-    assert {e.role for e in entries} == {"memorized", "seen-once", "shape", "held-out"}
+    assert {e.source for e in memorized} <= {*MEMORIZED_PHOTOS, *TEMPLATE_PHOTOS} and len(memorized) >= 4
+    assert all(e.kind in ("VM", "TM") for e in memorized)
+    copies = {e.source: 0 for e in memorized}
+    for e in entries:
+        if e.source in copies and e.role in ("memorized", "template"):
+            copies[e.source] += e.copies
+    assert min(copies.values()) >= 50
+    assert {"memorized", "seen-once", "shape", "held-out"} <= {e.role for e in entries} <= set(ROLES)
     assert images.shape == (len(entries), 32, 32, 3) and images.dtype == np.uint8
 
 
