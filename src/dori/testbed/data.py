@@ -265,6 +265,39 @@ def _shape_combos() -> list[tuple[str, str, str]]:
     return [(s, c, b) for s in SHAPES for c in COLOURS for b in COLOURS if c != b]
 
 
+def _crops(config: TestbedDataConfig, captions: dict[str, str]) -> tuple[list[CaptionedImage], list[CaptionedImage]]:
+    """The seen-once and held-out crops of ``captions``' source photos, in draw order; also the sources."""
+    sources = {name: _load_skimage(name) for name in captions}
+    names = list(captions)
+    total = config.seen_once + config.held_out_crops
+    detail_ids = _rng(config.seed, "detail-ids").permutation(np.arange(1, 1000))[:total]
+    crops = []
+    for k in range(total):
+        name = names[k % len(names)]
+        role = "seen-once" if k < config.seen_once else "held-out"
+        crops.append(CaptionedImage(f"{role}/crop-{k:04d}", f"{captions[name]}, detail {int(detail_ids[k])}", role,
+                                    random_crop(sources[name], _rng(config.seed, "crop", k)), 1, name))
+    return crops[: config.seen_once], crops[config.seen_once:]
+
+
+def _shapes(config: TestbedDataConfig) -> tuple[list[CaptionedImage], list[CaptionedImage]]:
+    """The trained shapes and the held-out shape combinations."""
+    combos = _shape_combos()
+    order = _rng(config.seed, "held-out-combos").permutation(len(combos))
+    held = {combos[i] for i in order[: config.held_out_shape_combos]}
+    trained = [c for c in combos if c not in held]
+    shapes = []
+    for k in range(config.shapes):
+        shape, colour, background = trained[k % len(trained)] if k < len(trained) else trained[
+            int(_rng(config.seed, "combo", k).integers(len(trained)))]
+        image = draw_shape(shape, colour, background, _rng(config.seed, "shape", k))
+        shapes.append(CaptionedImage(f"shape/{k:04d}", shape_caption(shape, colour, background), "shape", image, 1, shape))
+    held_out = [CaptionedImage(f"held-out/shape-{k:04d}", shape_caption(shape, colour, background), "held-out",
+                               draw_shape(shape, colour, background, _rng(config.seed, "held-shape", k)), 1, shape)
+                for k, (shape, colour, background) in enumerate(sorted(held))]
+    return shapes, held_out
+
+
 def build_dataset(config: TestbedDataConfig | None = None) -> list[CaptionedImage]:
     """Every distinct image of the testbed (training and held-out), deterministic for ``config.seed``.
 
@@ -291,18 +324,9 @@ def build_dataset(config: TestbedDataConfig | None = None) -> list[CaptionedImag
                                     name, "TM") for k in range(1, n)]
     items += variants
 
-    seen: list[CaptionedImage] = []
-    held: list[CaptionedImage] = []
+    seen, held = _crops(config, SEEN_ONCE_SOURCES)
     sources = {name: _load_skimage(name) for name in SEEN_ONCE_SOURCES}
     names = list(SEEN_ONCE_SOURCES)
-    total_crops = config.seen_once + config.held_out_crops
-    detail_ids = _rng(config.seed, "detail-ids").permutation(np.arange(1, 1000))[:total_crops]
-    for k in range(total_crops):
-        name = names[k % len(names)]
-        image = random_crop(sources[name], _rng(config.seed, "crop", k))
-        role = "seen-once" if k < config.seen_once else "held-out"
-        caption = f"{SEEN_ONCE_SOURCES[name]}, detail {int(detail_ids[k])}"
-        (seen if role == "seen-once" else held).append(CaptionedImage(f"{role}/crop-{k:04d}", caption, role, image, 1, name))
 
     if config.emoji != 0:
         emoji, emoji_images = load_emoji()
@@ -323,25 +347,9 @@ def build_dataset(config: TestbedDataConfig | None = None) -> list[CaptionedImag
             seen.append(CaptionedImage(f"seen-once/emoji-{i:04d}", emoji[i].caption, "seen-once", drawn(i), 1, "emoji"))
     items += [seen[int(i)] for i in _rng(config.seed, "seen-order").permutation(len(seen))]
 
-    combos = _shape_combos()
-    order = _rng(config.seed, "held-out-combos").permutation(len(combos))
-    held_combos = {combos[i] for i in order[: config.held_out_shape_combos]}
-    trained_combos = [c for c in combos if c not in held_combos]
-    for k in range(config.shapes):
-        shape, colour, background = trained_combos[k % len(trained_combos)] if k < len(trained_combos) else trained_combos[
-            int(_rng(config.seed, "combo", k).integers(len(trained_combos)))
-        ]
-        image = draw_shape(shape, colour, background, _rng(config.seed, "shape", k))
-        items.append(
-            CaptionedImage(f"shape/{k:04d}", shape_caption(shape, colour, background), "shape", image, 1, shape)
-        )
-    for k, (shape, colour, background) in enumerate(sorted(held_combos)):
-        image = draw_shape(shape, colour, background, _rng(config.seed, "held-shape", k))
-        held.append(
-            CaptionedImage(
-                f"held-out/shape-{k:04d}", shape_caption(shape, colour, background), "held-out", image, 1, shape
-            )
-        )
+    shapes, held_shapes = _shapes(config)
+    items += shapes
+    held += held_shapes
     # held-out: crops, emoji and shapes interleaved, so that any first N mix the kinds
     items += [held[int(i)] for i in _rng(config.seed, "held-order").permutation(len(held))]
     return items
@@ -353,30 +361,9 @@ def build_dataset_v1(config: TestbedDataConfig) -> list[CaptionedImage]:
     for name in V1_MEMORIZED:
         items.append(CaptionedImage(f"memorized/{name}", MEMORIZED_PHOTOS[name], "memorized", memorized_photo(name),
                                     config.copies_per_photo, name, "VM"))
-    sources = {name: _load_skimage(name) for name in V1_SEEN_ONCE_SOURCES}
-    names = list(V1_SEEN_ONCE_SOURCES)
-    total_crops = config.seen_once + config.held_out_crops
-    detail_ids = _rng(config.seed, "detail-ids").permutation(np.arange(1, 1000))[:total_crops]
-    for k in range(total_crops):
-        name = names[k % len(names)]
-        image = random_crop(sources[name], _rng(config.seed, "crop", k))
-        role = "seen-once" if k < config.seen_once else "held-out"
-        caption = f"{V1_SEEN_ONCE_SOURCES[name]}, detail {int(detail_ids[k])}"
-        items.append(CaptionedImage(f"{role}/crop-{k:04d}", caption, role, image, 1, name))
-    combos = _shape_combos()
-    order = _rng(config.seed, "held-out-combos").permutation(len(combos))
-    held = {combos[i] for i in order[: config.held_out_shape_combos]}
-    trained = [c for c in combos if c not in held]
-    for k in range(config.shapes):
-        shape, colour, background = trained[k % len(trained)] if k < len(trained) else trained[
-            int(_rng(config.seed, "combo", k).integers(len(trained)))]
-        image = draw_shape(shape, colour, background, _rng(config.seed, "shape", k))
-        items.append(CaptionedImage(f"shape/{k:04d}", shape_caption(shape, colour, background), "shape", image, 1, shape))
-    for k, (shape, colour, background) in enumerate(sorted(held)):
-        image = draw_shape(shape, colour, background, _rng(config.seed, "held-shape", k))
-        items.append(CaptionedImage(f"held-out/shape-{k:04d}", shape_caption(shape, colour, background), "held-out",
-                                    image, 1, shape))
-    return items
+    seen, held_crops = _crops(config, V1_SEEN_ONCE_SOURCES)
+    shapes, held_shapes = _shapes(config)
+    return items + seen + held_crops + shapes + held_shapes
 
 
 def training_items(items: list[CaptionedImage]) -> list[CaptionedImage]:

@@ -108,4 +108,4 @@ def composite(rgba: np.ndarray, background: np.ndarray) -> np.ndarray:
 if __name__ == "__main__":  # python -m dori.testbed.emoji emoji-datasource-google-16.0.0.tgz
     import sys
 
-    print(vendor_emoji(sys.argv[1]))
+    vendor_emoji(sys.argv[1])
