@@ -25,8 +25,8 @@ from dori.analysis import (
     run_weights,
     tsne_embed,
 )
-from dori.analysis.activations import wanda_statistic
-from dori.analysis.common import analysis_layers, short_name
+from dori.analysis.activations import raw_statistic, wanda_statistic
+from dori.analysis.common import analysis_layers, prompt_embeddings, short_name
 from dori.attack.loop import AttackConfig
 from dori.attack.parts import RandomNormal
 from dori.errors import DoriError
@@ -214,6 +214,38 @@ def test_activations_run_folder(testbed_pipe, scatter_run, tmp_path):
         assert key in saved
     assert saved["n_adv"] == 3 and saved["n_mem"] == 4
     assert set(saved["methods"]) == {"nemo", "wanda"} and len(saved["methods"]["nemo"]["ratio_adv_over_mem"]) == 3
+
+
+def test_raw_activation_maps(testbed_pipe, scatter_run, tmp_path):
+    """``statistic="raw"``: the saved vectors are the whole to_v output / ff.net.2 input maps, flattened;
+    a map larger than ``raw_max_features`` keeps a scaled subset of its coordinates."""
+    path, _ = scatter_run
+    config = ActivationsConfig(triggers=str(path), successful_only=False, statistic="raw")
+    out, summary = run_activations(testbed_pipe, config, tmp_path / "raw")
+    assert summary["statistic"] == "raw"
+    acts = load_file(str(out / "activations.safetensors"))
+    values, ffns = analysis_layers(testbed_pipe.unet, config.value_layers, config.ffn_layers)
+    mem_layer = next(iter(values))
+    y_mem = acts[f"nemo/Y_mem/{mem_layer}"]
+    n_mem = y_mem.shape[0]
+    assert y_mem.shape[1] == testbed_pipe.tokenizer.model_max_length * values[mem_layer].out_features
+    # the raw to_v map of a member is to_v of its embedding, flattened
+    _, _, mem = prompt_embeddings(testbed_pipe, config.memorized, n_mem)
+    with torch.no_grad():
+        expected = values[mem_layer](mem.to(values[mem_layer].weight.dtype)).flatten(1).float()
+    torch.testing.assert_close(y_mem, expected, rtol=1e-5, atol=1e-5)
+    ffn_layer = next(iter(ffns))
+    assert acts[f"wanda/Y_mem/{ffn_layer}"].shape[1] > ffns[ffn_layer].in_features  # positions x channels
+    # subsampled: every kept coordinate is a full one scaled by sqrt(total / kept)
+    full = raw_statistic(testbed_pipe, values, ffns, mem, num_inference_steps=10)
+    small = raw_statistic(testbed_pipe, values, ffns, mem, num_inference_steps=10, max_features=100)
+    for layer, whole in full.items():
+        assert small[layer].shape == (len(mem), min(100, whole.shape[1]))
+        scale = (whole.shape[1] / small[layer].shape[1]) ** 0.5
+        matches = (small[layer][:, :, None] / scale - whole[:, None, :]).abs().amax(0) < 1e-5
+        assert bool(matches.any(1).all()), layer
+    with pytest.raises(DoriError, match="statistic"):
+        ActivationsConfig(triggers=str(path), statistic="mean").validate()
 
 
 def test_weights_run_folder_and_resume(testbed_pipe, scatter_run, tmp_path, monkeypatch):

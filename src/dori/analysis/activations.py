@@ -4,11 +4,20 @@ Two embedding sets: Y_adv, the triggers of ONE memorized image (from a scatter o
 Y_mem, the embeddings of different memorized prompts. Per layer, each embedding's activation vector
 is the statistic the method scores (the paper's "activation vector" is not defined further):
 
-* NeMo (``attn2.to_v`` of the down and mid blocks): the token-mean of ``|to_v(y)|`` per neuron;
-  ``to_v`` sees only the text embedding, so no UNet pass is needed.
-* Wanda (``ff.net.2`` of the same transformer blocks): the per-input-channel L2 norm of the layer
-  input with each row (spatial position) L2-normalised, at the first denoising step, from one fixed
-  initial noise for every embedding.
+* ``statistic="scored"`` (default): the statistic each method scores.
+
+  * NeMo (``attn2.to_v`` of the down and mid blocks): the token-mean of ``|to_v(y)|`` per neuron;
+    ``to_v`` sees only the text embedding, so no UNet pass is needed.
+  * Wanda (``ff.net.2`` of the same transformer blocks): the per-input-channel L2 norm of the layer
+    input with each row (spatial position) L2-normalised, at the first denoising step, from one fixed
+    initial noise for every embedding.
+
+* ``statistic="raw"``: the whole activation map, flattened: ``to_v(y)`` (tokens x neurons) and the
+  ``ff.net.2`` input (positions x channels) at that first step. The magnitudes in the paper's figure
+  (100-500 for layers of 320-1280 neurons; docs/analyses.md) are those of distances between whole
+  maps rather than between token-means, so this is the other reading of the paper. Maps larger than
+  ``raw_max_features`` are compared on a fixed random subset of their coordinates, the distances
+  rescaled to the full size (an unbiased estimate of the squared distance).
 
 Discrepancy = mean pairwise L2 distance among a set's activation vectors; the error bar is the std
 of the pairwise distances. The paper: Y_adv (one image) is as spread as Y_mem (different images).
@@ -41,6 +50,7 @@ from .metrics import discrepancy
 logger = logging.getLogger(__name__)
 
 METHODS = ("nemo", "wanda")
+STATISTICS = ("scored", "raw")
 
 
 @dataclass(frozen=True)
@@ -52,7 +62,8 @@ class ActivationsConfig:
     the one initial noise for Wanda's first denoising step of a ``num_inference_steps`` schedule.
     ``ffn_layers`` (None): the ``ff.net.2`` of the transformer blocks of ``value_layers``.
     ``control_starts``: also measure Y_0, the same triggers' start embeddings (not in the paper): how
-    much of Y_adv's spread the starts already had.
+    much of Y_adv's spread the starts already had. ``statistic``: ``scored`` or ``raw`` (the module
+    docstring); ``raw_max_features``: the most coordinates of a raw map compared per layer.
     """
 
     triggers: str = ""
@@ -67,8 +78,14 @@ class ActivationsConfig:
     ffn_layers: tuple[str, ...] | None = None
     batch_size: int = 16
     control_starts: bool = True
+    statistic: str = "scored"
+    raw_max_features: int = 65536
 
     def validate(self) -> None:
+        if self.statistic not in STATISTICS:
+            raise DoriError(f"statistic: must be one of {', '.join(STATISTICS)}, got {self.statistic!r}")
+        if self.raw_max_features < 1:
+            raise DoriError(f"raw_max_features: must be >= 1, got {self.raw_max_features}")
         if not self.triggers:
             raise DoriError("triggers: give the run folder of a `dori analyze scatter` or `dori attack` run")
         if not Path(self.triggers).is_dir():
@@ -132,6 +149,58 @@ def wanda_statistic(pipe, layers: dict[str, torch.nn.Linear], embeds: torch.Tens
     return {name: torch.cat(v) for name, v in out.items()}
 
 
+@torch.no_grad()
+def raw_statistic(pipe, values: dict[str, torch.nn.Linear], ffns: dict[str, torch.nn.Linear], embeds: torch.Tensor, *,
+                  seed: int = 0, num_inference_steps: int = 50, batch_size: int = 16,
+                  max_features: int = 65536) -> dict[str, torch.Tensor]:
+    """The whole activation maps per layer, flattened, at the first denoising step, ``(n, features)``.
+
+    ``to_v`` layers (``values``): their output, tokens x neurons; ``ff.net.2`` layers (``ffns``): their
+    input, positions x channels; every embedding sees the same initial latent (``seed``). A map with more
+    than ``max_features`` coordinates keeps a fixed random subset of them (drawn from ``seed`` and the
+    layer name) scaled by ``sqrt(total / kept)``, so squared distances are unbiased estimates of the
+    full ones.
+    """
+    from ..hooks import hooked
+    from ..models import initial_latents
+    from ..seeding import generator_for
+
+    unet = pipe.unet
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(num_inference_steps, device=unet.device)
+    t = scheduler.timesteps[0]
+    latent = scheduler.scale_model_input(initial_latents(pipe, [seed]) * scheduler.init_noise_sigma, t)
+    keep: dict[str, tuple[torch.Tensor, float] | None] = {}
+    current: dict[str, torch.Tensor] = {}
+
+    def store(name: str, x: torch.Tensor) -> None:
+        x = x.flatten(1)
+        if name not in keep:
+            total = x.shape[1]
+            if total > max_features:
+                index = torch.randperm(total, generator=generator_for(f"raw/{seed}/{name}"))[:max_features].sort().values
+                keep[name] = (index.to(x.device), (total / max_features) ** 0.5)
+            else:
+                keep[name] = None
+        if keep[name] is not None:
+            index, scale = keep[name]
+            x = x[:, index] * scale
+        current[name] = x.float().cpu()
+
+    out: dict[str, list[torch.Tensor]] = {name: [] for name in (*values, *ffns)}
+    with hooked(unet, "raw-activations") as hooks:
+        for name in values:
+            hooks.forward(name, lambda _m, _a, output, name=name: store(name, output))
+        for name in ffns:
+            hooks.pre(name, lambda _m, args, name=name: store(name, args[0]))
+        for i in range(0, len(embeds), batch_size):
+            chunk = embeds[i : i + batch_size].to(unet.device, unet.dtype)
+            unet(latent.expand(len(chunk), -1, -1, -1), t, encoder_hidden_states=chunk)
+            for name in out:
+                out[name].append(current.pop(name))
+    return {name: torch.cat(v) for name, v in out.items()}
+
+
 def discrepancy_rows(method: str, stats: dict[str, dict[str, torch.Tensor]]) -> list[dict]:
     """Table rows (one per layer and set) from ``{set: {layer: (n, d)}}``."""
     rows = []
@@ -179,6 +248,12 @@ def _measure(pipe, config: ActivationsConfig, run, adv, mem_ids, mem, values, ff
     for k, (name, embeds) in enumerate(sets.items()):
         if progress:
             progress("activations", k, len(sets))
+        if config.statistic == "raw":
+            raw = raw_statistic(pipe, values, ffns, embeds, seed=config.seed, num_inference_steps=config.num_inference_steps,
+                                batch_size=config.batch_size, max_features=config.raw_max_features)
+            stats["nemo"][name] = {layer: raw[layer] for layer in values}
+            stats["wanda"][name] = {layer: raw[layer] for layer in ffns}
+            continue
         stats["nemo"][name] = nemo_statistic(values, embeds)
         stats["wanda"][name] = wanda_statistic(pipe, ffns, embeds, seed=config.seed,
                                                num_inference_steps=config.num_inference_steps,
@@ -213,6 +288,7 @@ def _measure(pipe, config: ActivationsConfig, run, adv, mem_ids, mem, values, ff
         "prompt_id": adv.prompt_id, "prompt": adv.prompt,
         "n_adv": len(adv), "n_adv_available": adv.n_available, "n_adv_succeeded": adv.n_succeeded,
         "successful_only": config.successful_only, "n_mem": len(mem_ids), "memorized": config.memorized,
+        "statistic": config.statistic,
         "control_starts": "Y_0" in sets, "seed": config.seed, "timestep_index": 0, "num_inference_steps": config.num_inference_steps,
         "methods": per_method,
         "paper": {"n_adv": paper.STARTS, "n_mem": paper.MEMORIZED,

@@ -133,6 +133,8 @@ def plot_discrepancy(table, summary: dict | None = None) -> Figure:
     title = "Activation discrepancy per layer: one image's triggers (Y_adv) vs different memorized prompts (Y_mem)"
     if "Y_0" in set(table["set"]):
         title += "; Y_0 = the triggers' starts"
+    if summary and summary.get("statistic") == "raw":
+        title += "\n(whole activation maps, not the methods' scored statistics)"
     fig.suptitle(title, fontsize=10.5)
     foot = "error bars: std of the pairwise distances (their spread; pairs share members, so not a standard error)"
     if summary and summary.get("note"):

@@ -145,6 +145,7 @@ def activations(
     max_memorized: MaxMemorized = 100,
     seed: Annotated[int, typer.Option("--seed", help="The one initial noise for every embedding.")] = 0,
     steps: Annotated[int, typer.Option("--steps", help="Schedule length; its first denoising step is used.")] = 50,
+    statistic: Annotated[str, typer.Option(help="scored (what NeMo and Wanda score per neuron / input channel) or raw (the whole activation maps, flattened).")] = "scored",
     model: TriggerModel = None,
     model_config: ModelConfig = None,
     device: Device = "cpu",
@@ -165,11 +166,11 @@ def activations(
     from ..analysis.common import short_name
 
     settings = _settings(ctx, ActivationsConfig, "analyze-activations",
-                         {**TRIGGERS, "seed": "seed", "steps": "num_inference_steps"})
+                         {**TRIGGERS, "seed": "seed", "steps": "num_inference_steps", "statistic": "statistic"})
     pipe = settings.load()
     with Bars() as bars:
         path, summary = run_activations(pipe, settings.config, out, overwrite=overwrite, progress=bars)
-    table = Table(title=f"activation discrepancy: {summary['n_adv']} triggers of {summary['prompt_id']} (Y_adv) vs "
+    table = Table(title=f"activation discrepancy ({summary['statistic']} statistic): {summary['n_adv']} triggers of {summary['prompt_id']} (Y_adv) vs "
                         f"{summary['n_mem']} memorized prompts (Y_mem)")
     starts = summary["control_starts"]
     for col in ("method", "layer", "Y_mem", "Y_adv", "Y_adv / Y_mem") + (("Y_0 (starts)", "Y_adv / Y_0") if starts else ()):

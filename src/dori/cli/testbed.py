@@ -22,6 +22,7 @@ def build(
     unet_steps: Annotated[int | None, typer.Option(help="UNet + text-encoder training steps (v1: 1500, v2: 3000).")] = None,
     sparsify_steps: Annotated[int | None, typer.Option(help="Steps of the sparsity stage that makes memorization prunable (0: none; shipped: 800).")] = None,
     copies_per_photo: Annotated[int | None, typer.Option(help="Training copies of each memorized photo (v1: 100, v2: 80).")] = None,
+    shapes: Annotated[int | None, typer.Option(help="Drawn shapes in the training set (v1: 600, v2: 1,800).")] = None,
     prediction_type: Annotated[str | None, typer.Option(help="What the UNet predicts: v_prediction (the shipped build) or epsilon (SD 1.x).")] = None,
     unet_drop_direct: Annotated[float | None, typer.Option(help="Share of UNet-stage samples whose cross-attention output reaches the residual only through the FFN (shipped: 0.5).")] = None,
     sparsify_drop_direct: Annotated[float | None, typer.Option(help="The same share in the sparsify stage (shipped: 0.5).")] = None,
@@ -54,7 +55,8 @@ def build(
             raise DoriError(f"recipe: must be v1 or v2, got {recipe!r}")
         config = TestbedTrainConfig() if recipe == "v1" else TestbedTrainConfig.v2()
         steps = {"vae_steps": vae_steps, "unet_steps": unet_steps, "sparsify_steps": sparsify_steps}
-        data = config.data if copies_per_photo is None else replace(config.data, copies_per_photo=copies_per_photo)
+        data_changes = {"copies_per_photo": copies_per_photo, "shapes": shapes}
+        data = replace(config.data, **{k: v for k, v in data_changes.items() if v is not None})
         config = replace(config, data=data, seed=seed, **{k: v for k, v in {**recipe_changes, **steps}.items() if v is not None})
         config.validate()
         with Bars() as bars:
