@@ -141,13 +141,15 @@ def test_demo_writes_summary_rows(tmp_path):
 
 def test_testbed_build_and_info(tmp_path):
     steps = ["--vae-steps", "2", "--unet-steps", "2", "--sparsify-steps", "2"]
-    result = runner.invoke(app, ["testbed", "build", "--out", str(tmp_path / "tb"), *steps])
+    result = runner.invoke(app, ["testbed", "build", "--out", str(tmp_path / "tb"), "--shapes", "50", *steps])
     assert result.exit_code == 0, _text(result)
     assert (tmp_path / "tb" / "pipeline" / "testbed" / "descriptor.json").is_file()
+    manifest = json.loads((tmp_path / "tb" / "pipeline" / "testbed" / "manifest.json").read_text())
+    assert sum(e["role"] == "shape" for e in manifest["entries"]) == 50  # --shapes sets the training set's shapes
     info = runner.invoke(app, ["testbed", "info", "--model", str(tmp_path / "tb" / "pipeline")])
     assert info.exit_code == 0, _text(info)
     assert all(role in info.output for role in ("memorized", "seen-once", "shape", "held-out"))
-    bad = runner.invoke(app, ["testbed", "build", "--out", str(tmp_path / "tb"), *steps[2:], "--vae-steps", "3"])
+    bad = runner.invoke(app, ["testbed", "build", "--out", str(tmp_path / "tb"), "--shapes", "50", *steps[2:], "--vae-steps", "3"])
     assert bad.exit_code == 2 and "another config" in _text(bad)
     unknown = runner.invoke(app, ["testbed", "build", "--out", str(tmp_path / "v3"), "--recipe", "v3", *steps])
     assert unknown.exit_code == 2 and "recipe" in _text(unknown) and not (tmp_path / "v3" / "pipeline").exists()

@@ -66,10 +66,12 @@ def test_memorization_kinds_from_labels_and_the_testbed_manifest(tmp_path):
     assert {r.kind for r in vm.records} == {"VM"} and {r.kind for r in tm.records} <= {"TM"}
     assert len(vm) + len(tm) == len(memorized) and set(vm.references) <= set(memorized.references)
     # a row's MR per kind: every generation of the prompts of that kind
-    records = [{"prompt_id": "a", "sscd_orig": 0.9}, {"prompt_id": "a", "sscd_orig": 0.1},
-               {"prompt_id": "b", "sscd_orig": 0.8}, {"prompt_id": "x", "sscd_orig": 0.8}]
+    # ... and against any memorized photo (gallery_max): a's second generation copies another photo
+    records = [{"prompt_id": "a", "sscd_orig": 0.9, "gallery_max": 0.9}, {"prompt_id": "a", "sscd_orig": 0.1, "gallery_max": 0.8},
+               {"prompt_id": "b", "sscd_orig": 0.8, "gallery_max": 0.8}, {"prompt_id": "x", "sscd_orig": 0.8, "gallery_max": 0.2}]
     row = summary_row("m", records, 0.5, kinds={"a": "VM", "b": "TM"})
     assert row["mr"] == 0.75 and row["mr_by_kind"] == {"TM": 1.0, "VM": 0.5}
+    assert row["mr_gallery"] == 0.75 and row["mr_gallery_by_kind"] == {"TM": 1.0, "VM": 1.0}
     assert "mr_by_kind" not in summary_row("m", records, 0.5)
 
 

@@ -125,7 +125,8 @@ def mr_by_kind(records: list[dict], kinds: Mapping[str, str] | None, threshold: 
 def summary_row(name: str, records: list[dict], threshold: float, field: str = "sscd_orig",
                 kinds: Mapping[str, str] | None = None) -> dict:
     """``{"name", "n", "sscd_mean", "sscd_std", "mr"}`` over generations, plus ``mr_gallery`` and, where
-    ``kinds`` labels the prompts, ``mr_by_kind``."""
+    ``kinds`` labels the prompts, ``mr_by_kind`` and ``mr_gallery_by_kind`` (the paper's Table 1 is over
+    VM prompts, so its rows compare with the ``VM`` entries)."""
     scores = [r[field] for r in records]
     mean, std = mean_std(scores)
     row = {
@@ -140,6 +141,7 @@ def summary_row(name: str, records: list[dict], threshold: float, field: str = "
     by_kind = mr_by_kind(records, kinds, threshold, lambda r: [r[field]])
     if by_kind:
         row["mr_by_kind"] = by_kind
+        row["mr_gallery_by_kind"] = mr_by_kind(records, kinds, threshold, lambda r: [r.get("gallery_max", math.nan)])
     return row
 
 

@@ -22,7 +22,7 @@ def build(
     unet_steps: Annotated[int | None, typer.Option(help="UNet + text-encoder training steps (v1: 1500, v2: 3000).")] = None,
     sparsify_steps: Annotated[int | None, typer.Option(help="Steps of the sparsity stage that makes memorization prunable (0: none; shipped: 800).")] = None,
     copies_per_photo: Annotated[int | None, typer.Option(help="Training copies of each memorized photo (v1: 100, v2: 80).")] = None,
-    shapes: Annotated[int | None, typer.Option(help="Drawn shapes in the training set (v1: 600, v2: 1,800).")] = None,
+    shapes: Annotated[int | None, typer.Option(help="Drawn shapes in the training set (v1 and v2: 600).")] = None,
     prediction_type: Annotated[str | None, typer.Option(help="What the UNet predicts: v_prediction (the shipped build) or epsilon (SD 1.x).")] = None,
     unet_drop_direct: Annotated[float | None, typer.Option(help="Share of UNet-stage samples whose cross-attention output reaches the residual only through the FFN (shipped: 0.5).")] = None,
     sparsify_drop_direct: Annotated[float | None, typer.Option(help="The same share in the sparsify stage (shipped: 0.5).")] = None,
