@@ -160,8 +160,11 @@ def test_testbed_v2_build_is_a_testbed_the_verbs_run_on(tmp_path):
     its roles, and `dori demo --model FOLDER` runs the testbed's story with that folder's captions."""
     steps = ["--vae-steps", "2", "--unet-steps", "2", "--sparsify-steps", "2"]
     folder = tmp_path / "tb" / "pipeline"
-    result = runner.invoke(app, ["testbed", "build", "--recipe", "v2", "--out", str(tmp_path / "tb"), *steps])
+    result = runner.invoke(app, ["testbed", "build", "--recipe", "v2", "--out", str(tmp_path / "tb"), *steps,
+                                 "--caption-dropout-memorized", "0"])
     assert result.exit_code == 0, _text(result)
+    recorded = json.loads((tmp_path / "tb" / "build.json").read_text())["config"]
+    assert recorded["caption_dropout_memorized"] == 0.0 and recorded["caption_dropout"] == 0.1
     info = runner.invoke(app, ["testbed", "info", "--model", str(folder)])
     assert info.exit_code == 0 and "template" in info.output and "an emoji of" in info.output, _text(info)
     shown = runner.invoke(app, ["demo", "--model", str(folder), "--show-config"])

@@ -97,3 +97,16 @@ def test_dataset_is_deterministic_for_a_seed_and_changes_with_it():
 def test_bad_data_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         TestbedDataConfig(**{field: value}).validate()
+
+
+def test_memorized_copies_can_be_kept_out_of_the_unconditional_model(items):
+    from dori.testbed.train import TestbedTrainConfig, caption_dropout_rates
+
+    memorized = np.array([it.role in ("memorized", "template") for it in items])
+    assert memorized.any() and not memorized.all()
+    same = caption_dropout_rates(items, TestbedTrainConfig.v2()).numpy()
+    assert np.allclose(same, 0.1)  # by default every caption is dropped alike
+    kept = caption_dropout_rates(items, TestbedTrainConfig.v2(caption_dropout_memorized=0.0)).numpy()
+    assert (kept[memorized] == 0).all() and np.allclose(kept[~memorized], 0.1)
+    with pytest.raises(ValueError, match="caption_dropout_memorized"):
+        TestbedTrainConfig.v2(caption_dropout_memorized=1.0).validate()

@@ -27,6 +27,7 @@ def build(
     unet_drop_direct: Annotated[float | None, typer.Option(help="Share of UNet-stage samples whose cross-attention output reaches the residual only through the FFN (shipped: 0.5).")] = None,
     sparsify_drop_direct: Annotated[float | None, typer.Option(help="The same share in the sparsify stage (shipped: 0.5).")] = None,
     sparsify_weight: Annotated[float | None, typer.Option(help="Weight of the sparsity penalty in the sparsify stage (v1: 0.25, v2: 0.5).")] = None,
+    caption_dropout_memorized: Annotated[float | None, typer.Option(help="Caption dropout of the memorized photos' copies (default: the 0.1 of every caption; 0 keeps them out of the unconditional model).")] = None,
     threads: Annotated[int, typer.Option(help="torch threads (a build is bit-identical for the same machine and thread count).")] = 2,
     install: Annotated[bool, typer.Option("--install", help="Copy the result over the testbed shipped with the package.")] = False,
     verbose: Verbose = False,
@@ -50,7 +51,8 @@ def build(
     torch.set_num_threads(threads)
     try:  # the config's own validation names the bad field; train_testbed raises ValueError for a mismatched --out
         recipe_changes = {"prediction_type": prediction_type, "unet_drop_direct": unet_drop_direct,
-                          "sparsify_drop_direct": sparsify_drop_direct, "sparsify_weight": sparsify_weight}
+                          "sparsify_drop_direct": sparsify_drop_direct, "sparsify_weight": sparsify_weight,
+                          "caption_dropout_memorized": caption_dropout_memorized}
         if recipe not in ("v1", "v2"):
             raise DoriError(f"recipe: must be v1 or v2, got {recipe!r}")
         config = TestbedTrainConfig() if recipe == "v1" else TestbedTrainConfig.v2()
