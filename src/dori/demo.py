@@ -181,8 +181,8 @@ class DemoConfig:
 
     @classmethod
     def quick(cls) -> DemoConfig:
-        """The same story with fewer seeds, prompts and attack steps (3 to 4.5 minutes on 2 cores, by the machine, its models
-        fitted in the run folder; for a first look and the tests)."""
+        """The same story with fewer seeds, prompts and attack steps (3 to 4.5 minutes on 2 cores, by the
+        machine; its models fitted in the run folder; for a first look and the tests)."""
         return cls(
             groups=(DemoGroup("memorized", "testbed:memorized", 4, None, "sscd_orig"),
                     DemoGroup("seen-once", "testbed:seen-once", 1, 12, "sscd_orig"),

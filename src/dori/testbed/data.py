@@ -188,6 +188,11 @@ class CaptionedImage:
     kind: str = ""
     """``VM`` or ``TM`` for memorized and template captions, else empty."""
 
+    @property
+    def memorized(self) -> bool:
+        """A copy of a memorized photo: under its memorized caption or one of its template's other captions."""
+        return self.role in ("memorized", "template")
+
 
 def _rng(seed: int, *keys: object) -> np.random.Generator:
     digest = hashlib.sha256(repr((seed, *keys)).encode()).digest()

@@ -261,8 +261,7 @@ def caption_dropout_rates(items: list[CaptionedImage], config: TestbedTrainConfi
     ``caption_dropout``, or ``caption_dropout_memorized`` for the memorized photos' copies where set."""
     rates = torch.full((len(items),), config.caption_dropout)
     if config.caption_dropout_memorized is not None:
-        memorized = torch.tensor([it.role in ("memorized", "template") for it in items])
-        rates[memorized] = config.caption_dropout_memorized
+        rates[torch.tensor([it.memorized for it in items])] = config.caption_dropout_memorized
     return rates
 
 
@@ -271,7 +270,7 @@ def vae_groups(items: list[CaptionedImage]) -> torch.Tensor:
     Each group gets an equal share of every batch, so that the few flat-coloured shapes and the few
     photos are reconstructed as well as the thousands of emoji."""
     def group(it: CaptionedImage) -> int:
-        if it.role in ("memorized", "template"):
+        if it.memorized:
             return 0
         return {"emoji": 1}.get(it.source, 2 if it.role == "shape" else 3)
 
