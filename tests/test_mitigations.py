@@ -13,6 +13,8 @@ from dori.mitigations.nemo import (
     NeMo,
     NeMoConfig,
     block_neurons,
+    calibrate_ssim_threshold,
+    calibration_ssims,
     encode,
     initial_selection,
     max_pairwise_ssim,
@@ -85,6 +87,20 @@ def test_ssim():
     same = torch.stack([x[0], x[0], x[1]])
     best = max_pairwise_ssim(same)
     assert best[0] == pytest.approx(1.0, abs=1e-5) and best[1] == pytest.approx(1.0, abs=1e-5) and best[2] < 0.9
+
+
+def test_nemo_threshold_is_mean_plus_std_of_its_calibration_pairs(pipe):
+    """The threshold is NeMo's rule over every seed pair of the evenly spaced calibration prompts, at
+    the detection step the config names."""
+    config = NeMoConfig(num_seeds=3, num_inference_steps=5, calibration_prompts=2)
+    values = calibration_ssims(pipe, PROMPTS, config)
+    assert values.shape == (2 * 3,)  # 2 of the 4 prompts x 3 seed pairs
+    assert ((values > -1) & (values <= 1)).all()
+    threshold = calibrate_ssim_threshold(pipe, value_layers(pipe.unet, config.layers), PROMPTS, config)
+    assert threshold == pytest.approx(float(values.mean() + values.std()))
+    later = calibration_ssims(pipe, PROMPTS, NeMoConfig(num_seeds=3, num_inference_steps=5, calibration_prompts=2,
+                                                        detection_step=3))
+    assert not torch.allclose(values, later)
 
 
 def test_nemo_localize_apply_remove_save_load(tmp_path, pipe, monkeypatch):

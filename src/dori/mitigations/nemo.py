@@ -348,6 +348,13 @@ def block_neurons(unet: torch.nn.Module, selection: Selection, factor: float = 0
 # -- localisation -------------------------------------------------------------------------------------
 def calibrate_ssim_threshold(pipe, layers: dict[str, torch.nn.Linear], prompts: list[str], config: NeMoConfig) -> float:
     """Mean + 1 std of pairwise SSIM of noise differences over non-memorized prompts (NeMo's 0.428 rule)."""
+    values = calibration_ssims(pipe, prompts, config)
+    return float(values.mean() + values.std())
+
+
+def calibration_ssims(pipe, prompts: list[str], config: NeMoConfig) -> torch.Tensor:
+    """The pairwise SSIMs the threshold is calibrated on: every seed pair of up to
+    ``calibration_prompts`` evenly spaced non-memorized prompts, at the calibration's guidance."""
     latents = config.latents(pipe)
     uncond = encode(pipe, [""])
     stride = max(1, len(prompts) // max(1, config.calibration_prompts))
@@ -358,8 +365,7 @@ def calibrate_ssim_threshold(pipe, layers: dict[str, torch.nn.Linear], prompts: 
                                   guidance_scale=config.calibration_guidance_scale,
                                   swap_guidance=config.calibration_cfg == "official")
         values.append(pairwise_ssim(diffs, config))
-    values = torch.cat(values)
-    return float(values.mean() + values.std())
+    return torch.cat(values)
 
 
 def _cached(path: Path, compute: Callable[[], object], save: Callable[[object, Path], None], load: Callable[[Path], object]):
