@@ -37,9 +37,9 @@ def detection_table(model: str, prompts: str, steps: list[int]) -> None:
         calibration_ssims,
         detection_step,
         encode,
-        max_pairwise_ssim,
         noise_differences,
         pairwise_ssim,
+        seed_maxima,
         statistics_prompts,
     )
     from dori.models import load_pipeline
@@ -58,12 +58,13 @@ def detection_table(model: str, prompts: str, steps: list[int]) -> None:
         mean, std = float(calibration.mean()), float(calibration.std())
         threshold = mean + std
         latents = config.latents(pipe)
+        step_t = detection_step(pipe, config, latents.device)
         means, flagged = [], 0
         for prompt in memorized:
-            diffs = noise_differences(pipe, encode(pipe, [prompt]), latents, config)
-            means.append(float(pairwise_ssim(diffs, config).mean()))
-            flagged += int((max_pairwise_ssim(diffs, config) > threshold).sum())
-        t = int(detection_step(pipe, config)[1])
+            values = pairwise_ssim(noise_differences(pipe, encode(pipe, [prompt]), latents, config, step=step_t), config)
+            means.append(float(values.mean()))
+            flagged += int((seed_maxima(values, config.num_seeds) > threshold).sum())
+        t = int(step_t[1])
         average = sum(means) / len(means)
         spread = f"{average:.3f} ({min(means):.2f}-{max(means):.2f})"
         print(f"{step:4d} {t:4d} | {threshold:9.3f} | {spread:>33} | {(average - mean) / std:12.2f} | "

@@ -313,9 +313,13 @@ def pairwise_ssim(diffs: torch.Tensor, config: NeMoConfig | None = None) -> torc
 
 def max_pairwise_ssim(diffs: torch.Tensor, config: NeMoConfig | None = None) -> torch.Tensor:
     """For each seed, its highest SSIM with any other seed ``(S,)``."""
-    pairs = torch.combinations(torch.arange(len(diffs)), r=2)
-    values = (config or NeMoConfig()).ssim(diffs[pairs[:, 0]], diffs[pairs[:, 1]])
-    out = torch.full((len(diffs),), -math.inf)
+    return seed_maxima(pairwise_ssim(diffs, config), len(diffs))
+
+
+def seed_maxima(values: torch.Tensor, num_seeds: int) -> torch.Tensor:
+    """:func:`pairwise_ssim`'s values ``(S * (S - 1) / 2,)`` -> each seed's highest one ``(S,)``."""
+    pairs = torch.combinations(torch.arange(num_seeds), r=2)
+    out = torch.full((num_seeds,), -math.inf)
     for col in (0, 1):
         out = out.scatter_reduce(0, pairs[:, col], values, reduce="amax")
     return out
@@ -357,11 +361,12 @@ def calibration_ssims(pipe, prompts: list[str], config: NeMoConfig) -> torch.Ten
     ``calibration_prompts`` evenly spaced non-memorized prompts, at the calibration's guidance."""
     latents = config.latents(pipe)
     uncond = encode(pipe, [""])
+    step = detection_step(pipe, config, latents.device)
     stride = max(1, len(prompts) // max(1, config.calibration_prompts))
     prompts = prompts[::stride][: config.calibration_prompts]
     values = []
     for prompt in prompts:
-        diffs = noise_differences(pipe, encode(pipe, [prompt]), latents, config, uncond=uncond,
+        diffs = noise_differences(pipe, encode(pipe, [prompt]), latents, config, uncond=uncond, step=step,
                                   guidance_scale=config.calibration_guidance_scale,
                                   swap_guidance=config.calibration_cfg == "official")
         values.append(pairwise_ssim(diffs, config))
