@@ -1,5 +1,7 @@
 """The shipped testbed memorizes its four photos and nothing else; the build code trains and resumes."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -89,6 +91,10 @@ def test_training_lowers_the_loss_and_resumes_to_the_same_weights(tmp_path):
     assert np.mean(unet_losses[-5:]) < 0.8 * np.mean(unet_losses[:5])
 
     assert [s for s, _ in losses].count("sparsify") == 10
+    # the build calibrates its copy descriptor, so that scoring it does not fall back to the default 0.7
+    calibration = json.loads((full / "testbed" / "descriptor.json").read_text())
+    assert 0.0 < calibration["threshold"] < 1.0 and calibration["auc"] > 0.5
+    assert TestbedDescriptor.from_folder(full).threshold == calibration["threshold"]
 
     def interrupt_at(at_stage, at_step):
         def interrupt(stage, step, total, info):
@@ -116,8 +122,6 @@ def test_training_lowers_the_loss_and_resumes_to_the_same_weights(tmp_path):
 
 
 def test_v_prediction_build_trains_towards_the_velocity(tmp_path):
-    import json
-
     from safetensors.torch import load_file
 
     losses = {}

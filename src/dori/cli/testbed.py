@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -42,7 +43,6 @@ def build(
     from ..errors import DoriError
     from ..models import testbed_path
     from ..runs import check_writable
-    from ..testbed.check import calibrate_folder
     from ..testbed.train import TestbedTrainConfig, train_testbed
 
     check_writable(out)
@@ -65,7 +65,7 @@ def build(
             folder = train_testbed(out, config, progress=bars)
     except ValueError as exc:
         raise DoriError(str(exc)) from exc
-    calibration = calibrate_folder(folder)
+    calibration = json.loads((folder / "testbed" / "descriptor.json").read_text())
     out_console = console()
     out_console.print(f"testbed built in [bold]{folder}[/] (descriptor threshold {calibration['threshold']:.3f}, "
                       f"AUC {calibration['auc']:.4f})")
@@ -82,7 +82,6 @@ def build(
 def info(model: Model = "testbed", verbose: Verbose = False) -> None:
     """What a testbed holds: captions per role, build config, descriptor calibration, size on disk."""
     setup(verbose)
-    import json
     from collections import Counter
 
     from rich.table import Table

@@ -464,8 +464,9 @@ def train_testbed(out: str | Path, config: TestbedTrainConfig | None = None,
                   progress: Progress | None = None) -> Path:
     """Build the testbed into ``out`` (resuming from ``out/checkpoints``) and return the pipeline folder.
 
-    Writes ``out/pipeline`` (a ``StableDiffusionPipeline`` folder with the testbed's data under
-    ``pipeline/testbed``), and ``out/build.json`` (config, its hash, timings).
+    Writes ``out/pipeline`` (a ``StableDiffusionPipeline`` folder with the testbed's data and its
+    calibrated copy descriptor, ``descriptor.json``, under ``pipeline/testbed``), and ``out/build.json``
+    (config, its hash, timings).
     """
     import time
 
@@ -523,6 +524,10 @@ def train_testbed(out: str | Path, config: TestbedTrainConfig | None = None,
     from .assets import save_testbed_data
 
     save_testbed_data(folder, items, config)
+    # the descriptor's threshold is part of the build: scoring a testbed without it falls back to 0.7
+    from .check import calibrate_folder
+
+    calibrate_folder(folder)
     done = json.dumps({
         "config": config.to_dict(), "config_hash": config.hash(), "status": "done",
         "seconds": {"vae": round(t_vae, 1), "total": round(t_total, 1)}, "torch_threads": torch.get_num_threads(),
