@@ -43,6 +43,7 @@ def build(
     from ..errors import DoriError
     from ..models import testbed_path
     from ..runs import check_writable
+    from ..testbed.assets import SUBFOLDER
     from ..testbed.train import TestbedTrainConfig, train_testbed
 
     check_writable(out)
@@ -65,7 +66,7 @@ def build(
             folder = train_testbed(out, config, progress=bars)
     except ValueError as exc:
         raise DoriError(str(exc)) from exc
-    calibration = json.loads((folder / "testbed" / "descriptor.json").read_text())
+    calibration = json.loads((folder / SUBFOLDER / "descriptor.json").read_text())
     out_console = console()
     out_console.print(f"testbed built in [bold]{folder}[/] (descriptor threshold {calibration['threshold']:.3f}, "
                       f"AUC {calibration['auc']:.4f})")
