@@ -43,7 +43,7 @@ def build(
     from ..errors import DoriError
     from ..models import testbed_path
     from ..runs import check_writable
-    from ..testbed.assets import SUBFOLDER
+    from ..testbed.check import read_calibration
     from ..testbed.train import TestbedTrainConfig, train_testbed
 
     check_writable(out)
@@ -66,7 +66,7 @@ def build(
             folder = train_testbed(out, config, progress=bars)
     except ValueError as exc:
         raise DoriError(str(exc)) from exc
-    calibration = json.loads((folder / SUBFOLDER / "descriptor.json").read_text())
+    calibration = read_calibration(folder)
     out_console = console()
     out_console.print(f"testbed built in [bold]{folder}[/] (descriptor threshold {calibration['threshold']:.3f}, "
                       f"AUC {calibration['auc']:.4f})")
@@ -90,6 +90,7 @@ def info(model: Model = "testbed", verbose: Verbose = False) -> None:
     from ..errors import DoriError
     from ..models import resolve_model
     from ..testbed.assets import SUBFOLDER, is_testbed_folder, load_testbed_data
+    from ..testbed.check import read_calibration
     from ..testbed.data import ROLES
 
     _, location = resolve_model(model)
@@ -113,8 +114,7 @@ def info(model: Model = "testbed", verbose: Verbose = False) -> None:
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     out_console.print(f"images {tuple(images.shape)}, {size / 2**20:.1f} MiB on disk, "
                       f"build config hash {manifest.get('build_config_hash')}")
-    calib = folder / SUBFOLDER / "descriptor.json"
-    if calib.exists():
-        data = json.loads(calib.read_text())
+    data = read_calibration(folder)
+    if data is not None:
         out_console.print(f"descriptor threshold {data['threshold']:.3f}, AUC {data['auc']:.4f} "
                           f"({data['n_positive']} replica pairs, {data['n_negative']} non-replica pairs)")

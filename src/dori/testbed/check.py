@@ -13,6 +13,12 @@ from .assets import SUBFOLDER, load_testbed_data
 logger = logging.getLogger(__name__)
 
 
+def read_calibration(folder: str | Path) -> dict | None:
+    """The descriptor calibration that :func:`calibrate_folder` wrote for the testbed in ``folder`` (None: none)."""
+    path = Path(folder) / SUBFOLDER / "descriptor.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def calibrate_folder(folder: str | Path, pipe=None) -> dict:
     """Calibrate the descriptor on the testbed in ``folder``; writes ``testbed/descriptor.json``."""
     from ..models import load_pipeline
