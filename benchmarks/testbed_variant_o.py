@@ -14,9 +14,9 @@ Measured with 1 torch thread and SIGMA 0.5 (the docs' builds: 860 s and 872 s, s
 from __future__ import annotations
 
 import sys
-from dataclasses import replace
 
 import torch
+from testbed_variant_n import variant_l_config
 
 import dori.testbed.train as train
 from dori.testbed import data
@@ -43,12 +43,9 @@ def embedding_noise(memorized_ids: torch.Tensor, empty_ids: torch.Tensor, sigma:
 def main() -> None:
     seed, out = int(sys.argv[1]), sys.argv[2]
     sigma = float(sys.argv[3]) if len(sys.argv) > 3 else 0.5
-    config = train.TestbedTrainConfig.v2()
-    config = replace(config, data=replace(config.data, shapes=1800, emoji=1000), seed=seed, unet_steps=2000,
-                     caption_dropout_memorized=0.0)
-    config.validate()
+    config = variant_l_config(seed)
     tokenizer = build_clip_tokenizer()
-    captions = [item.caption for item in data.build_dataset(replace(config.data, seed=seed)) if item.memorized]
+    captions = [item.caption for item in data.build_dataset(config.data) if item.memorized]
     memorized_ids = tokenizer(captions, padding="max_length", truncation=True, return_tensors="pt").input_ids
     empty_ids = tokenizer([""], padding="max_length", return_tensors="pt").input_ids
     hook = embedding_noise(memorized_ids, empty_ids, sigma, torch.Generator().manual_seed(1000 + seed))
