@@ -13,7 +13,10 @@ how deep the search goes. Per detection step this prints:
 
 With ``--runs``, it also prints each run folder's seed similarity: the mean testbed-descriptor
 similarity between one caption's generations under different seeds (1.0: the same image whatever
-the seed, as a memorized caption draws its photo).
+the seed, as a memorized caption draws its photo). For a run scored against the memorized photos
+(a pruned ``memorized`` group), it splits the MR against any memorized photo into the captions the
+pruning left replicating their own photo (for a demo's ``nemo`` run: how many of them NeMo's test
+flagged, and how many neurons it blocked for them) and the others' jumps to another memorized photo.
 
     python benchmarks/nemo_detection.py --model testbed --steps 1,5,10,20,30,40
     python benchmarks/nemo_detection.py --steps "" --runs runs/demo/nemo runs/demo/seen-once
@@ -71,26 +74,67 @@ def detection_table(model: str, prompts: str, steps: list[int]) -> None:
               f"{flagged / (len(memorized) * config.num_seeds):.2f}")
 
 
-def seed_similarity(folder: Path) -> tuple[int, float]:
-    """(captions, mean over captions of the mean descriptor similarity between their seeds' images)."""
+def caption_table(folder: Path):
+    """One row per caption of a run folder: its seed similarity (the mean descriptor similarity between
+    its seeds' images), and, where the run scored against the memorized photos, its own-photo MR and the
+    share of its generations that copy *another* memorized photo (for a run of memorized captions)."""
+    import json
+
     import pandas as pd
 
     from dori.descriptors import TestbedDescriptor
     from dori.images import load_image, to_tensor
 
     records = pd.read_parquet(folder / "records.parquet")
+    summary = folder / "summary.json"
+    threshold = json.loads(summary.read_text()).get("threshold") if summary.exists() else None
+    memorized = records["prompt_id"].str.startswith(("memorized/", "template/")).all()
+    scored = memorized and threshold is not None and {"sscd_orig", "gallery_max"} <= set(records.columns)
     descriptor = TestbedDescriptor()
-    values = []
-    for _, group in records.groupby("prompt_id"):
+    rows = []
+    for prompt_id, group in records.groupby("prompt_id"):
         if len(group) < 2:
             continue
         images = to_tensor([load_image(folder / p) for p in group["image"]])
         e = torch.nn.functional.normalize(descriptor.embed(images), dim=-1)
         n = len(group)
-        values.append(float(((e @ e.T).sum() - n) / (n * n - n)))
-    if not values:
+        row = {"prompt_id": prompt_id, "prompt": group["prompt"].iloc[0],
+               "seed_similarity": float(((e @ e.T).sum() - n) / (n * n - n))}
+        if scored:
+            own = group["sscd_orig"] > threshold
+            row["own"] = float(own.mean())
+            row["other"] = float(((group["gallery_max"] > threshold) & ~own).mean())
+        rows.append(row)
+    if not rows:
         raise SystemExit(f"{folder}: no caption with generations under two seeds or more")
-    return len(values), sum(values) / len(values)
+    return pd.DataFrame(rows)
+
+
+def describe_run(folder: Path) -> str:
+    """The run's seed similarity and, for a pruned memorized group, what its MR against any memorized
+    photo is made of: the captions the pruning left replicating their own photo (own MR > 0.5), and the
+    others' generations that copy another memorized photo (docs/testbed.md, "What the 'any' row is made of")."""
+    table = caption_table(folder)
+    line = f"{folder}: seed similarity {table['seed_similarity'].mean():.3f} over {len(table)} captions"
+    if "own" not in table:
+        return line
+    left = table[table["own"] > 0.5]
+    pruned = table[table["own"] <= 0.5]
+    line += f"; left replicating: {len(left)} ({', '.join(p.split('/')[-1] for p in left['prompt_id']) or '-'})"
+    localization = folder.parent / "localize-nemo" / "nemo.safetensors"
+    if folder.name == "nemo" and localization.exists() and len(left):
+        from dori.mitigations.nemo import NeMo
+
+        found = {r.prompt: r for r in NeMo.load(localization).results}
+        mine = [found[p] for p in left["prompt"] if p in found]
+        flagged = [r for r in mine if r.memorized]
+        neurons = sorted(r.n_neurons() for r in flagged)
+        line += (f", of which NeMo's test flagged {len(flagged)}"
+                 + (f" (neurons blocked: median {neurons[len(neurons) // 2]})" if neurons else ""))
+    if len(pruned):
+        line += (f"; the {len(pruned)} others: {pruned['other'].mean():.2f} of their generations copy another"
+                 f" memorized photo, seed similarity {pruned['seed_similarity'].mean():.3f}")
+    return line
 
 
 def main() -> None:
@@ -106,8 +150,7 @@ def main() -> None:
     if args.steps:
         detection_table(args.model, args.prompts, [int(s) for s in args.steps.split(",")])
     for folder in args.runs:
-        n, value = seed_similarity(folder)
-        print(f"{folder}: seed similarity {value:.3f} over {n} captions")
+        print(describe_run(folder))
 
 
 if __name__ == "__main__":

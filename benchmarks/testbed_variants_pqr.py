@@ -1,0 +1,48 @@
+"""Build variants p, q and r of docs/testbed.md: which half of version 2 makes pruned captions draw one image.
+
+Variant l (``testbed_variant_n.variant_l_config``) changes two things at once against the shipped v1: the data
+(eight VM/TM photos, emoji seen once, 1,800 shapes) and the recipe (VAE batch by kind, 2,000 UNet steps,
+sparsity weight 0.5, memorized copies' captions never dropped). These builds take one half at a time:
+
+* ``p``: the v1 recipe (``TestbedTrainConfig()``'s defaults) on v2's memorized photos without emoji, 50 copies
+  each, so that its 1,400 images are v1's count and mix (400 copies, 400 crops, 600 shapes);
+* ``q``: variant l without emoji (the v2 recipe and l's shapes and copies, no emoji);
+* ``r``: the v1 recipe on variant l's data (1,000 emoji, 1,800 shapes).
+
+    python benchmarks/testbed_variants_pqr.py VARIANT SEED OUT [THREADS]
+
+Measured with 1 torch thread, two builds side by side (docs/testbed.md gives the times).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+
+import torch
+from testbed_variant_n import variant_l_config
+
+from dori.testbed.data import TestbedDataConfig
+from dori.testbed.train import TestbedTrainConfig, train_testbed
+
+
+def variant_config(variant: str, seed: int) -> TestbedTrainConfig:
+    """The build config of variant ``p``, ``q`` or ``r`` for a build seed."""
+    if variant == "p":
+        return TestbedTrainConfig(seed=seed, data=TestbedDataConfig(emoji=0, copies_per_photo=50))
+    if variant == "q":
+        config = variant_l_config(seed)
+        return replace(config, data=replace(config.data, emoji=0))
+    if variant == "r":
+        return TestbedTrainConfig(seed=seed, data=TestbedDataConfig(shapes=1800, emoji=1000))
+    raise ValueError(f"VARIANT must be p, q or r, got {variant!r}")
+
+
+def main() -> None:
+    variant, seed, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    torch.set_num_threads(int(sys.argv[4]) if len(sys.argv) > 4 else 1)
+    print(train_testbed(out, variant_config(variant, seed)))
+
+
+if __name__ == "__main__":
+    main()
