@@ -39,6 +39,8 @@ def variant_config(variant: str, seed: int) -> TestbedTrainConfig:
 
 
 def main() -> None:
+    if len(sys.argv) not in (4, 5):
+        raise SystemExit("usage: python benchmarks/testbed_variants_pqr.py VARIANT SEED OUT [THREADS]")
     variant, seed, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     torch.set_num_threads(int(sys.argv[4]) if len(sys.argv) > 4 else 1)
     print(train_testbed(out, variant_config(variant, seed)))
