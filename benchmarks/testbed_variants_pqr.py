@@ -1,4 +1,4 @@
-"""Build variants p, q and r of docs/testbed.md: which half of version 2 makes pruned captions draw one image.
+"""Build variants p, q, r and s of docs/testbed.md: which half of version 2 makes pruned captions draw one image.
 
 Variant l (``testbed_variant_n.variant_l_config``) changes two things at once against the shipped v1: the data
 (eight VM/TM photos, emoji seen once, 1,800 shapes) and the recipe (VAE batch by kind, 2,000 UNet steps,
@@ -7,7 +7,9 @@ sparsity weight 0.5, memorized copies' captions never dropped). These builds tak
 * ``p``: the v1 recipe (``TestbedTrainConfig()``'s defaults) on v2's memorized photos without emoji, 50 copies
   each, so that its 1,400 images are v1's count and mix (400 copies, 400 crops, 600 shapes);
 * ``q``: variant l without emoji (the v2 recipe and l's shapes and copies, no emoji);
-* ``r``: the v1 recipe on variant l's data (1,000 emoji, 1,800 shapes).
+* ``r``: the v1 recipe on variant l's data (1,000 emoji, 1,800 shapes);
+* ``s``: p plus variant n's 48 subject-family images per memorized photo (``testbed_variant_n.with_families``):
+  the memorized captions' words shared with ordinary images, at p's exposure per image.
 
     python benchmarks/testbed_variants_pqr.py VARIANT SEED OUT [THREADS]
 
@@ -20,30 +22,36 @@ import sys
 from dataclasses import replace
 
 import torch
-from testbed_variant_n import variant_l_config
+from testbed_variant_n import variant_l_config, with_families
 
+import dori.testbed.train as train
+from dori.testbed import data
 from dori.testbed.data import TestbedDataConfig
 from dori.testbed.train import TestbedTrainConfig, train_testbed
 
 
 def variant_config(variant: str, seed: int) -> TestbedTrainConfig:
-    """The build config of variant ``p``, ``q`` or ``r`` for a build seed."""
-    if variant == "p":
+    """The build config of variant ``p``, ``q``, ``r`` or ``s`` for a build seed (``s``: ``p``'s; its families are
+    added to the data by :func:`main`)."""
+    if variant in ("p", "s"):
         return TestbedTrainConfig(seed=seed, data=TestbedDataConfig(emoji=0, copies_per_photo=50))
     if variant == "q":
         config = variant_l_config(seed)
         return replace(config, data=replace(config.data, emoji=0))
     if variant == "r":
         return TestbedTrainConfig(seed=seed, data=TestbedDataConfig(shapes=1800, emoji=1000))
-    raise ValueError(f"VARIANT must be p, q or r, got {variant!r}")
+    raise ValueError(f"VARIANT must be p, q, r or s, got {variant!r}")
 
 
 def main() -> None:
     if len(sys.argv) not in (4, 5):
         raise SystemExit("usage: python benchmarks/testbed_variants_pqr.py VARIANT SEED OUT [THREADS]")
     variant, seed, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    config = variant_config(variant, seed)
+    if variant == "s":
+        train.build_dataset = with_families(data.build_dataset, 48)
     torch.set_num_threads(int(sys.argv[4]) if len(sys.argv) > 4 else 1)
-    print(train_testbed(out, variant_config(variant, seed)))
+    print(train_testbed(out, config))
 
 
 if __name__ == "__main__":
