@@ -74,6 +74,13 @@ def detection_table(model: str, prompts: str, steps: list[int]) -> None:
               f"{flagged / (len(memorized) * config.num_seeds):.2f}")
 
 
+def seed_similarity(images: torch.Tensor, descriptor) -> float:
+    """Mean pairwise descriptor similarity of one caption's generations under different seeds (1.0: one image)."""
+    e = torch.nn.functional.normalize(descriptor.embed(images), dim=-1)
+    n = len(e)
+    return float(((e @ e.T).sum() - n) / (n * n - n))
+
+
 def caption_table(folder: Path):
     """One row per caption of a run folder: its seed similarity (the mean descriptor similarity between
     its seeds' images), and, where the run scored against the memorized photos, its own-photo MR and the
@@ -96,10 +103,8 @@ def caption_table(folder: Path):
         if len(group) < 2:
             continue
         images = to_tensor([load_image(folder / p) for p in group["image"]])
-        e = torch.nn.functional.normalize(descriptor.embed(images), dim=-1)
-        n = len(group)
         row = {"prompt_id": prompt_id, "prompt": group["prompt"].iloc[0],
-               "seed_similarity": float(((e @ e.T).sum() - n) / (n * n - n))}
+               "seed_similarity": seed_similarity(images, descriptor)}
         if scored:
             own = group["sscd_orig"] > threshold
             row["own"] = float(own.mean())

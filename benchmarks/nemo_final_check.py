@@ -24,14 +24,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch
-
-
-def seed_similarity(images: torch.Tensor, descriptor) -> float:
-    """Mean pairwise descriptor similarity of one caption's generations under different seeds."""
-    e = torch.nn.functional.normalize(descriptor.embed(images), dim=-1)
-    n = len(e)
-    return float(((e @ e.T).sum() - n) / (n * n - n))
+from nemo_detection import seed_similarity
 
 
 def main() -> None:
@@ -39,8 +32,8 @@ def main() -> None:
     from dori.generation import GenerationConfig, generate
     from dori.mitigations.base import mitigated
     from dori.mitigations.nemo import (
-        ActivationStatistics,
         NeMo,
+        activation_statistics,
         encode,
         initial_selection,
         neuron_activations,
@@ -65,7 +58,7 @@ def main() -> None:
     nemo = NeMo.load(args.nemo)
     nemo.check_model(pipe, args.nemo)
     layers = value_layers(pipe.unet, nemo.config.layers)
-    stats = ActivationStatistics.compute(pipe, layers, statistics_prompts(nemo.config.statistics, pipe))
+    stats = activation_statistics(pipe, layers, nemo.config, statistics_prompts(nemo.config.statistics, pipe))
     descriptor = TestbedDescriptor()
     seeds = list(range(1000, 1000 + args.seeds))
     schedule = search_schedule(nemo.config, max(layer.out_features for layer in layers.values()))

@@ -26,20 +26,18 @@ from testbed_variant_n import variant_l_config, with_families
 
 import dori.testbed.train as train
 from dori.testbed import data
-from dori.testbed.data import TestbedDataConfig
-from dori.testbed.train import TestbedTrainConfig, train_testbed
 
 
-def variant_config(variant: str, seed: int) -> TestbedTrainConfig:
+def variant_config(variant: str, seed: int) -> train.TestbedTrainConfig:
     """The build config of variant ``p``, ``q``, ``r`` or ``s`` for a build seed (``s``: ``p``'s; its families are
     added to the data by :func:`main`)."""
     if variant in ("p", "s"):
-        return TestbedTrainConfig(seed=seed, data=TestbedDataConfig(emoji=0, copies_per_photo=50))
+        return train.TestbedTrainConfig(seed=seed, data=data.TestbedDataConfig(emoji=0, copies_per_photo=50))
     if variant == "q":
         config = variant_l_config(seed)
         return replace(config, data=replace(config.data, emoji=0))
     if variant == "r":
-        return TestbedTrainConfig(seed=seed, data=TestbedDataConfig(shapes=1800, emoji=1000))
+        return train.TestbedTrainConfig(seed=seed, data=data.TestbedDataConfig(shapes=1800, emoji=1000))
     raise ValueError(f"VARIANT must be p, q, r or s, got {variant!r}")
 
 
@@ -51,7 +49,7 @@ def main() -> None:
     if variant == "s":
         train.build_dataset = with_families(data.build_dataset, 48)
     torch.set_num_threads(int(sys.argv[4]) if len(sys.argv) > 4 else 1)
-    print(train_testbed(out, config))
+    print(train.train_testbed(out, config))
 
 
 if __name__ == "__main__":

@@ -241,6 +241,18 @@ class ActivationStatistics:
         return cls(mean, std, n)
 
 
+def activation_statistics(pipe, layers: dict[str, torch.nn.Linear], config: NeMoConfig,
+                          prompts: list[str]) -> ActivationStatistics:
+    """The z-scores' statistics NeMo localises with: the official file ``config.statistics_file``, or computed
+    over the non-memorized ``prompts`` and cached under ``$DORI_CACHE/nemo`` per model and prompts."""
+    if config.statistics_file is not None:
+        return ActivationStatistics.from_official(config.statistics_file, layers)
+    key = model_fingerprint(pipe, layers, sorted(prompts))
+    return _cached(cache_dir() / "nemo" / f"statistics-{key}.safetensors",
+                   lambda: ActivationStatistics.compute(pipe, layers, prompts),
+                   lambda s, p: s.save(p), ActivationStatistics.load)
+
+
 def model_fingerprint(pipe, layers: dict[str, torch.nn.Linear], *extra: object, whole_unet: bool = False) -> str:
     """A hash of what NeMo's cached numbers depend on: the text encoder, the value layers (or the whole
     UNet, for the SSIM threshold), and ``extra`` (the prompts, the settings)."""
@@ -645,13 +657,7 @@ class NeMo(MitigationBase):
             raise DoriError(f"prompt_embeds: expected ({len(prompts)}, tokens, dim), one per prompt label, "
                             f"got {tuple(prompt_embeds.shape)}")
         layers = value_layers(pipe.unet, config.layers)
-        if config.statistics_file is not None:
-            stats = ActivationStatistics.from_official(config.statistics_file, layers)
-        else:
-            key = model_fingerprint(pipe, layers, sorted(statistics_prompts))
-            stats = _cached(cache_dir() / "nemo" / f"statistics-{key}.safetensors",
-                            lambda: ActivationStatistics.compute(pipe, layers, statistics_prompts),
-                            lambda s, p: s.save(p), ActivationStatistics.load)
+        stats = activation_statistics(pipe, layers, config, statistics_prompts)
         threshold = config.ssim_threshold
         if threshold is None:
             setting = (config.num_seeds, config.seed, config.num_inference_steps, config.detection_step,
@@ -754,4 +760,4 @@ class NeMo(MitigationBase):
 
 
 __all__ = ["NeMo", "NeMoConfig", "ActivationStatistics", "PromptLocalization", "block_neurons", "value_layers",
-           "noise_differences", "localize_prompt", "ssim_settings", "statistics_prompts"]
+           "noise_differences", "localize_prompt", "ssim_settings", "statistics_prompts", "activation_statistics"]
