@@ -48,3 +48,23 @@ def test_nonexistent_path_and_hub_ids(tmp_path):
     assert resolve_model("CompVis/stable-diffusion-v1-4") == ("hub", "CompVis/stable-diffusion-v1-4")
     with pytest.raises(DoriError, match="hub"):
         load_pipeline("nobody-here/no-such-model")
+
+
+@pytest.mark.parametrize("flags, native", [("fpu avx2 fma", False), ("avx2 avx512f avx512_bf16", True),
+                                           ("avx2 amx_tile amx_bf16", True)])
+def test_half_precision_on_a_cpu_without_its_instructions_is_warned_about(monkeypatch, caplog, sd1_folder, flags,
+                                                                          native):
+    import dori.models as models
+
+    real_read = models.Path.read_text
+    monkeypatch.setattr(models.Path, "read_text", lambda self, *a, **k: f"flags\t\t: {flags}\n"
+                        if str(self) == "/proc/cpuinfo" else real_read(self, *a, **k))
+    assert models.cpu_runs_natively("bfloat16") is native
+    assert models.cpu_runs_natively("float16") is False and models.cpu_runs_natively("float32") is True
+    with caplog.at_level("WARNING", logger="dori.models"):
+        pipe = load_pipeline(sd1_folder, dtype="bfloat16")
+    assert pipe.unet.dtype == torch.bfloat16
+    warned = [r.getMessage() for r in caplog.records if "emulates" in r.getMessage()]
+    assert bool(warned) is not native
+    if warned:
+        assert "bfloat16" in warned[0] and "avx512_bf16" in warned[0] and "float32" in warned[0]

@@ -111,11 +111,16 @@ def test_esd_is_a_registered_weights_mitigation_whose_folder_loads(testbed_pipe,
     """``dori mitigate esd``: ``iterations`` counts per caption, the artefact holds only cross-attention
     tensors (esd-x), the pipeline it was fitted on is left as it was, the saved folder loads as a pipeline
     whose UNet is the mitigated one."""
+    import tempfile
+    from pathlib import Path
+
     assert MITIGATIONS.get("esd").kind == "weights"
     before = {k: v.clone() for k, v in testbed_pipe.unet.state_dict().items()}
+    scratch = set(Path(tempfile.gettempdir()).glob("dori-esd-*"))
     result = run_mitigate(testbed_pipe, MitigateConfig("esd", "testbed:memorized", limit=2,
                                                        settings={"iterations": 2, "lr": 1e-3}), tmp_path / "esd")
     assert all(torch.equal(before[k], v) for k, v in testbed_pipe.unet.state_dict().items())
+    assert set(Path(tempfile.gettempdir()).glob("dori-esd-*")) == scratch  # the weights' copy is gone with its folder
     esd = load_mitigation(result.artefact)
     assert esd.tensors and all(".attn2." in name for name in esd.tensors)
     assert esd.meta["deviations"] and esd.meta["steps"] == 2 * 2
@@ -414,3 +419,23 @@ def test_mitigate_fits_concept_ablation_and_siss_on_your_own_model(tiny_pipeline
     fitted = load_mitigation(tmp_path / "fit" / f"{method}.safetensors")
     assert fitted.meta["steps"] == 1 and fitted.meta["config"]["descriptor"]["spec"].endswith("sscd.pt")
     assert (tmp_path / "fit" / method / "pipeline" / "unet" / "config.json").is_file()
+
+
+def test_a_snapshot_on_disk_is_the_weights_and_leaves_no_file(clip_tokenizer, tmp_path):
+    """The copy a fit compares with and restores from: memory-mapped from ``path``, equal to the weights,
+    independent of later changes to them, and (POSIX) no file left behind."""
+    import os
+
+    from dori.mitigations.kinds import snapshot
+
+    pipe = tiny_pipe("sd1", clip_tokenizer)
+    copy = snapshot(pipe, path=tmp_path / "before.pt")
+    weights = pipe.unet.state_dict()
+    assert set(copy) == {f"unet.{k}" for k in weights}
+    assert all(torch.equal(copy[f"unet.{k}"], v) for k, v in weights.items())
+    with torch.no_grad():
+        next(pipe.unet.parameters()).add_(1.0)
+    name = next(n for n, _ in pipe.unet.named_parameters())
+    assert not torch.equal(copy[f"unet.{name}"], weights[name])
+    if os.name == "posix":
+        assert not (tmp_path / "before.pt").exists()

@@ -90,6 +90,25 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     return DTYPES[name]
 
 
+# /proc/cpuinfo flags of x86 CPUs that run each half precision natively (AVX-512 or AMX instructions).
+_NATIVE_CPU_FLAGS = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
+
+
+def cpu_runs_natively(dtype: str | torch.dtype) -> bool | None:
+    """Whether this machine's CPU computes ``dtype`` in its own instructions: True for float32 and for a
+    half precision whose AVX-512 / AMX flags ``/proc/cpuinfo`` lists, False when it lists neither, None
+    where there is no ``/proc/cpuinfo`` to read. Without them PyTorch emulates the half precision, and
+    its convolutions run hundreds of times slower than in float32 (docs/sd-scale.md)."""
+    dtype = parse_dtype(dtype)
+    if dtype not in _NATIVE_CPU_FLAGS:
+        return True
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return None
+    return any(flag in flags for flag in _NATIVE_CPU_FLAGS[dtype])
+
+
 SCHEDULERS = {"ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
               "euler-a": "EulerAncestralDiscreteScheduler", "dpm": "DPMSolverMultistepScheduler",
               "lms": "LMSDiscreteScheduler", "ddpm": "DDPMScheduler"}
@@ -167,6 +186,10 @@ def load_pipeline(model: str | os.PathLike = "testbed", device: str | torch.devi
     if scheduler is not None:
         swap_scheduler(pipe, scheduler)
     pipe.to(device)
+    if pipe.unet.device.type == "cpu" and cpu_runs_natively(dtype) is False:
+        logger.warning("dtype %s on this CPU, which has no %s instructions: PyTorch emulates it and runs "
+                       "convolutions hundreds of times slower than in float32; use float32 on this CPU",
+                       str(dtype).removeprefix("torch."), " / ".join(_NATIVE_CPU_FLAGS[dtype]))
     for name in ("unet", "vae", "text_encoder"):
         module = getattr(pipe, name)
         module.eval().requires_grad_(False)
