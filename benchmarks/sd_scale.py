@@ -95,13 +95,9 @@ def run_verb(name: str, args: list[str]) -> dict:
     return row
 
 
-def verbs(model: Path, files: dict[str, Path], work: Path, device: str, dtype: str, finetune_dtype: str,
-          lora_rank: int = 0) -> list[dict]:
+def verbs(model: Path, files: dict[str, Path], work: Path, device: str, dtype: str, finetune_dtype: str) -> list[dict]:
     common = ["--model", str(model), "--device", device, "--dtype", dtype]
     finetune_common = ["--model", str(model), "--device", device, "--dtype", finetune_dtype]
-    if lora_rank:
-        finetune_common += ["--lora-rank", str(lora_rank)]
-    weights = f"LoRA rank {lora_rank}" if lora_rank else "all weights"
     data = ["--prompts", str(files["prompts"]), "--references", str(files["refs"]), "--descriptor", str(files["sscd"])]
     gen = work / "generation.yaml"
     gen.write_text("generation: {num_inference_steps: 2, batch_size: 2}\n")
@@ -123,7 +119,7 @@ def verbs(model: Path, files: dict[str, Path], work: Path, device: str, dtype: s
         ("attack (1 trigger, 2 steps, 2 pairs, through Wen's adjustment)", [
             "attack", *common, *data, "--steps", "2", "--pairs", "2", "--seeds", "1", "--eval-steps", "2",
             "--mitigation", str(runs / "wen" / "wen.safetensors"), "--adaptive", "--out", str(runs / "attack-wen")]),
-        (f"finetune (2 steps, Dori 2 steps, {finetune_dtype}, {weights})", ["finetune", *finetune_common, "--prompts", str(files["prompts"]), "--references",
+        (f"finetune (2 steps, Dori 2 steps, {finetune_dtype})", ["finetune", *finetune_common, "--prompts", str(files["prompts"]), "--references",
                                               str(files["refs"]), "--descriptor", str(files["sscd"]), "--retain",
                                               str(files["nonmem"]), "--retain-generate", "--epochs", "1",
                                               "--steps-per-epoch", "2", "--inner-steps", "2", "--surrogate",
@@ -153,11 +149,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--finetune-dtype", default=None, help="dtype of the fine-tuning run (default: --dtype; on a "
-                        "CPU with 24 GiB, bfloat16: full fine-tuning of the 860M UNet in float32 with AdamW needs more)")
-    parser.add_argument("--finetune-lora-rank", type=int, default=0, help="0: fine-tune all UNet weights (the paper); "
-                        "> 0: a LoRA of this rank (for a CPU without native bfloat16, where all weights in float32 "
-                        "need about as much memory as a 24 GiB machine has)")
+    parser.add_argument("--finetune-dtype", default=None, help="dtype of the fine-tuning run (default: --dtype; "
+                        "bfloat16 only on a CPU that runs it natively, see dori.models.cpu_runs_natively)")
     parser.add_argument("--skip-timing", action="store_true", help="Only the verbs, not the UNet's time per call.")
     parser.add_argument("--work", type=Path, default=Path("runs/sd-scale"))
     parser.add_argument("--out", type=Path, default=None, help="JSON file of the figures (default <work>/figures.json).")
@@ -180,8 +173,7 @@ def main() -> None:
                "shape": shape, "size": args.size}
     if not args.skip_verbs:  # first, in fresh processes: each verb's peak memory is its own
         files = inputs(args.work / "inputs", args.size)
-        figures["verbs"] = verbs(model, files, args.work, args.device, args.dtype, args.finetune_dtype or args.dtype,
-                                 args.finetune_lora_rank)
+        figures["verbs"] = verbs(model, files, args.work, args.device, args.dtype, args.finetune_dtype or args.dtype)
     if not args.skip_timing:
         figures["unet"] = unet_times(model, args.device, parse_dtype(args.dtype), latent, args.repeats)
         figures["unet_process_peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)

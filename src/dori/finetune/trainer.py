@@ -297,8 +297,7 @@ class _Trainer:
         """The trained UNet as a plain, frozen module (a LoRA fused into its weights). The optimiser's state
         (two moments per trained weight) is released: the run's last checkpoint holds it."""
         final = self.accelerator.unwrap_model(self.model)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.optimizer.state.clear()
+        self.optimizer.state.clear()  # (the gradients went with the last step)
         self.accelerator.free_memory()
         if self.config.lora_rank:
             final.fuse_lora()

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -165,8 +166,6 @@ def snapshot(pipe, components: tuple[str, ...] = ("unet",), path: str | Path | N
     while the fit holds the weights, their gradients and the optimiser's moments (for all of SD's UNet
     in float32 that is 3.4 GB less at the fit's peak). The file is removed at once where the system
     keeps a mapped file's data (POSIX), so a killed fit leaves nothing behind."""
-    import os
-
     tensors = {k: v.detach().cpu() for k, v in _tensors(pipe, components).items()}
     if path is None:
         return {k: v.clone() for k, v in tensors.items()}
