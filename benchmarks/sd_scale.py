@@ -79,17 +79,51 @@ def unet_times(folder: Path, device: str, dtype: torch.dtype, latent: int, repea
     return rows
 
 
+def folder_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
+
+
+def free_bytes(path: Path) -> int:
+    """Free space of the disk that holds ``path`` (its nearest existing folder)."""
+    import shutil
+
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
 def run_verb(name: str, args: list[str]) -> dict:
-    """One CLI command as its own process: wall seconds, peak resident memory, exit code."""
+    """One CLI command as its own process: wall seconds, peak resident memory, exit code; the size of its
+    ``--out`` when it ends and the most the disk's free space fell while it ran (sampled every 0.2 s; it
+    counts temporary files too, and any other process writing to the same disk)."""
+    import threading
+
+    out = Path(args[args.index("--out") + 1])
+    free_before = lowest = free_bytes(out)
+    done = threading.Event()
+
+    def watch() -> None:
+        nonlocal lowest
+        while not done.wait(0.2):
+            lowest = min(lowest, free_bytes(out))
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "dori", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     output = proc.stdout.read().decode(errors="replace")
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     seconds = time.perf_counter() - t0
+    done.set()
+    watcher.join()
     row = {"verb": name, "seconds": round(seconds, 1), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2),
+           "out_gb": round(folder_bytes(out) / 1e9, 2), "peak_disk_gb": round((free_before - lowest) / 1e9, 2),
            "exit": proc.returncode}
-    print(f"  {name:28s} {seconds:7.1f} s  peak {row['peak_rss_gib']:5.2f} GiB  exit {proc.returncode}", flush=True)
+    print(f"  {name:28s} {seconds:7.1f} s  peak {row['peak_rss_gib']:5.2f} GiB  out {row['out_gb']:5.2f} GB  "
+          f"peak disk {row['peak_disk_gb']:5.2f} GB  exit {proc.returncode}", flush=True)
     if proc.returncode != 0:
         print(output[-3000:])
     return row

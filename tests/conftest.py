@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("DORI_CACHE", tempfile.mkdtemp(prefix="dori-cache-"))  # NeMo's caches stay out of ~/.cache
+if "DORI_CACHE" not in os.environ:
+    # NeMo's caches and the SD-shaped pipeline (2 GB) stay out of ~/.cache and go with the session
+    os.environ["DORI_CACHE"] = tempfile.mkdtemp(prefix="dori-cache-")
+    atexit.register(shutil.rmtree, os.environ["DORI_CACHE"], ignore_errors=True)
 
 import pytest
 import torch

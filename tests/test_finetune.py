@@ -84,6 +84,56 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, surrogat
     assert result_b.summary["unet_evaluations"] == result_a.summary["unet_evaluations"]
 
 
+def test_a_finished_run_keeps_no_checkpoint_and_its_rerun_reads_the_pipeline(uninterrupted, surrogate_folder,
+                                                                             monkeypatch):
+    """The pipeline folder holds the result, so the checkpoint (UNet + Adam's moments) goes; running the
+    finished run again trains nothing and ends with the trained weights."""
+    import dori.finetune.trainer as loop
+
+    pipe_a, result_a = uninterrupted
+    assert not (result_a.path / "checkpoints").exists()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run trained again")
+
+    monkeypatch.setattr(loop, "optimize_embeddings", no_training)
+    pipe_b = _fresh()
+    result_b = adversarial_finetune(pipe_b, _memorized(), _config(surrogate_folder), result_a.path)
+    a, b = pipe_a.unet.state_dict(), pipe_b.unet.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not pipe_b.unet.training and not any(p.requires_grad for p in pipe_b.unet.parameters())
+    assert result_b.summary == result_a.summary and result_b.pipeline == result_a.pipeline
+
+
+def test_a_checkpoint_is_the_size_the_disk_check_expects_and_too_little_disk_is_refused(
+        tmp_path, surrogate_folder, monkeypatch):
+    """The estimate behind the disk check (the UNet and two Adam moments per trained weight) is within
+    a few percent of a real checkpoint; a folder without that room is refused before the first step."""
+    from collections import namedtuple
+
+    import dori.finetune.checkpoints as checkpoints
+
+    def interrupt(stage, step, total, info=""):
+        if step == 1:
+            raise KeyboardInterrupt
+
+    config = _config(surrogate_folder)
+    with pytest.raises(KeyboardInterrupt):
+        adversarial_finetune(_fresh(), _memorized(), config, tmp_path / "run", progress=interrupt)
+    written = sum(f.stat().st_size for f in (tmp_path / "run" / "checkpoints").rglob("*") if f.is_file())
+    unet = _fresh().unet
+    expected = checkpoints.checkpoint_bytes(unet, list(unet.parameters()))
+    assert abs(written - expected) / expected < 0.05, (written, expected)
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda path: usage(10**12, 0, expected // 2))
+    seen = []
+    with pytest.raises(DoriError, match=r"out: .*GB free; the run needs about"):
+        adversarial_finetune(_fresh(), _memorized(), config, tmp_path / "small",
+                             progress=lambda stage, s, t, info="": seen.append((stage, s)))
+    assert not any(s > 0 for _, s in seen)  # refused before any step
+
+
 def test_l_adv_uses_fresh_triggers_against_the_current_weights(tmp_path, surrogate_folder, monkeypatch):
     import dori.finetune.trainer as loop
 

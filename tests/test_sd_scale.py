@@ -33,3 +33,6 @@ def test_every_verb_on_an_sd14_shaped_pipeline(tmp_path):
             "analyze activations", "analyze weights", "report"} <= verbs
     assert all(row["exit"] == 0 for row in figures["verbs"])
     assert (work / "runs" / "finetune" / "adversarial-ft.safetensors").is_file()
+    # the pipeline folder holds the trained UNet: the 10 GB checkpoint (UNet and Adam's moments) is gone
+    assert (work / "runs" / "finetune" / "finetune" / "pipeline" / "unet").is_dir()
+    assert not (work / "runs" / "finetune" / "finetune" / "checkpoints").exists()

@@ -107,6 +107,31 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(clip_tokeni
     assert any(not torch.equal(whole[k], moved[k]) for k in whole)  # training changed something
 
 
+def test_a_finished_run_keeps_no_checkpoint_and_its_rerun_trains_nothing(clip_tokenizer, tmp_path, monkeypatch):
+    """With the pipeline saved the checkpoint goes; the rerun reads the trained UNet from the pipeline folder
+    (the objective's loss is never called) and reports the run's summary."""
+    config = ESDConfig(iterations=2, checkpoint_every=1, num_inference_steps=3, lr=1e-3)
+
+    def train(out):
+        pipe = tiny_pipe("sd1", clip_tokenizer)
+        result = train_unlearning(pipe, ESDObjective(pipe, ["a cat"], config), config, out, config=config.to_dict(),
+                                  stage="ESD")
+        return pipe, result
+
+    pipe_a, first = train(tmp_path / "esd")
+    assert first.pipeline is not None and not (tmp_path / "esd" / "checkpoints").exists()
+
+    def no_loss(self, model, draw):
+        raise AssertionError("a finished run trained again")
+
+    monkeypatch.setattr(ESDObjective, "loss", no_loss)
+    pipe_b, again = train(tmp_path / "esd")
+    a, b = pipe_a.unet.state_dict(), pipe_b.unet.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert again.summary == first.summary and again.pipeline == first.pipeline
+    assert any(not torch.equal(a[k], v) for k, v in tiny_pipe("sd1", clip_tokenizer).unet.state_dict().items())
+
+
 def test_esd_is_a_registered_weights_mitigation_whose_folder_loads(testbed_pipe, tmp_path):
     """``dori mitigate esd``: ``iterations`` counts per caption, the artefact holds only cross-attention
     tensors (esd-x), the pipeline it was fitted on is left as it was, the saved folder loads as a pipeline
@@ -328,6 +353,10 @@ def test_resume_gives_the_uninterrupted_weights_and_the_folder_loads(clip_tokeni
         return pipe, run_mitigate(pipe, config, out, progress=progress)
 
     _, whole = fit(tmp_path / "whole")
+    fitted = load_mitigation(whole.artefact)
+    _, again = fit(tmp_path / "whole")  # the finished run, read back: the same sidecar (its data's figures too)
+    refit = load_mitigation(again.artefact)
+    assert refit.meta == fitted.meta and all(torch.equal(refit.tensors[k], v) for k, v in fitted.tensors.items())
     stage = {"concept-ablation": "Concept Ablation", "siss": "SISS"}[method]
 
     def stop(name, step, total, info=""):

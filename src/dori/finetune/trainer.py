@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,16 @@ from ..progress import Progress
 from ..prompts import PromptSet, load_reference_folder, require_references
 from ..runs import Processes, RunFolder, default_run_dir, json_text, read_jsonl, safe_filename
 from ..seeding import item_generator
+from .checkpoints import (
+    checkpoint_bytes,
+    checkpoints_to_write,
+    finished_unet,
+    latest_checkpoint,
+    pipeline_bytes,
+    release_checkpoints,
+    require_disk,
+    save_checkpoint,
+)
 from .config import FinetuneConfig
 from .retain import check_retain, load_retain_set
 from .surrogates import make_surrogates
@@ -72,11 +81,6 @@ class _TrainState:
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
         self.triggers = dict(state["triggers"])
-
-
-def _latest_checkpoint(folder: Path) -> Path | None:
-    found = sorted(folder.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    return found[-1] if found else None
 
 
 def _surrogate_stage(pipe, config: FinetuneConfig, run: RunFolder, prompt_set: PromptSet, references, gallery,
@@ -183,24 +187,18 @@ class _Trainer:
     # -- resuming ---------------------------------------------------------------------------------
     def resume(self) -> list[dict]:
         """Load the last checkpoint, if any; the step rows written up to it."""
-        latest = _latest_checkpoint(self.run.path / "checkpoints")
+        latest = latest_checkpoint(self.run)
         if latest is not None:
             self.accelerator.load_state(str(latest))
             logger.info("resuming adversarial fine-tuning at step %d", self.state.step)
+        require_disk(self.run, checkpoint_bytes(self.accelerator.unwrap_model(self.model), self.trainable),
+                     checkpoints_to_write(self.state.step, self.total, self.config.checkpoint_every),
+                     pipeline_bytes(self.pipe) if self.config.save_pipeline else 0)
         steps_file = self.run.path / STEPS_FILE
         rows = [r for r in (read_jsonl(steps_file) if steps_file.exists() else []) if r["step"] <= self.state.step]
         if self.accelerator.is_main_process:
             steps_file.write_text("".join(json_text(r) + "\n" for r in rows))
         return rows
-
-    def checkpoint(self, step: int) -> None:
-        target = self.run.path / "checkpoints" / f"step-{step:06d}"
-        self.accelerator.save_state(str(target))
-        if self.accelerator.is_main_process:
-            for old in target.parent.glob("step-*"):
-                if old != target:
-                    shutil.rmtree(old, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
 
     # -- one step -----------------------------------------------------------------------------------
     def batch(self, step: int) -> list[int]:
@@ -288,7 +286,7 @@ class _Trainer:
                 with open(steps_file, "a") as f:
                     f.write(json_text(row) + "\n")
             if step % config.checkpoint_every == 0 or step == self.total:
-                self.checkpoint(step)
+                save_checkpoint(self.accelerator, self.run, step)
             if progress:
                 progress(STAGE, step, self.total)
         self.model.eval()
@@ -310,7 +308,8 @@ def adversarial_finetune(pipe, prompts: PromptSet, config: FinetuneConfig | None
                          *, overwrite: bool = False, progress: Progress | None = None) -> FinetuneResult:
     """Fine-tune ``pipe.unet`` against Dori for the memorized ``prompts`` (their reference images are the
     training images), resuming from ``out/checkpoints``; saves the pipeline unless ``config.save_pipeline``
-    is off.
+    is off (and then drops the checkpoint; a rerun of the finished run reads the UNet from the pipeline
+    folder: :mod:`dori.finetune.checkpoints`).
 
     ``pipe`` keeps the fine-tuned UNet (frozen, in eval mode) when this returns; when the pipeline is
     saved, ``pipe`` records the saved folder as where it comes from (diffusers' ``name_or_path``).
@@ -335,21 +334,26 @@ def adversarial_finetune(pipe, prompts: PromptSet, config: FinetuneConfig | None
                                          "descriptor": descriptor.describe()},
                                overwrite=overwrite, seeds=[config.seed])
     with run.guard():
-        # every memorized image known: a surrogate must not copy any of them
-        gallery = list(prompts.references.values()) + list((prompts.gallery or {}).values())
-        if accelerator.is_main_process:
-            surrogates = _surrogate_stage(pipe, config, run, prompts, references, gallery, descriptor)
-        accelerator.wait_for_everyone()
-        if not accelerator.is_main_process:
-            surrogates = _surrogate_stage(pipe, config, run, prompts, references, gallery, descriptor)
-        trainer = _Trainer(pipe, config, prompts, run, accelerator, surrogates, references, retain)
-        trainer.resume()
-        trainer.train(progress)
-        pipe.unet = trainer.finish()
-        rows = [r for r in read_jsonl(run.path / STEPS_FILE) if r["step"] <= trainer.total]
-        summary = summarize_finetune(rows, trainer.per_epoch)
+        per_epoch = config.steps_in_epoch(len(prompts.records))
+        finished = finished_unet(run, pipe) if config.save_pipeline else None
+        if finished is not None:  # a rerun of a run that ended: its pipeline folder holds the result
+            pipe.unet = finished
+        else:
+            # every memorized image known: a surrogate must not copy any of them
+            gallery = list(prompts.references.values()) + list((prompts.gallery or {}).values())
+            if accelerator.is_main_process:
+                surrogates = _surrogate_stage(pipe, config, run, prompts, references, gallery, descriptor)
+            accelerator.wait_for_everyone()
+            if not accelerator.is_main_process:
+                surrogates = _surrogate_stage(pipe, config, run, prompts, references, gallery, descriptor)
+            trainer = _Trainer(pipe, config, prompts, run, accelerator, surrogates, references, retain)
+            trainer.resume()
+            trainer.train(progress)
+            pipe.unet = trainer.finish()
+        rows = [r for r in read_jsonl(run.path / STEPS_FILE) if r["step"] <= per_epoch * config.epochs]
+        summary = summarize_finetune(rows, per_epoch)
         pipeline = None
-        if accelerator.is_main_process:
+        if accelerator.is_main_process and finished is None:
             from ..analysis.plots import plot_finetune_losses
 
             pipeline = save_training_run(pipe, run, config.save_pipeline, summary,
@@ -364,7 +368,8 @@ def adversarial_finetune(pipe, prompts: PromptSet, config: FinetuneConfig | None
 def save_training_run(pipe, run: RunFolder, save_pipeline: bool, summary: dict, figure=None) -> Path | None:
     """What a fine-tuning run leaves (its main process): the pipeline folder (with the testbed's data when
     the model is the testbed) unless ``save_pipeline`` is off, ``figure`` as ``losses.png`` / ``.pdf``, the
-    summary (with the pipeline and the base model) and the manifest's ``done``."""
+    summary (with the pipeline and the base model) and the manifest's ``done``. Once the pipeline folder
+    is written the checkpoints go (:mod:`dori.finetune.checkpoints`)."""
     pipeline = None
     if save_pipeline:
         pipeline = save_pipeline_folder(pipe, run.path / "pipeline")
@@ -378,6 +383,8 @@ def save_training_run(pipe, run: RunFolder, save_pipeline: bool, summary: dict, 
     run.write_summary({**summary, "pipeline": str(pipeline) if pipeline else None,
                        "base_model": pipeline_location(pipe)})
     run.write_manifest({"status": "done"})
+    if pipeline is not None:
+        release_checkpoints(run)
     return pipeline
 
 

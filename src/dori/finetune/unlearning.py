@@ -16,8 +16,8 @@ that a rerun resumes from (ending with the weights of an uninterrupted run), one
 
 from __future__ import annotations
 
+import json
 import logging
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +29,15 @@ from ..errors import DoriError
 from ..models import model_record
 from ..progress import Progress
 from ..runs import Processes, json_text, read_jsonl
+from .checkpoints import (
+    checkpoint_bytes,
+    checkpoints_to_write,
+    finished_unet,
+    latest_checkpoint,
+    pipeline_bytes,
+    require_disk,
+    save_checkpoint,
+)
 from .trainer import save_training_run
 
 logger = logging.getLogger(__name__)
@@ -165,6 +174,15 @@ def train_unlearning(pipe, objective: UnlearningObjective, settings: TrainingSet
             accelerator.wait_for_everyone()
             if not accelerator.is_main_process:
                 prepare(run.path)
+        # a rerun of a run that ended: its pipeline folder holds the result (the method's data, read back
+        # above from the run folder, stays what the sidecar reports)
+        finished = finished_unet(run, pipe) if settings.save_pipeline else None
+        if finished is not None:
+            pipe.unet = finished
+            summary = {k: v for k, v in json.loads((run.path / "summary.json").read_text()).items()
+                       if k not in ("pipeline", "base_model")}
+            pipe.register_to_config(_name_or_path=str(run.path / "pipeline"))
+            return UnlearningResult(run.path, run.path / "pipeline", summary)
         unet = pipe.unet
         names = set(objective.trainable(unet))
         if not names:
@@ -176,11 +194,13 @@ def train_unlearning(pipe, objective: UnlearningObjective, settings: TrainingSet
         model, optimizer = accelerator.prepare(unet, objective.optimizer(params))
         state = _Step()
         accelerator.register_for_checkpointing(state)
-        checkpoints = run.path / "checkpoints"
-        found = sorted(checkpoints.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-        if found:
-            accelerator.load_state(str(found[-1]))
+        latest = latest_checkpoint(run)
+        if latest is not None:
+            accelerator.load_state(str(latest))
             logger.info("resuming %s at step %d", objective.name, state.step)
+        require_disk(run, checkpoint_bytes(unet, params),
+                     checkpoints_to_write(state.step, settings.iterations, settings.checkpoint_every),
+                     pipeline_bytes(pipe) if settings.save_pipeline else 0)
         steps_file = run.path / STEPS_FILE
         rows = [r for r in (read_jsonl(steps_file) if steps_file.exists() else []) if r["step"] <= state.step]
         if accelerator.is_main_process:
@@ -214,13 +234,7 @@ def train_unlearning(pipe, objective: UnlearningObjective, settings: TrainingSet
                 with open(steps_file, "a") as f:
                     f.write(json_text(row) + "\n")
             if step % settings.checkpoint_every == 0 or step == settings.iterations:
-                target = checkpoints / f"step-{step:06d}"
-                accelerator.save_state(str(target))
-                if accelerator.is_main_process:
-                    for old in checkpoints.glob("step-*"):
-                        if old != target:
-                            shutil.rmtree(old, ignore_errors=True)
-                accelerator.wait_for_everyone()
+                save_checkpoint(accelerator, run, step)
             if progress:
                 progress(stage, step, settings.iterations)
         final = accelerator.unwrap_model(model).eval().requires_grad_(False)
@@ -240,3 +254,4 @@ def train_unlearning(pipe, objective: UnlearningObjective, settings: TrainingSet
         pipeline = run.path / "pipeline"
         pipe.register_to_config(_name_or_path=str(pipeline))
     return UnlearningResult(run.path, pipeline, summary)
+
