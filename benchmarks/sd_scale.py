@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -79,16 +80,8 @@ def unet_times(folder: Path, device: str, dtype: torch.dtype, latent: int, repea
     return rows
 
 
-def folder_bytes(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
-
-
 def free_bytes(path: Path) -> int:
     """Free space of the disk that holds ``path`` (its nearest existing folder)."""
-    import shutil
-
     while not path.exists():
         path = path.parent
     return shutil.disk_usage(path).free
@@ -99,6 +92,8 @@ def run_verb(name: str, args: list[str]) -> dict:
     ``--out`` when it ends and the most the disk's free space fell while it ran (sampled every 0.2 s; it
     counts temporary files too, and any other process writing to the same disk)."""
     import threading
+
+    from dori.runs import folder_bytes
 
     out = Path(args[args.index("--out") + 1])
     free_before = lowest = free_bytes(out)

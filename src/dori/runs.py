@@ -100,6 +100,14 @@ def read_records(folder: Path) -> list[dict]:
     return list(by_key.values())
 
 
+def folder_bytes(path: str | Path) -> int:
+    """Bytes a file, or every file under a folder, takes (0 when ``path`` does not exist)."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
 def check_writable(path: str | Path, *, file: bool = False, option: str = "out") -> Path:
     """Refuse, before anything is created, an output ``path`` (a folder, or a ``file``) that cannot be
     made: one that exists as the other kind, or whose nearest existing folder cannot be written to

@@ -89,6 +89,7 @@ def info(model: Model = "testbed", verbose: Verbose = False) -> None:
 
     from ..errors import DoriError
     from ..models import resolve_model
+    from ..runs import folder_bytes
     from ..testbed.assets import SUBFOLDER, is_testbed_folder, load_testbed_data
     from ..testbed.check import read_calibration
     from ..testbed.data import ROLES
@@ -111,7 +112,7 @@ def info(model: Model = "testbed", verbose: Verbose = False) -> None:
         table.add_row(role, str(counts[role]), str(copies), chosen[0].caption if chosen else "")
     out_console = console()
     out_console.print(table)
-    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    size = folder_bytes(folder)
     out_console.print(f"images {tuple(images.shape)}, {size / 2**20:.1f} MiB on disk, "
                       f"build config hash {manifest.get('build_config_hash')}")
     data = read_calibration(folder)

@@ -7,7 +7,7 @@ the previous one is removed, so that a kill at any moment leaves one to resume f
 A run that has ended and saved its pipeline folder does not need its checkpoint: the folder holds the
 trained UNet. The checkpoint is then removed (for all of Stable Diffusion's UNet trained in float32 it
 is 10.3 GB, three times the pipeline's UNet), and a rerun of the finished run reads the UNet back from
-the folder (:func:`finished_unet`) instead of resuming. A run that does not save its pipeline keeps its
+the folder (:func:`resume_finished`) instead of resuming. A run that does not save its pipeline keeps its
 checkpoint: it is the only copy of the trained weights.
 
 Before training starts, :func:`require_disk` checks that the run's folder has room for what the run
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DoriError
-from ..runs import RunFolder
+from ..runs import RunFolder, folder_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def disk_needed(checkpoint: int, held: int, writes: int, pipeline: int) -> int:
 def require_disk(run: RunFolder, checkpoint: int, writes: int, pipeline: int) -> None:
     """Raise when the run's folder lacks room for the checkpoints still to write and the pipeline folder."""
     latest = latest_checkpoint(run)
-    held = sum(f.stat().st_size for f in latest.rglob("*") if f.is_file()) if latest is not None else 0
+    held = folder_bytes(latest) if latest is not None else 0
     need = disk_needed(checkpoint, held, writes, pipeline)
     free = shutil.disk_usage(run.path).free
     if need > free:
@@ -94,18 +94,24 @@ def require_disk(run: RunFolder, checkpoint: int, writes: int, pipeline: int) ->
                         "--out; a LoRA (lora_rank) or a half-precision model makes checkpoints smaller")
 
 
-def finished_unet(run: RunFolder, pipe) -> torch.nn.Module | None:
-    """The trained UNet of a run that ended and saved its pipeline folder (read from that folder, in
-    ``pipe.unet``'s dtype and device, frozen), or None. A leftover checkpoint of such a run (a kill
-    between the end and its removal) is removed."""
+def resume_finished(run: RunFolder, pipe) -> dict | None:
+    """For a run that ended and saved its pipeline folder: put its trained UNet into ``pipe`` (read from
+    that folder, in ``pipe.unet``'s dtype and device, frozen; the folder recorded as where ``pipe`` now
+    comes from) and return the run's summary. None for any other run. A leftover checkpoint of such a
+    run (a kill between its end and the checkpoint's removal) is removed."""
+    import json
+
     folder = run.path / "pipeline"
     if run.manifest().get("status") != "done" or not (folder / "unet").is_dir():
         return None
     unet = pipe.unet
     trained = type(unet).from_pretrained(folder, subfolder="unet", torch_dtype=unet.dtype).to(unet.device)
     logger.info("%s finished before: its UNet is read from %s", run.path, folder)
+    pipe.unet = trained.eval().requires_grad_(False)
+    pipe.register_to_config(_name_or_path=str(folder))
     release_checkpoints(run)
-    return trained.eval().requires_grad_(False)
+    summary = json.loads((run.path / "summary.json").read_text())
+    return {k: v for k, v in summary.items() if k not in ("pipeline", "base_model")}
 
 
 def release_checkpoints(run: RunFolder) -> None:
@@ -113,7 +119,7 @@ def release_checkpoints(run: RunFolder) -> None:
     folder = run.path / FOLDER
     if run.rank != 0 or not folder.is_dir():
         return
-    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    size = folder_bytes(folder)
     shutil.rmtree(folder, ignore_errors=True)
     logger.info("removed the checkpoints of %s (%.1f GB): its pipeline folder holds the trained UNet",
                 run.path, size / 1e9)

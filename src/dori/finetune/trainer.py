@@ -43,11 +43,11 @@ from ..seeding import item_generator
 from .checkpoints import (
     checkpoint_bytes,
     checkpoints_to_write,
-    finished_unet,
     latest_checkpoint,
     pipeline_bytes,
     release_checkpoints,
     require_disk,
+    resume_finished,
     save_checkpoint,
 )
 from .config import FinetuneConfig
@@ -334,26 +334,24 @@ def adversarial_finetune(pipe, prompts: PromptSet, config: FinetuneConfig | None
                                          "descriptor": descriptor.describe()},
                                overwrite=overwrite, seeds=[config.seed])
     with run.guard():
-        per_epoch = config.steps_in_epoch(len(prompts.records))
-        finished = finished_unet(run, pipe) if config.save_pipeline else None
-        if finished is not None:  # a rerun of a run that ended: its pipeline folder holds the result
-            pipe.unet = finished
-        else:
-            # every memorized image known: a surrogate must not copy any of them
-            gallery = list(prompts.references.values()) + list((prompts.gallery or {}).values())
-            if accelerator.is_main_process:
-                surrogates = _surrogate_stage(pipe, config, run, prompts, references, gallery, descriptor)
-            accelerator.wait_for_everyone()
-            if not accelerator.is_main_process:
-                surrogates = _surrogate_stage(pipe, config, run, prompts, references, gallery, descriptor)
-            trainer = _Trainer(pipe, config, prompts, run, accelerator, surrogates, references, retain)
-            trainer.resume()
-            trainer.train(progress)
-            pipe.unet = trainer.finish()
-        rows = [r for r in read_jsonl(run.path / STEPS_FILE) if r["step"] <= per_epoch * config.epochs]
-        summary = summarize_finetune(rows, per_epoch)
+        summary = resume_finished(run, pipe) if config.save_pipeline else None
+        if summary is not None:  # a rerun of a run that ended: its pipeline folder holds the result
+            return FinetuneResult(run.path, run.path / "pipeline", summary)
+        # every memorized image known: a surrogate must not copy any of them
+        gallery = list(prompts.references.values()) + list((prompts.gallery or {}).values())
+        if accelerator.is_main_process:
+            surrogates = _surrogate_stage(pipe, config, run, prompts, references, gallery, descriptor)
+        accelerator.wait_for_everyone()
+        if not accelerator.is_main_process:
+            surrogates = _surrogate_stage(pipe, config, run, prompts, references, gallery, descriptor)
+        trainer = _Trainer(pipe, config, prompts, run, accelerator, surrogates, references, retain)
+        trainer.resume()
+        trainer.train(progress)
+        pipe.unet = trainer.finish()
+        rows = [r for r in read_jsonl(run.path / STEPS_FILE) if r["step"] <= trainer.total]
+        summary = summarize_finetune(rows, trainer.per_epoch)
         pipeline = None
-        if accelerator.is_main_process and finished is None:
+        if accelerator.is_main_process:
             from ..analysis.plots import plot_finetune_losses
 
             pipeline = save_training_run(pipe, run, config.save_pipeline, summary,

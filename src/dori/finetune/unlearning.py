@@ -16,7 +16,6 @@ that a rerun resumes from (ending with the weights of an uninterrupted run), one
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -32,10 +31,10 @@ from ..runs import Processes, json_text, read_jsonl
 from .checkpoints import (
     checkpoint_bytes,
     checkpoints_to_write,
-    finished_unet,
     latest_checkpoint,
     pipeline_bytes,
     require_disk,
+    resume_finished,
     save_checkpoint,
 )
 from .trainer import save_training_run
@@ -176,12 +175,8 @@ def train_unlearning(pipe, objective: UnlearningObjective, settings: TrainingSet
                 prepare(run.path)
         # a rerun of a run that ended: its pipeline folder holds the result (the method's data, read back
         # above from the run folder, stays what the sidecar reports)
-        finished = finished_unet(run, pipe) if settings.save_pipeline else None
-        if finished is not None:
-            pipe.unet = finished
-            summary = {k: v for k, v in json.loads((run.path / "summary.json").read_text()).items()
-                       if k not in ("pipeline", "base_model")}
-            pipe.register_to_config(_name_or_path=str(run.path / "pipeline"))
+        summary = resume_finished(run, pipe) if settings.save_pipeline else None
+        if summary is not None:
             return UnlearningResult(run.path, run.path / "pipeline", summary)
         unet = pipe.unet
         names = set(objective.trainable(unet))
@@ -254,4 +249,3 @@ def train_unlearning(pipe, objective: UnlearningObjective, settings: TrainingSet
         pipeline = run.path / "pipeline"
         pipe.register_to_config(_name_or_path=str(pipeline))
     return UnlearningResult(run.path, pipeline, summary)
-
