@@ -158,6 +158,60 @@ def test_l_adv_uses_fresh_triggers_against_the_current_weights(tmp_path, surroga
     assert torch.equal(calls[0][1][0], calls[2][1][0])
 
 
+def test_retain_uncond_trains_that_share_of_retain_pairs_under_the_empty_caption(tmp_path, surrogate_folder,
+                                                                                   monkeypatch):
+    from dori.attack.parts import DiffusionLoss
+    from dori.models import encode_prompts
+
+    seen = []
+    original = DiffusionLoss.inputs
+
+    def spy(self, y, targets, generators):
+        if self.pairs == 1:  # the retain term's loss (L_Adv's draws 2 pairs here)
+            seen.append(y.detach().clone())
+        return original(self, y, targets, generators)
+
+    monkeypatch.setattr(DiffusionLoss, "inputs", spy)
+    pipe = _fresh()
+    empty = encode_prompts(pipe, [""])[0]
+    adversarial_finetune(pipe, _memorized(), _config(surrogate_folder, retain_uncond=0.5, retain_batch_size=16,
+                                                     save_pipeline=False), tmp_path / "run")
+    rows = torch.cat(seen)
+    dropped = torch.tensor([torch.equal(row, empty) for row in rows])
+    assert len(rows) == 4 * 16
+    assert 0.25 <= dropped.float().mean() <= 0.75  # about half, and captions otherwise
+    seen.clear()
+    adversarial_finetune(_fresh(), _memorized(), _config(surrogate_folder, retain_uncond=0.0, save_pipeline=False),
+                         tmp_path / "plain")
+    assert not any(torch.equal(row, empty) for row in torch.cat(seen))
+    assert FinetuneConfig().retain_uncond == 0  # the paper's term by default; the testbed setting drops 20%
+
+
+def test_retain_target_teacher_regresses_the_model_before_fine_tuning(tmp_path, surrogate_folder, uninterrupted):
+    """Under ``teacher`` the first step's L_DM compares the UNet with its own copy (0 up to rounding), later
+    steps with the weights before fine-tuning, also after a resume; under ``data`` it is the diffusion loss."""
+    config = _config(surrogate_folder, retain_target="teacher")
+    adversarial_finetune(_fresh(), _memorized(), config, tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
+    data = [json.loads(line) for line in (uninterrupted[1].path / "steps.jsonl").read_text().splitlines()]
+    assert rows[0]["l_dm"] < 1e-8 < data[0]["l_dm"]
+    assert all(0 < r["l_dm"] < d["l_dm"] for r, d in zip(rows[1:], data[1:], strict=True))
+
+    def interrupt(stage, step, total, info=""):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        adversarial_finetune(_fresh(), _memorized(), config, tmp_path / "resumed", progress=interrupt)
+    adversarial_finetune(_fresh(), _memorized(), config, tmp_path / "resumed")
+    again = [json.loads(line) for line in (tmp_path / "resumed" / "steps.jsonl").read_text().splitlines()]
+    assert [r["l_dm"] for r in again] == [r["l_dm"] for r in rows]  # the teacher is not the checkpoint's UNet
+    with pytest.raises(DoriError, match="retain_target: must be one of data, teacher"):
+        FinetuneConfig(retain_target="frozen").validate()
+    with pytest.raises(DoriError, match="retain_uncond"):
+        FinetuneConfig(retain_uncond=1.5).validate()
+
+
 def test_saved_folder_is_a_normal_pipeline(uninterrupted):
     from diffusers import StableDiffusionPipeline
 

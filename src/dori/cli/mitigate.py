@@ -348,6 +348,8 @@ def finetune(
     retain: Annotated[str | None, typer.Option(help="Retain pairs: a folder of image-caption pairs (metadata.jsonl, or a .txt beside each image), or a prompt file with --retain-images / --retain-generate (default on the testbed: testbed:retain).", rich_help_panel=INPUT_PANEL)] = None,
     retain_images: Annotated[Path | None, typer.Option(help="Folder of the retain prompt file's images, <id>.png.", rich_help_panel=INPUT_PANEL)] = None,
     retain_generate: Annotated[bool, typer.Option("--retain-generate", help="Let the model generate the retain prompt file's images (the paper used LAION image-caption pairs).", rich_help_panel=INPUT_PANEL)] = False,
+    retain_uncond: Annotated[float | None, typer.Option(help="Share of retain pairs trained under the empty caption, the unconditional branch that guidance reads (the testbed setting: 0.2; the paper's default: 0).", rich_help_panel=INPUT_PANEL)] = None,
+    retain_target: Annotated[str | None, typer.Option(help="What L_DM regresses: 'data' (the diffusion target, the paper) or 'teacher' (the UNet before fine-tuning; one more UNet in memory).", rich_help_panel=INPUT_PANEL)] = None,
     epochs: Annotated[int | None, typer.Option(help="Epochs (the paper: 5).")] = None,
     steps_per_epoch: Annotated[int | None, typer.Option(help="Steps per epoch (default: one pass over the memorized images).")] = None,
     lr: Annotated[float | None, typer.Option(help="AdamW learning rate.")] = None,
@@ -384,7 +386,8 @@ def finetune(
     # paper's defaults otherwise, with the preset's own settings laid over them
     base = to_dict(FinetuneConfig.testbed() if _testbed_setting(preset, prompts) else FinetuneConfig())
     fields = {**PROMPT_FIELDS, "retain": "settings.retain", "retain_images": ("settings.retain_images", text),
-              "retain_generate": "settings.retain_generate",
+              "retain_generate": "settings.retain_generate", "retain_uncond": "settings.retain_uncond",
+              "retain_target": "settings.retain_target",
               "epochs": "settings.epochs", "steps_per_epoch": "settings.steps_per_epoch", "lr": "settings.lr",
               "init": ("settings.inits", tuple), "inner_steps": "settings.inner.steps",
               "warm_start": "settings.warm_start", "lora_rank": "settings.lora_rank", "surrogate": "settings.surrogate",

@@ -11,6 +11,7 @@ from ..errors import DoriError
 from ..generation import GenerationConfig
 
 INITS = ("prompt", "random")
+RETAIN_TARGETS = ("data", "teacher")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
 
@@ -44,6 +45,13 @@ class FinetuneConfig:
     adv_pairs: int = 8
     """(noise, t) draws per trigger for L_Adv."""
     retain_batch_size: int = 8
+    retain_uncond: float = 0.0
+    """Share of retain pairs trained under the empty caption (the unconditional branch that classifier-free
+    guidance reads; Stable Diffusion trained 10% of its pairs so)."""
+    retain_target: str = "data"
+    """What L_DM regresses on a noised retain latent: ``data``, the ordinary diffusion target (the paper's
+    L_DM on LAION pairs); ``teacher``, the prediction of a frozen copy of the UNet as it was before
+    fine-tuning (a distillation of the original model on the retain pairs; costs one more UNet in memory)."""
     inits: tuple[str, ...] = ("prompt",)
     inner: AttackConfig = field(default_factory=lambda: AttackConfig(record_at=()))
     """The Dori attack run against the current model at every step (its steps, lr, pairs)."""
@@ -82,6 +90,10 @@ class FinetuneConfig:
             raise DoriError(f"lr: must be > 0, got {self.lr}")
         if self.adv_weight < 0 or self.dm_weight < 0 or self.adv_weight + self.dm_weight == 0:
             raise DoriError("adv_weight, dm_weight: must be >= 0 and not both 0")
+        if not 0 <= self.retain_uncond <= 1:
+            raise DoriError(f"retain_uncond: must be in [0, 1], got {self.retain_uncond}")
+        if self.retain_target not in RETAIN_TARGETS:
+            raise DoriError(f"retain_target: must be one of {', '.join(RETAIN_TARGETS)}, got {self.retain_target!r}")
         if not self.inits or any(i not in INITS for i in self.inits):
             raise DoriError(f"inits: each must be one of {', '.join(INITS)}, got {self.inits}")
         if self.lora_rank < 0:
@@ -108,9 +120,10 @@ class FinetuneConfig:
         single step), inits from the prompt and from N(0, I), each step's attack warm-started from the
         last step's triggers and run 10 Adam steps (fresh against the current weights, 5x cheaper than
         50 from scratch), retain batch 48 at weight 4 (smaller or lighter retain terms cost the shape
-        captions' colours), and a held-out caption's image as the surrogate where every pruned image of
-        a prompt still copies some memorized photo."""
+        captions' colours), 20% of the retain pairs under the empty caption (without them guidance's
+        unconditional branch drifts and the shapes lose their colours), and a held-out caption's image
+        as the surrogate where every pruned image of a prompt still copies some memorized photo."""
         base = cls(lr=5e-4, steps_per_epoch=12, images_per_step=4, inits=("prompt", "random"), warm_start=True,
                    inner=AttackConfig(steps=10, record_at=()), retain_batch_size=48, dm_weight=4.0,
-                   surrogate_fallback="testbed:held-out")
+                   retain_uncond=0.2, surrogate_fallback="testbed:held-out")
         return replace(base, **changes)

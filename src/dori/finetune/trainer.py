@@ -14,6 +14,7 @@ result is a normal diffusers pipeline folder (``<out>/pipeline``) that every oth
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -158,7 +159,10 @@ class _Trainer:
         self.surrogate_latents = surrogate_latents
         self.targets = encode_images(pipe, references)
         self.prompt_embeds = encode_prompts(pipe, [r.prompt for r in self.records])
+        self.empty_embed = encode_prompts(pipe, [""])[0]
         unet = pipe.unet
+        # the UNet before fine-tuning, frozen: the retain target under ``retain_target="teacher"``
+        self.teacher = copy.deepcopy(unet).requires_grad_(False).eval() if config.retain_target == "teacher" else None
         if config.lora_rank:
             from peft import LoraConfig
 
@@ -248,8 +252,15 @@ class _Trainer:
                                                   [item_generator("ft-adv", config.seed, step, k) for k in keys]))
             if pick:
                 latents, captions = self.retain.batch(self.pipe, pick)
-                parts.append(self.dm_loss.inputs(captions, latents,
-                                                 [item_generator("ft-dm", config.seed, step, j) for j in pick]))
+                if config.retain_uncond:
+                    drop = torch.rand(len(pick), generator=item_generator("ft-uncond", config.seed, step, self.rank))
+                    captions[drop < config.retain_uncond] = self.empty_embed.to(captions.dtype)
+                noisy, t, cond, target = self.dm_loss.inputs(captions, latents,
+                                                             [item_generator("ft-dm", config.seed, step, j) for j in pick])
+                if self.teacher is not None:
+                    with torch.no_grad():
+                        target = self.teacher(noisy, t, encoder_hidden_states=cond).sample
+                parts.append((noisy, t, cond, target))
             noisy, t, cond, target = (torch.cat(x) for x in zip(*parts, strict=True))
             pred = self.model(noisy, t, encoder_hidden_states=cond).sample
             n_adv = len(keys) * config.adv_pairs
@@ -295,6 +306,7 @@ class _Trainer:
         """The trained UNet as a plain, frozen module (a LoRA fused into its weights). The optimiser's state
         (two moments per trained weight) is released: the run's last checkpoint holds it."""
         final = self.accelerator.unwrap_model(self.model)
+        self.teacher = None
         self.optimizer.state.clear()  # (the gradients went with the last step)
         self.accelerator.free_memory()
         if self.config.lora_rank:
