@@ -16,6 +16,7 @@ will write at its peak, so that a run that cannot end fails at once, not at its 
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -99,8 +100,6 @@ def resume_finished(run: RunFolder, pipe) -> dict | None:
     that folder, in ``pipe.unet``'s dtype and device, frozen; the folder recorded as where ``pipe`` now
     comes from) and return the run's summary. None for any other run. A leftover checkpoint of such a
     run (a kill between its end and the checkpoint's removal) is removed."""
-    import json
-
     folder = run.path / "pipeline"
     if run.manifest().get("status") != "done" or not (folder / "unet").is_dir():
         return None

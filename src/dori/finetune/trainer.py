@@ -159,7 +159,8 @@ class _Trainer:
         self.surrogate_latents = surrogate_latents
         self.targets = encode_images(pipe, references)
         self.prompt_embeds = encode_prompts(pipe, [r.prompt for r in self.records])
-        self.empty_embed = encode_prompts(pipe, [""])[0]
+        # the empty caption's embedding, what ``retain_uncond``'s share of retain pairs is trained under
+        self.empty_embed = encode_prompts(pipe, [""])[0] if config.retain_uncond else None
         unet = pipe.unet
         # the UNet before fine-tuning, frozen: the retain target under ``retain_target="teacher"``
         self.teacher = copy.deepcopy(unet).requires_grad_(False).eval() if config.retain_target == "teacher" else None
@@ -254,7 +255,7 @@ class _Trainer:
                 latents, captions = self.retain.batch(self.pipe, pick)
                 if config.retain_uncond:
                     drop = torch.rand(len(pick), generator=item_generator("ft-uncond", config.seed, step, self.rank))
-                    captions[drop < config.retain_uncond] = self.empty_embed.to(captions.dtype)
+                    captions[drop < config.retain_uncond] = self.empty_embed
                 noisy, t, cond, target = self.dm_loss.inputs(captions, latents,
                                                              [item_generator("ft-dm", config.seed, step, j) for j in pick])
                 if self.teacher is not None:
