@@ -3,7 +3,8 @@
 Fine-tunes a copy of the model with ``FinetuneConfig.testbed(**changes)`` and prints one JSON line:
 utility (shape captions drawn in the right colours, VAE-feature FID) over the utility stage's 60 shape
 captions and over 200 more (other seeds), MR of the memorized captions (10 seeds) and MR under a fresh
-Dori (50 steps from the prompt and from N(0, I), 10 seeds per trigger, seed 1000, as the demo's row).
+Dori (50 steps from the prompt and from N(0, I), 10 seeds per trigger, seed 1000, as the demo's row),
+with its MR per memorization kind (VM / TM) on a build that labels them.
 The line is also appended to ``<out>/results.jsonl``. docs/methods.md ("The retain term") has the
 figures.
 
@@ -23,8 +24,13 @@ from pathlib import Path
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("name", help="this setting's name (its folder under --out)")
-    parser.add_argument("changes", help="FinetuneConfig.testbed fields as JSON, e.g. '{\"retain_uncond\": 0.2}'")
+    parser.add_argument("changes", help="FinetuneConfig.testbed fields as JSON, e.g. '{\"retain_uncond\": 0.2}' or "
+                                        "'{\"inner\": {\"steps\": 25}}' (the inner attack's fields)")
     parser.add_argument("--model", default="testbed")
+    parser.add_argument("--prompts", default="testbed:memorized",
+                        help="what the fine-tuning attacks: a prompt set, or several joined by '+' (e.g. "
+                             "testbed:memorized+testbed:template, every caption of the template photos too); "
+                             "MR and the fresh Dori are always over testbed:memorized")
     parser.add_argument("--out", default="runs/finetune-retain")
     args = parser.parse_args()
 
@@ -35,30 +41,36 @@ def main() -> None:
     from dori.finetune import FinetuneConfig, adversarial_finetune
     from dori.memorization import attack_row, summary_row
     from dori.models import load_pipeline
-    from dori.prompts import prompts_for
+    from dori.prompts import prompt_kinds, prompts_for
     from dori.utility import testbed_utility
 
     changes = json.loads(args.changes)
+    fields = dict(changes)
+    if "inner" in fields:  # the inner attack's fields over the testbed setting's (10 steps, nothing recorded)
+        fields["inner"] = replace(FinetuneConfig.testbed().inner, **fields["inner"])
     out = Path(args.out) / args.name
     base = load_pipeline(args.model)
     pipe = copy.deepcopy(base)
     t0 = time.perf_counter()
-    adversarial_finetune(pipe, prompts_for(pipe, "testbed:memorized"), FinetuneConfig.testbed(**changes), out / "ft")
+    adversarial_finetune(pipe, prompts_for(pipe, args.prompts), FinetuneConfig.testbed(**fields), out / "ft")
     seconds = time.perf_counter() - t0
     utility = testbed_utility(pipe, original_vae=base.vae)
     more = testbed_utility(pipe, original_vae=base.vae, num_images=200, seed=500)
     threshold = DescriptorConfig().build(pipe).threshold
+    kinds = prompt_kinds(pipe, "testbed:memorized")
     evaluated = run_evaluate(pipe, EvaluateConfig(prompts="testbed:memorized", num_seeds=10), out / "eval")
     records = []
     for init in ("prompt", "random"):
         config = AttackRunConfig(prompts="testbed:memorized", init=init, num_seeds=10, seed=1000,
                                  attack=replace(AttackConfig(), record_at=(50,)))
         records += run_attack(pipe, config, out / f"attack-{init}")[1]
-    row = {"name": args.name, "changes": changes, "finetune_s": round(seconds),
+    dori_row = attack_row("ft+dori", records, threshold, kinds)
+    row = {"name": args.name, "prompts": args.prompts, "changes": changes, "finetune_s": round(seconds),
            "shapes_60": utility["shape_accuracy"], "fid_60": utility["fid_vae"],
            "shapes_200": more["shape_accuracy"], "fid_200": more["fid_vae"],
            "mr": summary_row("ft", evaluated.records, threshold)["mr"],
-           "mr_dori": attack_row("ft+dori", records, threshold)["mr"], "dori_generations": sum(len(r["scores"]) for r in records)}
+           "mr_dori": dori_row["mr"], "mr_dori_by_kind": dori_row.get("mr_by_kind"),
+           "dori_generations": sum(len(r["scores"]) for r in records)}
     line = json.dumps(row)
     print(line)
     with open(Path(args.out) / "results.jsonl", "a") as f:

@@ -88,3 +88,34 @@ def test_reference_folder(tmp_path):
     Image.fromarray(np.full((8, 8, 3), 255, np.uint8)).save(refs / "b.jpg")
     prompt_set = load_prompt_set(str(tmp_path / "p.csv"), references=refs)
     assert prompt_set.references["b"].shape == (8, 8, 3) and prompt_set.references["b"].min() > 200
+
+
+def test_prompt_sets_joined_by_plus(tmp_path, clip_tokenizer):
+    memorized, shapes = load_prompt_set("testbed:memorized"), load_prompt_set("testbed:shape")
+    joined = load_prompt_set("testbed:memorized+testbed:shape")
+    assert [r.id for r in joined.records] == [r.id for r in memorized.records + shapes.records]
+    assert set(joined.references) == set(memorized.references) | set(shapes.references)
+    assert all(np.array_equal(joined.references[r.id], shapes.references[r.id]) for r in shapes.records[:5])
+    assert set(joined.gallery) == set(memorized.gallery)
+    # a file and a testbed set; the file's prompts carry no reference image
+    (tmp_path / "p.csv").write_text("id,prompt\na,one\nb,two\n")
+    mixed = load_prompt_set(f"{tmp_path / 'p.csv'}+testbed:memorized")
+    assert [r.id for r in mixed.records][:2] == ["a", "b"] and len(mixed) == 2 + len(memorized)
+    with pytest.raises(DoriError, match="id 'a' occurs twice"):
+        load_prompt_set(f"{tmp_path / 'p.csv'}+{tmp_path / 'p.csv'}")
+    with pytest.raises(DoriError, match="unknown testbed set 'testbed:nope'"):
+        load_prompt_set("testbed:memorized+testbed:nope")
+    # a file whose name holds '+' is that file
+    (tmp_path / "a+b.txt").write_text("one\ntwo\n")
+    assert [r.prompt for r in load_prompt_set(str(tmp_path / "a+b.txt")).records] == ["one", "two"]
+    # on a model that is not the testbed, a joined spec that names a testbed set is refused, not read from the
+    # shipped testbed
+    from diffusers import StableDiffusionPipeline
+
+    from dori.prompts import prompts_for
+    from tests.conftest import tiny_components
+
+    pipe = StableDiffusionPipeline(**tiny_components("sd1", clip_tokenizer))
+    assert len(prompts_for(pipe, str(tmp_path / "p.csv"))) == 2
+    with pytest.raises(DoriError, match="this model is not the testbed"):
+        prompts_for(pipe, f"{tmp_path / 'p.csv'}+testbed:memorized")

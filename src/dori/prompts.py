@@ -197,7 +197,10 @@ def testbed_prompt_set(name: str, folder: str | Path) -> PromptSet:
 
 
 def load_prompt_set(spec: str, *, references: str | Path | None = None, model_folder: str | Path | None = None) -> PromptSet:
-    """A bundled set by name, a ``testbed[:role]`` set, or a CSV / JSONL / TXT file."""
+    """A bundled set by name, a ``testbed[:role]`` set, a CSV / JSONL / TXT file, or several of these joined
+    by ``+`` (``testbed:memorized+testbed:template``: one set, in that order; an id may occur once)."""
+    if "+" in spec and spec not in BUNDLED and not Path(spec).exists():
+        return _joined_prompt_set(spec, references, model_folder)
     if spec in TESTBED_SETS:
         if model_folder is None:
             from .models import testbed_path
@@ -224,13 +227,31 @@ def load_prompt_set(spec: str, *, references: str | Path | None = None, model_fo
     return prompt_set
 
 
+def _joined_prompt_set(spec: str, references, model_folder) -> PromptSet:
+    parts = [load_prompt_set(part, model_folder=model_folder) for part in spec.split("+") if part]
+    if not parts:
+        raise DoriError(f"prompts: {spec!r} names no prompt set")
+    records = [r for part in parts for r in part.records]
+    seen: set[str] = set()
+    for record in records:
+        if record.id in seen:
+            raise DoriError(f"prompts: id {record.id!r} occurs twice in {spec!r}; join sets whose ids differ")
+        seen.add(record.id)
+    joined = PromptSet(spec, records, {k: v for part in parts for k, v in part.references.items()},
+                       {k: v for part in parts for k, v in part.gallery.items()})
+    if references is not None:
+        joined.references = load_reference_folder(references, [r.id for r in records])
+    return joined
+
+
 def prompts_for(pipe, spec: str, *, references: str | Path | None = None, limit: int | None = None) -> PromptSet:
     """The prompt set ``spec`` as a verb on ``pipe`` reads it: the testbed's sets from the testbed ``pipe``
     came from, the reference images from ``references``, the first ``limit`` prompts."""
     from .models import testbed_folder
 
     folder = testbed_folder(pipe)
-    if folder is None and (spec in TESTBED_SETS or spec.startswith("testbed:")):
+    parts = [spec] if spec in BUNDLED or Path(spec).exists() else spec.split("+")
+    if folder is None and any(part == "testbed" or part.startswith("testbed:") for part in parts):
         raise DoriError(f"prompts: {spec} are the testbed's captions, and this model is not the testbed; give --prompts "
                         "(a bundled set such as webster-sd1-vm, or a CSV / JSONL / TXT file)")
     prompt_set = load_prompt_set(spec, references=references, model_folder=folder).subset(limit)

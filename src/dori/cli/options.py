@@ -34,7 +34,7 @@ Scheduler = Annotated[str | None, typer.Option("--scheduler", help="Another samp
 Preset = Annotated[str | None, typer.Option("--preset", help="Settings of a setting for every verb: paper-sd1, paper-sd2, "
                                             "testbed (or a YAML file); --config and the command line still win.",
                                             rich_help_panel=RUN_PANEL)]
-Prompts = Annotated[str, typer.Option("--prompts", "-p", help="Bundled set, testbed[:role], or a CSV/JSONL/TXT file.",
+Prompts = Annotated[str, typer.Option("--prompts", "-p", help="Bundled set, testbed[:role], or a CSV/JSONL/TXT file; several joined by + are one set.",
                                       rich_help_panel=INPUT_PANEL)]
 References = Annotated[Path | None, typer.Option(help="Folder of training images named <prompt id>.png (the testbed's "
                                                       "sets carry theirs).", rich_help_panel=INPUT_PANEL)]
