@@ -1,6 +1,7 @@
 """Adversarial fine-tuning's utility cost on a testbed build, for one setting of its retain term.
 
-Fine-tunes a copy of the model with ``FinetuneConfig.testbed(**changes)`` and prints one JSON line:
+Fine-tunes a copy of the model with ``FinetuneConfig.testbed()`` and ``changes`` laid over it (nested, as in a
+config file) and prints one JSON line:
 utility (shape captions drawn in the right colours, VAE-feature FID) over the utility stage's 60 shape
 captions and over 200 more (other seeds), MR of the memorized captions (10 seeds) and MR under a fresh
 Dori (50 steps from the prompt and from N(0, I), 10 seeds per trigger, seed 1000, as the demo's row),
@@ -36,6 +37,7 @@ def main() -> None:
 
     from dori.attack.loop import AttackConfig
     from dori.attack.run import AttackRunConfig, run_attack
+    from dori.config_files import from_dict, merge, to_dict
     from dori.descriptors import DescriptorConfig
     from dori.evaluate import EvaluateConfig, run_evaluate
     from dori.finetune import FinetuneConfig, adversarial_finetune
@@ -45,14 +47,13 @@ def main() -> None:
     from dori.utility import testbed_utility
 
     changes = json.loads(args.changes)
-    fields = dict(changes)
-    if "inner" in fields:  # the inner attack's fields over the testbed setting's (10 steps, nothing recorded)
-        fields["inner"] = replace(FinetuneConfig.testbed().inner, **fields["inner"])
+    # laid over the testbed setting as a config file's settings are (nested fields such as the inner attack's)
+    config = from_dict(FinetuneConfig, merge(to_dict(FinetuneConfig.testbed()), changes), "changes")
     out = Path(args.out) / args.name
     base = load_pipeline(args.model)
     pipe = copy.deepcopy(base)
     t0 = time.perf_counter()
-    adversarial_finetune(pipe, prompts_for(pipe, args.prompts), FinetuneConfig.testbed(**fields), out / "ft")
+    adversarial_finetune(pipe, prompts_for(pipe, args.prompts), config, out / "ft")
     seconds = time.perf_counter() - t0
     utility = testbed_utility(pipe, original_vae=base.vae)
     more = testbed_utility(pipe, original_vae=base.vae, num_images=200, seed=500)
@@ -61,9 +62,9 @@ def main() -> None:
     evaluated = run_evaluate(pipe, EvaluateConfig(prompts="testbed:memorized", num_seeds=10), out / "eval")
     records = []
     for init in ("prompt", "random"):
-        config = AttackRunConfig(prompts="testbed:memorized", init=init, num_seeds=10, seed=1000,
-                                 attack=replace(AttackConfig(), record_at=(50,)))
-        records += run_attack(pipe, config, out / f"attack-{init}")[1]
+        fresh = AttackRunConfig(prompts="testbed:memorized", init=init, num_seeds=10, seed=1000,
+                                attack=replace(AttackConfig(), record_at=(50,)))
+        records += run_attack(pipe, fresh, out / f"attack-{init}")[1]
     dori_row = attack_row("ft+dori", records, threshold, kinds)
     row = {"name": args.name, "prompts": args.prompts, "changes": changes, "finetune_s": round(seconds),
            "shapes_60": utility["shape_accuracy"], "fid_60": utility["fid_vae"],

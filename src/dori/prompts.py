@@ -199,7 +199,7 @@ def testbed_prompt_set(name: str, folder: str | Path) -> PromptSet:
 def load_prompt_set(spec: str, *, references: str | Path | None = None, model_folder: str | Path | None = None) -> PromptSet:
     """A bundled set by name, a ``testbed[:role]`` set, a CSV / JSONL / TXT file, or several of these joined
     by ``+`` (``testbed:memorized+testbed:template``: one set, in that order; an id may occur once)."""
-    if "+" in spec and spec not in BUNDLED and not Path(spec).exists():
+    if len(spec_parts(spec)) > 1:
         return _joined_prompt_set(spec, references, model_folder)
     if spec in TESTBED_SETS:
         if model_folder is None:
@@ -227,10 +227,16 @@ def load_prompt_set(spec: str, *, references: str | Path | None = None, model_fo
     return prompt_set
 
 
+def spec_parts(spec: str) -> list[str]:
+    """The prompt sets a ``--prompts`` value names: several joined by ``+``, or one (a bundled set or an
+    existing file whose name holds ``+`` is one)."""
+    if "+" not in spec or spec in BUNDLED or Path(spec).exists():
+        return [spec]
+    return [part for part in spec.split("+") if part]
+
+
 def _joined_prompt_set(spec: str, references, model_folder) -> PromptSet:
-    parts = [load_prompt_set(part, model_folder=model_folder) for part in spec.split("+") if part]
-    if not parts:
-        raise DoriError(f"prompts: {spec!r} names no prompt set")
+    parts = [load_prompt_set(part, model_folder=model_folder) for part in spec_parts(spec)]
     records = [r for part in parts for r in part.records]
     seen: set[str] = set()
     for record in records:
@@ -250,8 +256,7 @@ def prompts_for(pipe, spec: str, *, references: str | Path | None = None, limit:
     from .models import testbed_folder
 
     folder = testbed_folder(pipe)
-    parts = [spec] if spec in BUNDLED or Path(spec).exists() else spec.split("+")
-    if folder is None and any(part == "testbed" or part.startswith("testbed:") for part in parts):
+    if folder is None and any(part == "testbed" or part.startswith("testbed:") for part in spec_parts(spec)):
         raise DoriError(f"prompts: {spec} are the testbed's captions, and this model is not the testbed; give --prompts "
                         "(a bundled set such as webster-sd1-vm, or a CSV / JSONL / TXT file)")
     prompt_set = load_prompt_set(spec, references=references, model_folder=folder).subset(limit)
