@@ -288,3 +288,35 @@ def test_finetuned_testbed_resists_the_attack_that_breaks_nemo(tmp_path, surroga
     _, robust = run_attack(pipe, attack, tmp_path / "attack-ft")
     assert robust[0]["mr"] <= 0.25
     assert np.mean(robust[0]["scores"]) < np.mean(pruned[0]["scores"])
+
+
+def test_the_demo_fine_tunes_against_its_finetune_prompts(tmp_path, surrogate_folder, monkeypatch):
+    """`finetune_prompts` is what the demo's fine-tuning attacks (whole: the demo's `limit` is for the
+    memorized rows); the cached fit is keyed by it, so another prompt set is never served the first one's."""
+    from dori.demo import DemoConfig, _Demo
+    from dori.runs import RunFolder
+
+    monkeypatch.setenv("DORI_CACHE", str(tmp_path / "cache"))
+    pipe = _fresh()
+    config = _config(surrogate_folder, epochs=1, steps_per_epoch=1)
+    attacked, folders = [], []
+    for prompts in (None, "testbed:memorized"):
+        demo_config = DemoConfig(limit=1, finetune_config=config, finetune_prompts=prompts)
+        demo = _Demo(pipe, demo_config, RunFolder(tmp_path / f"demo-{prompts}", "demo", demo_config.to_dict()), None)
+        ft_pipe, result = demo.finetuned()
+        manifest = json.loads((result.path / "manifest.json").read_text())
+        attacked.append(manifest["resolved"]["ids"])
+        folders.append(result.path)
+        assert result.path.is_relative_to(tmp_path / "cache") and ft_pipe.unet is not pipe.unet
+    everything = [r.id for r in _memorized(None).records]
+    assert attacked == [everything[:1], everything] and folders[0] != folders[1]
+    with pytest.raises(DoriError, match="finetune_prompts"):
+        DemoConfig(finetune_prompts=" ").validate()
+    # a prompt without its training image is refused before the demo's folder is made
+    from dori.demo import run_demo
+
+    extra = tmp_path / "extra.jsonl"
+    extra.write_text(json.dumps({"id": "extra", "prompt": "a photo of a boat"}) + "\n")
+    with pytest.raises(DoriError, match="finetune_prompts.*'extra'"):
+        run_demo(pipe, DemoConfig(finetune_prompts=f"testbed:memorized+{extra}"), tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()

@@ -124,6 +124,12 @@ class DemoConfig:
     """The testbed's utility bundle per model (shape colours, FID with VAE features, retain loss)."""
     finetune: bool = True
     finetune_config: FinetuneConfig = field(default_factory=FinetuneConfig.testbed)
+    finetune_prompts: str | None = None
+    """The prompts adversarial fine-tuning attacks, with their training images from the testbed's sets or
+    ``references`` (``limit`` does not apply); None: ``memorized``. The rows still measure ``memorized``. A
+    template photo is reached from every caption of its template, so on a testbed with template captions
+    (``dori testbed build --recipe v2``) ``testbed:memorized+testbed:template`` attacks them all
+    (docs/testbed.md, "Adversarial fine-tuning re-measured")."""
     finetune_cache: bool = True
     """Keep the fine-tuned testbed under ``$DORI_CACHE/finetune`` and reuse it in later demos."""
     unlearning: tuple[str, ...] = tuple(UNLEARNING)
@@ -173,6 +179,9 @@ class DemoConfig:
         self.finetune_config.validate()
         for method in UNLEARNING:
             getattr(self, method.replace("-", "_")).validate()
+        if self.finetune_prompts is not None and not self.finetune_prompts.strip():
+            raise DoriError("finetune_prompts: give a prompt set (e.g. testbed:memorized+testbed:template) or leave it "
+                            "unset for the memorized prompts")
         if self.concept_seeds < 1:
             raise DoriError(f"concept_seeds: must be >= 1, got {self.concept_seeds}")
         unknown = [m for m in self.unlearning if m not in UNLEARNING]
@@ -377,21 +386,25 @@ class _Demo:
         return cache_dir() / kind / f"{model_name(self.pipe)}-{key}-{model_fingerprint(self.pipe, linears)}"
 
     def finetuned(self):
-        """Adversarial fine-tuning of a copy of the model (cached by weights and settings); the copy."""
+        """Adversarial fine-tuning of a copy of the model against Dori for ``finetune_prompts`` (cached by
+        weights, settings and the prompts it attacks); the copy."""
         import shutil
 
         from .finetune import adversarial_finetune
         from .prompts import prompts_for
 
-        ft_config = self.config.finetune_config
-        if self.config.finetune_cache:
-            out = self.cache_folder("finetune", {"finetune": ft_config.to_dict()})
+        config = self.config
+        ft_config = config.finetune_config
+        spec, limit = ((config.finetune_prompts, None) if config.finetune_prompts is not None
+                       else (config.memorized, config.limit))
+        if config.finetune_cache:
+            out = self.cache_folder("finetune", {"finetune": ft_config.to_dict(), "prompts": spec, "limit": limit,
+                                                 "references": config.references})
         else:
             out = self.run.path / "finetune"
         ft_pipe = copy.deepcopy(self.pipe)
-        memorized = prompts_for(self.pipe, self.config.memorized, references=self.config.references,
-                                limit=self.config.limit)
-        result = adversarial_finetune(ft_pipe, memorized, ft_config, out,
+        attacked = prompts_for(self.pipe, spec, references=config.references, limit=limit)
+        result = adversarial_finetune(ft_pipe, attacked, ft_config, out,
                                       progress=labelled(self.progress, "adversarial fine-tuning"))
         (self.run.path / "finetune.json").write_text(json_text({**result.summary, "run": str(result.path)}, indent=1))
         for name in ("losses.png", "losses.pdf"):
@@ -423,7 +436,7 @@ class _Demo:
         if not self.config.finetune_cache:
             return self.fit(method, settings, f"fit-{method}")
         cached = self.cache_folder(method, {method: to_dict(settings), "memorized": self.config.memorized,
-                                            "limit": self.config.limit})
+                                            "limit": self.config.limit, "references": self.config.references})
         artefact = cached / f"{method}.safetensors"
         if not artefact.exists():
             fitted = self.fit(method, settings, f"fit-{method}")
@@ -539,6 +552,9 @@ def run_demo(pipe=None, config: DemoConfig | None = None, out: str | Path | None
     pipe = pipe if pipe is not None else load_pipeline("testbed")
     # every stage attacks or scores the memorized prompts' training images: refuse a run without them now
     require_references(prompts_for(pipe, config.memorized, references=config.references, limit=config.limit), "the demo")
+    if config.finetune and config.finetune_prompts is not None:
+        require_references(prompts_for(pipe, config.finetune_prompts, references=config.references),
+                           "adversarial fine-tuning (finetune_prompts)")
     out = Path(out) if out is not None else default_run_dir("demo", model_name(pipe))
     processes = Processes(pipe)
     run = processes.open(out, "demo", to_dict(config), model=model_record(pipe), overwrite=overwrite,
