@@ -233,9 +233,13 @@ def test_finetune_command_runs_and_refuses_bad_input(tmp_path):
     Image.fromarray(seen.references[seen.records[0].id]).save(surrogates / "memorized_astronaut.png")
     bad = runner.invoke(app, ["finetune", "--init", "other", "--out", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "inits" in _text(bad) and not (tmp_path / "bad").exists()
+    bad = runner.invoke(app, ["finetune", "--sample-by", "caption", "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "sample_by" in _text(bad) and "image, prompt" in _text(bad)
     result = runner.invoke(app, ["finetune", "--limit", "1", "--epochs", "1", "--steps-per-epoch", "2", "--inner-steps",
-                                 "2", "--surrogate", str(surrogates), "--out", str(tmp_path / "ft")])
+                                 "2", "--surrogate", str(surrogates), "--sample-by", "prompt", "--out", str(tmp_path / "ft")])
     assert result.exit_code == 0, _text(result)
+    manifest = json.loads((tmp_path / "ft" / "manifest.json").read_text())
+    assert manifest["config"]["settings"]["sample_by"] == "prompt"
     assert (tmp_path / "ft" / "finetune" / "pipeline" / "unet" / "config.json").is_file()
     assert (tmp_path / "ft" / "adversarial-ft.safetensors").is_file()
     assert "fine-tuned pipeline" in result.output

@@ -320,3 +320,38 @@ def test_the_demo_fine_tunes_against_its_finetune_prompts(tmp_path, surrogate_fo
     with pytest.raises(DoriError, match="finetune_prompts.*'extra'"):
         run_demo(pipe, DemoConfig(finetune_prompts=f"testbed:memorized+{extra}"), tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
+
+
+def test_each_training_image_is_attacked_equally_often_through_its_captions_in_turn(tmp_path, surrogate_folder):
+    """`sample_by="image"`: an image that six captions reach (a template photo) gets the share of the attacks
+    that an image with one caption gets, through each of its captions in turn; `"prompt"` gives every caption
+    an equal share. With an image per prompt the two draw the same batches."""
+    from collections import Counter
+
+    from dori.finetune.sampling import image_groups, step_batch
+
+    photos = [np.full((4, 4, 3), v, np.uint8) for v in range(8)]
+    references = [photos[0]] * 6 + photos[1:]  # prompts 0-5 share a photo, 6-12 have one each
+    assert image_groups(references) == [[0, 1, 2, 3, 4, 5], *([i] for i in range(6, 13))]
+    assert image_groups(references, "prompt") == [[i] for i in range(13)]
+    # the testbed setting: 12 steps of 4 prompts per epoch, 5 epochs
+    for how in ("image", "prompt"):
+        picks = Counter(i for s in range(1, 61) for i in step_batch(image_groups(references, how), s, 12, 4, seed=3))
+        shared = sum(picks[i] for i in range(6))
+        if how == "image":  # 30 attacks per photo; the shared one's six captions 5 each
+            assert shared == 30 and {picks[i] for i in range(6, 13)} == {30} and {picks[i] for i in range(6)} == {5}
+        else:  # every prompt 3 or 4 times an epoch: the shared photo, 6 of 13 prompts, gets 4-8 times any other's
+            assert min(picks.values()) >= 15 and max(picks.values()) <= 20 and shared >= 4 * max(picks.values())
+    distinct = [np.full((4, 4, 3), v, np.uint8) for v in range(8)]
+    batches = {how: [step_batch(image_groups(distinct, how), s, 12, 4, 3) for s in range(1, 25)]
+               for how in ("image", "prompt")}
+    assert batches["image"] == batches["prompt"] and len({tuple(b) for b in batches["image"]}) > 2
+    with pytest.raises(DoriError, match="sample_by"):
+        FinetuneConfig(sample_by="caption").validate()
+    # a run over two captions of one photo: one training image, both captions attacked
+    prompts = _memorized(2)
+    first, second = (r.id for r in prompts.records)
+    prompts.references[second] = prompts.references[first]
+    result = adversarial_finetune(_fresh(), prompts, _config(surrogate_folder, epochs=1, steps_per_epoch=2,
+                                                              images_per_step=1), tmp_path / "run")
+    assert (result.summary["prompts"], result.summary["images"]) == (2, 1)

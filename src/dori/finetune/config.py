@@ -12,6 +12,8 @@ from ..generation import GenerationConfig
 
 INITS = ("prompt", "random")
 RETAIN_TARGETS = ("data", "teacher")
+SAMPLE_BY = ("image", "prompt")
+"""What adversarial fine-tuning draws its attacked prompts over (:mod:`dori.finetune.sampling`)."""
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
 
@@ -37,6 +39,10 @@ class FinetuneConfig:
     images_per_step: int = 8
     steps_per_epoch: int | None = None
     """None: one pass over the memorized images, ``images_per_step`` at a time."""
+    sample_by: str = "image"
+    """What each step's attacked prompts are drawn over (:mod:`dori.finetune.sampling`): ``image``, every
+    training image equally often, an image that several prompts share (template memorization) through its
+    prompts in turn; ``prompt``, every prompt equally often. The same where each prompt has its own image."""
     lr: float = 1e-5
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
@@ -92,6 +98,8 @@ class FinetuneConfig:
             raise DoriError("adv_weight, dm_weight: must be >= 0 and not both 0")
         if not 0 <= self.retain_uncond <= 1:
             raise DoriError(f"retain_uncond: must be in [0, 1], got {self.retain_uncond}")
+        if self.sample_by not in SAMPLE_BY:
+            raise DoriError(f"sample_by: must be one of {', '.join(SAMPLE_BY)}, got {self.sample_by!r}")
         if self.retain_target not in RETAIN_TARGETS:
             raise DoriError(f"retain_target: must be one of {', '.join(RETAIN_TARGETS)}, got {self.retain_target!r}")
         if not self.inits or any(i not in INITS for i in self.inits):

@@ -53,6 +53,7 @@ from .checkpoints import (
 )
 from .config import FinetuneConfig
 from .retain import check_retain, load_retain_set
+from .sampling import image_groups, step_batch
 from .surrogates import make_surrogates
 
 logger = logging.getLogger(__name__)
@@ -152,6 +153,7 @@ class _Trainer:
                  surrogate_latents: torch.Tensor, references, retain=None):
         self.pipe, self.config, self.run, self.accelerator = pipe, config, run, accelerator
         self.records = prompt_set.records
+        self.groups = image_groups(references, config.sample_by)
         self.retain = retain or load_retain_set(config.retain, config.retain_images, testbed_folder(pipe),
                                                 generate_with=pipe if config.retain_generate else None,
                                                 cache=run.path / "retain", seed=config.seed,
@@ -182,11 +184,11 @@ class _Trainer:
         self.adv_loss = DiffusionLoss(pipe, config.adv_pairs, unet=self.model)
         self.dm_loss = DiffusionLoss(pipe, 1, unet=self.model)
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
-        self.per_epoch = config.steps_in_epoch(len(self.records))
+        self.per_epoch = config.steps_in_epoch(len(self.groups))
         self.total = self.per_epoch * config.epochs
-        if min(config.images_per_step, len(self.records)) < self.world or config.retain_batch_size < self.world:
+        if min(config.images_per_step, len(self.groups)) < self.world or config.retain_batch_size < self.world:
             raise DoriError(f"images_per_step, retain_batch_size: each process needs work; with {self.world} processes "
-                            f"both must be >= {self.world} (got {min(config.images_per_step, len(self.records))}, "
+                            f"both must be >= {self.world} (got {min(config.images_per_step, len(self.groups))}, "
                             f"{config.retain_batch_size})")
 
     # -- resuming ---------------------------------------------------------------------------------
@@ -207,12 +209,10 @@ class _Trainer:
 
     # -- one step -----------------------------------------------------------------------------------
     def batch(self, step: int) -> list[int]:
-        """This process's memorized images of step ``step`` (a seeded order per epoch, ``images_per_step`` at a time)."""
-        n, config = len(self.records), self.config
-        epoch, within = divmod(step - 1, self.per_epoch)
-        order = torch.randperm(n, generator=item_generator("ft-order", config.seed, epoch)).tolist()
-        start = (within * config.images_per_step) % n
-        return [order[(start + j) % n] for j in range(min(config.images_per_step, n))][self.rank :: self.world]
+        """This process's memorized prompts of step ``step`` (:func:`dori.finetune.sampling.step_batch`)."""
+        config = self.config
+        batch = step_batch(self.groups, step, self.per_epoch, config.images_per_step, config.seed)
+        return batch[self.rank :: self.world]
 
     def triggers(self, step: int, batch: list[int]):
         """Fresh Dori triggers against the current weights: ``(keys, triggers, surrogate latents, last losses)``."""
@@ -362,7 +362,9 @@ def adversarial_finetune(pipe, prompts: PromptSet, config: FinetuneConfig | None
         trainer.train(progress)
         pipe.unet = trainer.finish()
         rows = [r for r in read_jsonl(run.path / STEPS_FILE) if r["step"] <= trainer.total]
-        summary = summarize_finetune(rows, trainer.per_epoch)
+        # the training images the prompts reach (several prompts share one under template memorization)
+        summary = {**summarize_finetune(rows, trainer.per_epoch), "prompts": len(prompts.records),
+                   "images": len(image_groups(references))}
         pipeline = None
         if accelerator.is_main_process:
             from ..analysis.plots import plot_finetune_losses
