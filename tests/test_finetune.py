@@ -245,6 +245,30 @@ def test_surrogate_that_replicates_is_refused(tmp_path):
         adversarial_finetune(_fresh(), _memorized(), _config(folder), tmp_path / "run")
 
 
+def test_surrogates_stay_below_the_share_of_the_threshold_they_are_given(tmp_path, surrogate_folder):
+    """`surrogate_below`: a surrogate must score below that share of the threshold against every memorized
+    photo, whether pruned generations (none under the bar is an error naming it) or given images."""
+    from dori.descriptors import DescriptorConfig
+    from dori.finetune.surrogates import make_surrogates
+    from dori.mitigations.nemo import statistics_prompts
+    from dori.prompts import load_prompt_set
+
+    pipe, prompts = _fresh(), _memorized(1)
+    references = [prompts.references[r.id] for r in prompts.records]
+    descriptor = DescriptorConfig().build(pipe)
+    kwargs = dict(statistics_prompts=statistics_prompts(None, pipe)[::20], seeds=[10_000, 10_001],
+                  gallery=list(load_prompt_set("testbed:memorized").references.values()))
+    (first,), _ = make_surrogates(pipe, prompts.records, references, descriptor, **kwargs)
+    assert first.max_score < descriptor.threshold
+    with pytest.raises(DoriError, match=r"below -1\.000 \(the threshold is"):
+        make_surrogates(pipe, prompts.records, references, descriptor, bar=-1.0, **kwargs)
+    # the seen-once crops pass as surrogates under the threshold, not under a bar of almost 0
+    with pytest.raises(DoriError, match="is too close to a memorized training image .* surrogate_below 1e-06"):
+        adversarial_finetune(pipe, _memorized(), _config(surrogate_folder, surrogate_below=1e-6), tmp_path / "run")
+    with pytest.raises(DoriError, match="surrogate_below"):
+        FinetuneConfig(surrogate_below=0).validate()
+
+
 def test_bad_settings_name_the_field():
     with pytest.raises(DoriError, match="inits"):
         FinetuneConfig(inits=("other",)).validate()

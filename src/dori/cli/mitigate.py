@@ -352,7 +352,7 @@ def finetune(
     retain_target: Annotated[str | None, typer.Option(help="What L_DM regresses: 'data' (the diffusion target, the paper) or 'teacher' (the UNet before fine-tuning; one more UNet in memory).", rich_help_panel=INPUT_PANEL)] = None,
     epochs: Annotated[int | None, typer.Option(help="Epochs (the paper: 5).")] = None,
     steps_per_epoch: Annotated[int | None, typer.Option(help="Steps per epoch (default: one pass over the memorized images).")] = None,
-    sample_by: Annotated[str | None, typer.Option(help="What each step's prompts are drawn over: 'image' (every training image equally often; one that several prompts share, as under template memorization, through them in turn; the default) or 'prompt' (every prompt equally often).")] = None,
+    sample_by: Annotated[str | None, typer.Option(help="What each step's prompts are drawn over: 'prompt' (every prompt equally often; the default) or 'image' (every training image equally often; one that several prompts share, as under template memorization, through them in turn).")] = None,
     lr: Annotated[float | None, typer.Option(help="AdamW learning rate.")] = None,
     init: Annotated[list[str] | None, typer.Option("--init", help="Trigger inits each step: prompt and/or random; repeatable.")] = None,
     inner_steps: Annotated[int | None, typer.Option(help="Dori steps per fine-tuning step.")] = None,
@@ -360,6 +360,7 @@ def finetune(
     lora_rank: Annotated[int, typer.Option(help="0: all UNet weights (the paper); > 0: a LoRA of this rank instead.")] = 0,
     surrogate: Annotated[str, typer.Option(help="'nemo' (pruned generations) or a folder of <prompt id>.png surrogate images.")] = "nemo",
     surrogate_mitigation: Annotated[Path | None, typer.Option(help="A saved NeMo mitigation to make the surrogates with first.")] = None,
+    surrogate_below: Annotated[float | None, typer.Option(help="A surrogate must score below this share of the descriptor's threshold against every memorized image (1: anything under the threshold, the default; the testbed setting: 0.75).")] = None,
     mixed_precision: Annotated[str, typer.Option(help="no, fp16 or bf16 (accelerate).")] = "no",
     checkpoint_every: Annotated[int, typer.Option(help="Save an accelerate checkpoint every N steps.")] = 10,
     descriptor: Annotated[str, typer.Option("--descriptor", help="Scores the surrogates: 'auto' (the testbed's) or an SSCD TorchScript file.", rich_help_panel=INPUT_PANEL)] = "auto",
@@ -393,7 +394,7 @@ def finetune(
               "sample_by": "settings.sample_by", "lr": "settings.lr",
               "init": ("settings.inits", tuple), "inner_steps": "settings.inner.steps",
               "warm_start": "settings.warm_start", "lora_rank": "settings.lora_rank", "surrogate": "settings.surrogate",
-              "surrogate_mitigation": ("settings.surrogate_mitigation", text),
+              "surrogate_mitigation": ("settings.surrogate_mitigation", text), "surrogate_below": "settings.surrogate_below",
               "mixed_precision": "settings.mixed_precision", "checkpoint_every": "settings.checkpoint_every",
               "descriptor": "settings.descriptor.spec", "seed": "settings.seed"}
     _fit(ctx, "adversarial-ft", fields, {"settings": base}, None, out, overwrite)

@@ -39,10 +39,11 @@ class FinetuneConfig:
     images_per_step: int = 8
     steps_per_epoch: int | None = None
     """None: one pass over the memorized images, ``images_per_step`` at a time."""
-    sample_by: str = "image"
-    """What each step's attacked prompts are drawn over (:mod:`dori.finetune.sampling`): ``image``, every
-    training image equally often, an image that several prompts share (template memorization) through its
-    prompts in turn; ``prompt``, every prompt equally often. The same where each prompt has its own image."""
+    sample_by: str = "prompt"
+    """What each step's attacked prompts are drawn over (:mod:`dori.finetune.sampling`): ``prompt``, every
+    prompt equally often; ``image``, every training image equally often, an image that several prompts share
+    (template memorization) through its prompts in turn. The same where each prompt has its own image; on a v2
+    testbed build with every template caption attacked, ``image`` left more to a fresh Dori (docs/testbed.md)."""
     lr: float = 1e-5
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
@@ -75,6 +76,11 @@ class FinetuneConfig:
     surrogate_mitigation: str | None = None
     """A saved NeMo mitigation tried first (e.g. the one ``dori localize`` wrote)."""
     surrogate_seeds: int = 8
+    surrogate_below: float = 1.0
+    """A surrogate's similarity to every memorized image must stay below this share of the descriptor's
+    threshold (1: anything under the threshold). The first pruned image under the threshold can be a near
+    copy (0.55 against a threshold of 0.57 on a v2 testbed build), and mapping triggers onto a near copy
+    leaves the image a short step away for a fresh Dori (docs/testbed.md)."""
     surrogate_fallback: str | None = None
     """A prompt set whose (unpruned) generations stand in where no pruned image stops replicating
     (``testbed:held-out`` in :meth:`testbed`); None: such a prompt is an error."""
@@ -92,6 +98,8 @@ class FinetuneConfig:
                 raise DoriError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise DoriError(f"steps_per_epoch: must be >= 1 or None, got {self.steps_per_epoch}")
+        if not 0 < self.surrogate_below <= 1:
+            raise DoriError(f"surrogate_below: must be in (0, 1], got {self.surrogate_below}")
         if self.lr <= 0:
             raise DoriError(f"lr: must be > 0, got {self.lr}")
         if self.adv_weight < 0 or self.dm_weight < 0 or self.adv_weight + self.dm_weight == 0:
@@ -129,9 +137,11 @@ class FinetuneConfig:
         last step's triggers and run 10 Adam steps (fresh against the current weights, 5x cheaper than
         50 from scratch), retain batch 48 at weight 4 (smaller or lighter retain terms cost the shape
         captions' colours), 20% of the retain pairs under the empty caption (without them guidance's
-        unconditional branch drifts and the shapes lose their colours), and a held-out caption's image
-        as the surrogate where every pruned image of a prompt still copies some memorized photo."""
+        unconditional branch drifts and the shapes lose their colours), surrogates below 0.75 of the
+        threshold against every memorized photo (on v2 builds the first pruned image under the threshold
+        was a near copy, and a fresh Dori brought the photo back), and a held-out caption's image as the
+        surrogate where every pruned image of a prompt still copies some memorized photo."""
         base = cls(lr=5e-4, steps_per_epoch=12, images_per_step=4, inits=("prompt", "random"), warm_start=True,
                    inner=AttackConfig(steps=10, record_at=()), retain_batch_size=48, dm_weight=4.0,
-                   retain_uncond=0.2, surrogate_fallback="testbed:held-out")
+                   retain_uncond=0.2, surrogate_below=0.75, surrogate_fallback="testbed:held-out")
         return replace(base, **changes)

@@ -1,11 +1,11 @@
 """Which memorized prompts adversarial fine-tuning attacks at each step.
 
-The fine-tuning removes training *images* (paper, Sec. 5): an image that several captions reach, as in
-template memorization (Webster's TM), must not get a larger share of the attacks than an image with one
-caption, nor a smaller one. With ``sample_by="image"`` each epoch passes over the training images in a
-seeded order, ``images_per_step`` at a time, and an image reached from several captions is attacked
-through them in turn; with ``sample_by="prompt"`` every prompt is an item of its own. Where every prompt
-has an image of its own the two give the same batches.
+With ``sample_by="prompt"`` (the default) every prompt is an item of its own: each epoch passes over the
+prompts in a seeded order, ``images_per_step`` at a time, and an image that several captions reach
+(template memorization, Webster's TM) gets a share of the attacks per caption. With ``sample_by="image"``
+the items are the training images: an image reached from several captions gets one image's share, through
+its captions in turn. Where every prompt has an image of its own the two give the same batches;
+docs/testbed.md compares them on v2 testbed builds.
 """
 
 from __future__ import annotations

@@ -118,7 +118,8 @@ def _nemo_surrogates(pipe, config: FinetuneConfig, records, references, gallery,
     seeds = list(range(config.seed + 10_000, config.seed + 10_000 + config.surrogate_seeds))
     found, images = make_surrogates(pipe, records, references, descriptor,
                                     statistics_prompts=statistics_prompts(config.statistics, pipe), seeds=seeds,
-                                    generation=config.generation, nemo=nemo, gallery=gallery, fallback_prompts=fallback)
+                                    generation=config.generation, nemo=nemo, gallery=gallery, fallback_prompts=fallback,
+                                    bar=descriptor.threshold * config.surrogate_below)
     return [s.record() for s in found], images
 
 
@@ -138,11 +139,13 @@ def _given_surrogates(pipe, config: FinetuneConfig, records, references, gallery
     rows = [{"prompt_id": r.id, "prompt": r.prompt, "seed": None, "score": float(s), "level": "given",
              "neurons": 0, "max_score": float(m)}
             for r, s, m in zip(records, scored.sscd_orig, scored.gallery_max, strict=True)]
-    high = [row for row in rows if row["max_score"] > descriptor.threshold]
+    bar = descriptor.threshold * config.surrogate_below
+    high = [row for row in rows if row["max_score"] >= bar]
     if high:
-        raise DoriError(f"surrogate: the image for {high[0]['prompt_id']!r} replicates a memorized training "
-                        f"image (similarity {high[0]['max_score']:.3f} > {descriptor.threshold:.3f}); a "
-                        "surrogate must not")
+        what = "replicates" if high[0]["max_score"] > descriptor.threshold else "is too close to"
+        raise DoriError(f"surrogate: the image for {high[0]['prompt_id']!r} {what} a memorized training image "
+                        f"(similarity {high[0]['max_score']:.3f}; a surrogate must score below {bar:.3f}, "
+                        f"surrogate_below {config.surrogate_below:g} x the threshold {descriptor.threshold:.3f})")
     return rows, images
 
 
