@@ -60,8 +60,7 @@ def make_surrogates(pipe, records, references: list[np.ndarray], descriptor, *, 
     """One surrogate per record: the first seed (by level, then seed) whose image scores below ``bar``
     (default: the descriptor's threshold) against *every* image of ``gallery`` (default ``references``; a
     surrogate that copied another memorized image would teach the model to replicate that one). When no
-    pruning level gives one
-    (on the testbed the rocket's pruned images always copy some memorized photo), the first
+    pruning level gives one (on the testbed the rocket's pruned images always copy some memorized photo), the first
     non-replicating generation of ``fallback_prompts`` (unpruned) is used, recorded as ``fallback``.
     Returns the surrogates and their images ``(N, 3, H, W)`` in [0, 1]."""
     generation = generation or GenerationConfig()
@@ -97,8 +96,8 @@ def make_surrogates(pipe, records, references: list[np.ndarray], descriptor, *, 
                 best = Surrogate(record.id, record.prompt, seeds[i], float(own[i]), level, neurons, float(scores[i]))
                 images.append(gens.images[i])
                 break
-            logger.info("surrogate %s: level %s (%d neurons) still replicates (min %.3f)", record.id, level, neurons,
-                        float(scores.min()))
+            logger.info("surrogate %s: level %s (%d neurons) leaves no image under %.3f (min %.3f)", record.id, level,
+                        neurons, bar, float(scores.min()))
         pool = list(fallback_prompts or []) if best is None else []
         pool = pool[len(found) % max(1, len(pool)):] + pool[: len(found) % max(1, len(pool))]  # distinct per record
         for prompt in pool:
@@ -114,7 +113,8 @@ def make_surrogates(pipe, records, references: list[np.ndarray], descriptor, *, 
         if best is None:
             raise DoriError(f"surrogate: no pruned generation of {record.id!r} scored below {bar:.3f} (the "
                             f"threshold is {descriptor.threshold:.3f}) against every memorized image with {len(seeds)} "
-                            "seeds; raise surrogate_seeds or give --surrogate DIR with <prompt id>.png images")
+                            "seeds; raise surrogate_seeds or surrogate_below, or give --surrogate DIR with <prompt "
+                            "id>.png images")
         logger.info("surrogate %s: %s, seed %d, similarity %.3f", record.id, best.level, best.seed, best.score)
         found.append(best)
     return found, torch.stack(images)

@@ -140,11 +140,11 @@ def _given_surrogates(pipe, config: FinetuneConfig, records, references, gallery
              "neurons": 0, "max_score": float(m)}
             for r, s, m in zip(records, scored.sscd_orig, scored.gallery_max, strict=True)]
     bar = descriptor.threshold * config.surrogate_below
-    high = [row for row in rows if row["max_score"] >= bar]
+    high = [row for row in rows if row["max_score"] > bar]
     if high:
         what = "replicates" if high[0]["max_score"] > descriptor.threshold else "is too close to"
         raise DoriError(f"surrogate: the image for {high[0]['prompt_id']!r} {what} a memorized training image "
-                        f"(similarity {high[0]['max_score']:.3f}; a surrogate must score below {bar:.3f}, "
+                        f"(similarity {high[0]['max_score']:.3f}; a surrogate may score at most {bar:.3f}, "
                         f"surrogate_below {config.surrogate_below:g} x the threshold {descriptor.threshold:.3f})")
     return rows, images
 
