@@ -120,6 +120,10 @@ class FinetuneConfig:
         self.generation.validate()
         self.descriptor.validate()
 
+    def surrogate_bar(self, threshold: float) -> float:
+        """The similarity a surrogate must not reach against any memorized image (``surrogate_below``)."""
+        return threshold * self.surrogate_below
+
     def steps_in_epoch(self, n_images: int) -> int:
         return self.steps_per_epoch or math.ceil(n_images / self.images_per_step)
 

@@ -119,7 +119,7 @@ def _nemo_surrogates(pipe, config: FinetuneConfig, records, references, gallery,
     found, images = make_surrogates(pipe, records, references, descriptor,
                                     statistics_prompts=statistics_prompts(config.statistics, pipe), seeds=seeds,
                                     generation=config.generation, nemo=nemo, gallery=gallery, fallback_prompts=fallback,
-                                    bar=descriptor.threshold * config.surrogate_below)
+                                    bar=config.surrogate_bar(descriptor.threshold))
     return [s.record() for s in found], images
 
 
@@ -139,7 +139,7 @@ def _given_surrogates(pipe, config: FinetuneConfig, records, references, gallery
     rows = [{"prompt_id": r.id, "prompt": r.prompt, "seed": None, "score": float(s), "level": "given",
              "neurons": 0, "max_score": float(m)}
             for r, s, m in zip(records, scored.sscd_orig, scored.gallery_max, strict=True)]
-    bar = descriptor.threshold * config.surrogate_below
+    bar = config.surrogate_bar(descriptor.threshold)
     high = [row for row in rows if row["max_score"] > bar]
     if high:
         what = "replicates" if high[0]["max_score"] > descriptor.threshold else "is too close to"
