@@ -237,11 +237,17 @@ def test_finetune_command_runs_and_refuses_bad_input(tmp_path):
     assert bad.exit_code == 2 and "sample_by" in _text(bad) and "image, prompt" in _text(bad)
     bad = runner.invoke(app, ["finetune", "--surrogate-below", "1.5", "--out", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "surrogate_below: must be in (0, 1]" in _text(bad)
+    bad = runner.invoke(app, ["finetune", "--lr-schedule", "step", "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "lr_schedule: must be one of constant, cosine, linear" in _text(bad)
     result = runner.invoke(app, ["finetune", "--limit", "1", "--epochs", "1", "--steps-per-epoch", "2", "--inner-steps",
-                                 "2", "--surrogate", str(surrogates), "--sample-by", "image", "--out", str(tmp_path / "ft")])
+                                 "2", "--surrogate", str(surrogates), "--sample-by", "image", "--lr-schedule", "linear",
+                                 "--out", str(tmp_path / "ft")])
     assert result.exit_code == 0, _text(result)
     manifest = json.loads((tmp_path / "ft" / "manifest.json").read_text())
     assert manifest["config"]["settings"]["sample_by"] == "image"
+    assert manifest["config"]["settings"]["lr_schedule"] == "linear"
+    steps = [json.loads(line) for line in (tmp_path / "ft" / "finetune" / "steps.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in steps] == [pytest.approx(5e-4), pytest.approx(2.5e-4)]  # the testbed's lr, halved
     assert (tmp_path / "ft" / "finetune" / "pipeline" / "unet" / "config.json").is_file()
     assert (tmp_path / "ft" / "adversarial-ft.safetensors").is_file()
     assert "fine-tuned pipeline" in result.output

@@ -212,6 +212,36 @@ def test_retain_target_teacher_regresses_the_model_before_fine_tuning(tmp_path, 
         FinetuneConfig(retain_uncond=1.5).validate()
 
 
+def test_a_cosine_schedule_warms_up_decays_and_resumes_where_it_stopped(tmp_path, surrogate_folder, uninterrupted):
+    """diffusers' schedule over the run's 4 steps after 1 warm-up step; accelerate's checkpoint holds its place,
+    so a resumed run takes the same rates and ends with the same weights."""
+    config = _config(surrogate_folder, lr_schedule="cosine", lr_warmup_steps=1)
+    pipe_a = _fresh()
+    adversarial_finetune(pipe_a, _memorized(), config, tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
+    lr = config.lr
+    assert [r["lr"] for r in rows] == pytest.approx([0.0, lr, 0.75 * lr, 0.25 * lr])
+    constant = [json.loads(line) for line in (uninterrupted[1].path / "steps.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in constant] == [lr] * 4
+
+    def interrupt(stage, step, total, info=""):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        adversarial_finetune(_fresh(), _memorized(), config, tmp_path / "resumed", progress=interrupt)
+    pipe_b = _fresh()
+    adversarial_finetune(pipe_b, _memorized(), config, tmp_path / "resumed")
+    again = [json.loads(line) for line in (tmp_path / "resumed" / "steps.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in again] == [r["lr"] for r in rows]
+    a, b = pipe_a.unet.state_dict(), pipe_b.unet.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(DoriError, match="lr_schedule: must be one of constant, cosine, linear"):
+        FinetuneConfig(lr_schedule="step").validate()
+    with pytest.raises(DoriError, match="lr_warmup_steps"):
+        FinetuneConfig(lr_warmup_steps=-1).validate()
+
+
 def test_saved_folder_is_a_normal_pipeline(uninterrupted):
     from diffusers import StableDiffusionPipeline
 

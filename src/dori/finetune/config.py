@@ -15,6 +15,8 @@ RETAIN_TARGETS = ("data", "teacher")
 SAMPLE_BY = ("image", "prompt")
 """What adversarial fine-tuning draws its attacked prompts over (:mod:`dori.finetune.sampling`)."""
 MIXED_PRECISION = ("no", "fp16", "bf16")
+LR_SCHEDULES = ("constant", "cosine", "linear")
+"""Learning-rate schedules over the run (diffusers' ``get_scheduler``, after any warm-up)."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,11 @@ class FinetuneConfig:
     (template memorization) through its prompts in turn. The same where each prompt has its own image; on a v2
     testbed build with every template caption attacked, ``image`` left more to a fresh Dori (docs/testbed.md)."""
     lr: float = 1e-5
+    lr_schedule: str = "constant"
+    """How the learning rate moves over the run (``LR_SCHEDULES``): ``constant`` (the paper is silent; a constant
+    rate is what it describes), or ``cosine`` / ``linear`` decay to 0 at the last step."""
+    lr_warmup_steps: int = 0
+    """Steps of linear warm-up from 0 to ``lr`` before the schedule."""
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
     adv_weight: float = 1.0
@@ -102,6 +109,10 @@ class FinetuneConfig:
             raise DoriError(f"surrogate_below: must be in (0, 1], got {self.surrogate_below}")
         if self.lr <= 0:
             raise DoriError(f"lr: must be > 0, got {self.lr}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise DoriError(f"lr_schedule: must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.lr_warmup_steps < 0:
+            raise DoriError(f"lr_warmup_steps: must be >= 0, got {self.lr_warmup_steps}")
         if self.adv_weight < 0 or self.dm_weight < 0 or self.adv_weight + self.dm_weight == 0:
             raise DoriError("adv_weight, dm_weight: must be >= 0 and not both 0")
         if not 0 <= self.retain_uncond <= 1:

@@ -178,17 +178,25 @@ class _Trainer:
         self.trainable = [p for n, p in unet.named_parameters() if not config.lora_rank or "lora_" in n]
         for p in self.trainable:
             p.requires_grad_(True)
+        from diffusers.optimization import get_scheduler
+
         torch.manual_seed(config.seed)
         optimizer = torch.optim.AdamW(self.trainable, lr=config.lr, weight_decay=config.weight_decay)
-        self.model, self.optimizer = accelerator.prepare(unet, optimizer)
+        self.per_epoch = config.steps_in_epoch(len(self.groups))
+        self.total = self.per_epoch * config.epochs
+        # every process takes every step, and a prepared scheduler steps once per process per step, as in
+        # diffusers' training scripts; accelerate checkpoints it with the optimiser
+        world = accelerator.num_processes
+        schedule = get_scheduler("constant_with_warmup" if config.lr_schedule == "constant" else config.lr_schedule,
+                                 optimizer, num_warmup_steps=config.lr_warmup_steps * world,
+                                 num_training_steps=self.total * world)
+        self.model, self.optimizer, self.lr_scheduler = accelerator.prepare(unet, optimizer, schedule)
         self.state = _TrainState()
         accelerator.register_for_checkpointing(self.state)
         self.inner_loss = DiffusionLoss(pipe, config.inner.pairs)
         self.adv_loss = DiffusionLoss(pipe, config.adv_pairs, unet=self.model)
         self.dm_loss = DiffusionLoss(pipe, 1, unet=self.model)
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
-        self.per_epoch = config.steps_in_epoch(len(self.groups))
-        self.total = self.per_epoch * config.epochs
         if min(config.images_per_step, len(self.groups)) < self.world or config.retain_batch_size < self.world:
             raise DoriError(f"images_per_step, retain_batch_size: each process needs work; with {self.world} processes "
                             f"both must be >= {self.world} (got {min(config.images_per_step, len(self.groups))}, "
@@ -275,6 +283,7 @@ class _Trainer:
             if self.accelerator.sync_gradients and config.max_grad_norm:
                 self.accelerator.clip_grad_norm_(self.trainable, config.max_grad_norm)
             self.optimizer.step()
+            self.lr_scheduler.step()
             # freed now, not before the next backward: the next step's Dori search and the checkpoints run
             # without a second copy of the trained weights (3.4 GB for all of SD's UNet in float32)
             self.optimizer.zero_grad(set_to_none=True)
@@ -290,11 +299,12 @@ class _Trainer:
             t0 = time.perf_counter()
             step = state.step + 1
             keys, found, surrogate, last = self.triggers(step, self.batch(step))
+            lr = self.lr_scheduler.get_last_lr()[0]
             loss, l_adv, l_dm, pick = self.update(step, keys, found, surrogate)
             state.step = step
             evaluations = len(keys) * (config.inner.steps * config.inner.pairs + config.adv_pairs) + len(pick)
             row = {"step": step, "epoch": (step - 1) // self.per_epoch + 1, "loss": float(loss.detach()),
-                   "l_adv": float(l_adv.detach()), "l_dm": float(l_dm.detach()),
+                   "l_adv": float(l_adv.detach()), "l_dm": float(l_dm.detach()), "lr": lr,
                    "inner_loss": float(last.mean()) if keys else float("nan"),
                    "unet_evaluations": evaluations * self.world, "seconds": time.perf_counter() - t0}
             if self.accelerator.is_main_process:
