@@ -163,8 +163,15 @@ def test_testbed_v2_build_is_a_testbed_the_verbs_run_on(tmp_path):
     result = runner.invoke(app, ["testbed", "build", "--recipe", "v2", "--out", str(tmp_path / "tb"), *steps,
                                  "--caption-dropout-memorized", "0"])
     assert result.exit_code == 0, _text(result)
-    recorded = json.loads((tmp_path / "tb" / "build.json").read_text())["config"]
+    build = json.loads((tmp_path / "tb" / "build.json").read_text())
+    recorded = build["config"]
     assert recorded["caption_dropout_memorized"] == 0.0 and recorded["caption_dropout"] == 0.1
+    import torch
+
+    # what decides the sums besides the config: threads, the kernels' instruction set, the packages
+    assert build["torch_threads"] == torch.get_num_threads()
+    assert build["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert build["packages"]["torch"] == torch.__version__
     info = runner.invoke(app, ["testbed", "info", "--model", str(folder)])
     assert info.exit_code == 0 and "template" in info.output and "an emoji of" in info.output, _text(info)
     shown = runner.invoke(app, ["demo", "--model", str(folder), "--show-config"])

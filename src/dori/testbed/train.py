@@ -54,7 +54,7 @@ from safetensors.torch import load_file, save_file
 from ..hooks import Handle, hooked
 from ..models import diffusion_target
 from ..progress import Progress
-from ..runs import config_hash
+from ..runs import config_hash, package_versions
 from ..seeding import generator_for
 from .data import CaptionedImage, TestbedDataConfig, build_dataset, training_index
 
@@ -531,6 +531,9 @@ def train_testbed(out: str | Path, config: TestbedTrainConfig | None = None,
     done = json.dumps({
         "config": config.to_dict(), "config_hash": config.hash(), "status": "done",
         "seconds": {"vae": round(t_vae, 1), "total": round(t_total, 1)}, "torch_threads": torch.get_num_threads(),
+        # what else decides the floating-point sums: the same config, threads, kernels (chosen by the CPU's
+        # instruction set) and packages rebuild the same weights (docs/testbed.md, "What a rebuild reproduces")
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "packages": package_versions(),
     }, indent=1)
     record.write_text(done)
     (folder / "testbed" / "build.json").write_text(done)
