@@ -180,23 +180,22 @@ class _Trainer:
             p.requires_grad_(True)
         from diffusers.optimization import get_scheduler
 
-        torch.manual_seed(config.seed)
-        optimizer = torch.optim.AdamW(self.trainable, lr=config.lr, weight_decay=config.weight_decay)
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.per_epoch = config.steps_in_epoch(len(self.groups))
         self.total = self.per_epoch * config.epochs
+        torch.manual_seed(config.seed)
+        optimizer = torch.optim.AdamW(self.trainable, lr=config.lr, weight_decay=config.weight_decay)
         # every process takes every step, and a prepared scheduler steps once per process per step, as in
         # diffusers' training scripts; accelerate checkpoints it with the optimiser
-        world = accelerator.num_processes
         schedule = get_scheduler("constant_with_warmup" if config.lr_schedule == "constant" else config.lr_schedule,
-                                 optimizer, num_warmup_steps=config.lr_warmup_steps * world,
-                                 num_training_steps=self.total * world)
+                                 optimizer, num_warmup_steps=config.lr_warmup_steps * self.world,
+                                 num_training_steps=self.total * self.world)
         self.model, self.optimizer, self.lr_scheduler = accelerator.prepare(unet, optimizer, schedule)
         self.state = _TrainState()
         accelerator.register_for_checkpointing(self.state)
         self.inner_loss = DiffusionLoss(pipe, config.inner.pairs)
         self.adv_loss = DiffusionLoss(pipe, config.adv_pairs, unet=self.model)
         self.dm_loss = DiffusionLoss(pipe, 1, unet=self.model)
-        self.rank, self.world = accelerator.process_index, accelerator.num_processes
         if min(config.images_per_step, len(self.groups)) < self.world or config.retain_batch_size < self.world:
             raise DoriError(f"images_per_step, retain_batch_size: each process needs work; with {self.world} processes "
                             f"both must be >= {self.world} (got {min(config.images_per_step, len(self.groups))}, "
