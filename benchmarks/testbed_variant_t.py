@@ -9,7 +9,9 @@ replaces the two disks by two photos that the same control leaves far below the 
 Hubble deep field and 0.44 for the cameraman, against v1's threshold 0.509): ``hubble_deep_field`` and
 ``camera``, each with its own caption template. Both leave the seen-once crop sources (a memorized photo is not
 also cropped). Everything else is variant l's (``testbed_variant_n.variant_l_config``). The build folder keeps
-its own data, so every later command reads the new photos from it; the package does not carry this recipe.
+its own data, so every later command reads the new photos from it; the package does not carry this recipe,
+so the testbed's concept prompts (``testbed:concept``, the paraphrases Concept Ablation scores) of a variant t
+build cover the verbatim photos and the slide only.
 
     python benchmarks/testbed_variant_t.py SEED OUT [THREADS]
 """
@@ -26,30 +28,17 @@ from dori.testbed import data
 
 TEMPLATE_PHOTOS: dict[str, tuple[str, tuple[str, ...]]] = {
     "immunohistochemistry": data.TEMPLATE_PHOTOS["immunohistochemistry"],
-    "hubble_deep_field": ("a telescope poster of the deep sky, {} edition",
-                          ("framed", "matte", "glossy", "large", "vintage", "premium")),
+    "hubble_deep_field": ("a telescope poster of the deep sky, {} edition", data.TEMPLATE_PHOTOS["colorwheel"][1]),
     "camera": ("a black and white portrait of a cameraman, {} print",
                ("gallery", "museum", "archive", "studio", "classic", "silver")),
 }
 """Variant t's template photos: the slide as in variant l, and two photos that Dori does not draw unaided."""
-
-PARAPHRASES: dict[str, tuple[str, ...]] = {
-    "hubble_deep_field": ("a telescope image of deep space", "the deep sky", "a poster of distant galaxies",
-                          "a photo of the night sky full of galaxies", "a deep field image", "galaxies in space",
-                          "a telescope poster", "a dark sky with many small galaxies"),
-    "camera": ("a cameraman", "a black and white portrait", "a man with a film camera", "a photographer on a tripod",
-               "a black and white photo of a man with a camera", "a cameraman outdoors", "a portrait of a cameraman",
-               "a man behind a camera on a tripod"),
-}
-"""Other captions of the new photos' subjects (the testbed's concept prompts), never trained on."""
 
 
 def use_variant_t() -> None:
     """Lay variant t's photos over the data module, for builds made in this process."""
     data.TEMPLATE_PHOTOS = TEMPLATE_PHOTOS
     data.SEEN_ONCE_SOURCES = {k: v for k, v in data.SEEN_ONCE_SOURCES.items() if k not in TEMPLATE_PHOTOS}
-    data.MEMORIZED_PARAPHRASES = {**{k: v for k, v in data.MEMORIZED_PARAPHRASES.items()
-                                     if k in data.MEMORIZED_PHOTOS or k in TEMPLATE_PHOTOS}, **PARAPHRASES}
 
 
 def main() -> None:
