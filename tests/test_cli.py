@@ -246,6 +246,8 @@ def test_finetune_command_runs_and_refuses_bad_input(tmp_path):
     assert bad.exit_code == 2 and "surrogate_below: must be in (0, 1]" in _text(bad)
     bad = runner.invoke(app, ["finetune", "--lr-schedule", "step", "--out", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "lr_schedule: must be one of constant, cosine, linear" in _text(bad)
+    bad = runner.invoke(app, ["finetune", "--ema-decay", "1", "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "ema_decay: must be in [0, 1)" in _text(bad) and not (tmp_path / "bad").exists()
     result = runner.invoke(app, ["finetune", "--limit", "1", "--epochs", "1", "--steps-per-epoch", "2", "--inner-steps",
                                  "2", "--surrogate", str(surrogates), "--sample-by", "image", "--lr-schedule", "linear",
                                  "--out", str(tmp_path / "ft")])

@@ -51,6 +51,25 @@ def _memorized(limit: int = LIMIT):
     return load_prompt_set("testbed:memorized").subset(limit)
 
 
+def _steps(folder) -> list[dict]:
+    """A run folder's step rows (``steps.jsonl``)."""
+    return [json.loads(line) for line in (folder / "steps.jsonl").read_text().splitlines()]
+
+
+def _stopped_and_resumed(config: FinetuneConfig, folder, after_step: int):
+    """A run stopped (Ctrl-C) after step ``after_step`` and run again: the pipe it ended with."""
+
+    def interrupt(stage, step, total, info=""):
+        if step == after_step:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        adversarial_finetune(_fresh(), _memorized(), config, folder, progress=interrupt)
+    pipe = _fresh()
+    adversarial_finetune(pipe, _memorized(), config, folder)
+    return pipe
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, surrogate_folder):
     pipe = _fresh()
@@ -192,19 +211,11 @@ def test_retain_target_teacher_regresses_the_model_before_fine_tuning(tmp_path, 
     steps with the weights before fine-tuning, also after a resume; under ``data`` it is the diffusion loss."""
     config = _config(surrogate_folder, retain_target="teacher")
     adversarial_finetune(_fresh(), _memorized(), config, tmp_path / "run")
-    rows = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
-    data = [json.loads(line) for line in (uninterrupted[1].path / "steps.jsonl").read_text().splitlines()]
+    rows, data = _steps(tmp_path / "run"), _steps(uninterrupted[1].path)
     assert rows[0]["l_dm"] < 1e-8 < data[0]["l_dm"]
     assert all(0 < r["l_dm"] < d["l_dm"] for r, d in zip(rows[1:], data[1:], strict=True))
-
-    def interrupt(stage, step, total, info=""):
-        if step == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        adversarial_finetune(_fresh(), _memorized(), config, tmp_path / "resumed", progress=interrupt)
-    adversarial_finetune(_fresh(), _memorized(), config, tmp_path / "resumed")
-    again = [json.loads(line) for line in (tmp_path / "resumed" / "steps.jsonl").read_text().splitlines()]
+    _stopped_and_resumed(config, tmp_path / "resumed", after_step=2)
+    again = _steps(tmp_path / "resumed")
     assert [r["l_dm"] for r in again] == [r["l_dm"] for r in rows]  # the teacher is not the checkpoint's UNet
     with pytest.raises(DoriError, match="retain_target: must be one of data, teacher"):
         FinetuneConfig(retain_target="frozen").validate()
@@ -218,28 +229,48 @@ def test_a_cosine_schedule_warms_up_decays_and_resumes_where_it_stopped(tmp_path
     config = _config(surrogate_folder, lr_schedule="cosine", lr_warmup_steps=1)
     pipe_a = _fresh()
     adversarial_finetune(pipe_a, _memorized(), config, tmp_path / "run")
-    rows = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
+    rows = _steps(tmp_path / "run")
     lr = config.lr
     assert [r["lr"] for r in rows] == pytest.approx([0.0, lr, 0.75 * lr, 0.25 * lr])
-    constant = [json.loads(line) for line in (uninterrupted[1].path / "steps.jsonl").read_text().splitlines()]
-    assert [r["lr"] for r in constant] == [lr] * 4
-
-    def interrupt(stage, step, total, info=""):
-        if step == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        adversarial_finetune(_fresh(), _memorized(), config, tmp_path / "resumed", progress=interrupt)
-    pipe_b = _fresh()
-    adversarial_finetune(pipe_b, _memorized(), config, tmp_path / "resumed")
-    again = [json.loads(line) for line in (tmp_path / "resumed" / "steps.jsonl").read_text().splitlines()]
-    assert [r["lr"] for r in again] == [r["lr"] for r in rows]
+    assert [r["lr"] for r in _steps(uninterrupted[1].path)] == [lr] * 4
+    pipe_b = _stopped_and_resumed(config, tmp_path / "resumed", after_step=2)
+    assert [r["lr"] for r in _steps(tmp_path / "resumed")] == [r["lr"] for r in rows]
     a, b = pipe_a.unet.state_dict(), pipe_b.unet.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(DoriError, match="lr_schedule: must be one of constant, cosine, linear"):
         FinetuneConfig(lr_schedule="step").validate()
     with pytest.raises(DoriError, match="lr_warmup_steps"):
         FinetuneConfig(lr_warmup_steps=-1).validate()
+
+
+def test_a_moving_average_of_the_weights_is_the_result_and_resumes(tmp_path, surrogate_folder, uninterrupted):
+    """With ema_decay the weights train along the same path (the losses of the run without it), and the
+    result is their moving average with diffusers' warm-up: w_1 after step 1, then d_k * average + (1 - d_k)
+    * w_k with d_k = min(ema_decay, k / (9 + k)); an interrupted run resumes the average from its checkpoint."""
+    config = _config(surrogate_folder, ema_decay=0.2)  # the warm-up's 2/11 at step 2, then the cap 0.2
+    pipe_a = _fresh()
+    weights = []
+
+    def snapshot(stage, step, total, info=""):
+        if stage == STAGE and step > len(weights):
+            weights.append({k: v.detach().clone() for k, v in pipe_a.unet.state_dict().items()})
+
+    adversarial_finetune(pipe_a, _memorized(), config, tmp_path / "run", progress=snapshot)
+    rows = _steps(tmp_path / "run")
+    assert [r["loss"] for r in rows] == [r["loss"] for r in _steps(uninterrupted[1].path)]
+    decays = [0.0] + [min(0.2, k / (9 + k)) for k in range(2, len(weights) + 1)]
+    assert [r["ema_decay"] for r in rows] == pytest.approx(decays)
+    average = dict(weights[0])
+    for d, w in zip(decays[1:], weights[1:], strict=True):
+        average = {k: d * average[k] + (1 - d) * w[k] for k in w}
+    final, last, plain_final = pipe_a.unet.state_dict(), weights[-1], uninterrupted[0].unet.state_dict()
+    assert all(torch.equal(last[k], plain_final[k]) for k in last)  # the path without the average
+    assert all(torch.allclose(final[k], average[k], atol=1e-6) for k in final)
+    assert any(not torch.allclose(final[k], last[k], atol=1e-6) for k in final)
+    resumed = _stopped_and_resumed(config, tmp_path / "resumed", after_step=2).unet.state_dict()
+    assert all(torch.equal(final[k], resumed[k]) for k in final)
+    with pytest.raises(DoriError, match=r"ema_decay: must be in \[0, 1\)"):
+        FinetuneConfig(ema_decay=1.0).validate()
 
 
 def test_saved_folder_is_a_normal_pipeline(uninterrupted):

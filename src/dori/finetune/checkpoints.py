@@ -1,7 +1,7 @@
 """The training loops' checkpoints (adversarial fine-tuning, the unlearning baselines) and the disk they take.
 
 A checkpoint is accelerate's ``save_state``: the whole UNet, the optimiser's state (Adam keeps two
-moments per trained weight) and the loop's own state. A run keeps only its latest one, written before
+moments per trained weight), the weights' moving average where one is kept, and the loop's own state. A run keeps only its latest one, written before
 the previous one is removed, so that a kill at any moment leaves one to resume from.
 
 A run that has ended and saved its pipeline folder does not need its checkpoint: the folder holds the
@@ -60,9 +60,10 @@ def tensor_bytes(tensors) -> int:
     return int(sum(t.numel() * t.element_size() for t in tensors))
 
 
-def checkpoint_bytes(unet: torch.nn.Module, trainable: list[torch.Tensor]) -> int:
-    """About what one checkpoint takes: the UNet's state and the optimiser's moments of the trained weights."""
-    return tensor_bytes(unet.state_dict().values()) + ADAM_MOMENTS * tensor_bytes(trainable)
+def checkpoint_bytes(unet: torch.nn.Module, trainable: list[torch.Tensor], ema: bool = False) -> int:
+    """About what one checkpoint takes: the UNet's state, the optimiser's moments of the trained weights and,
+    with ``ema``, their moving average."""
+    return tensor_bytes(unet.state_dict().values()) + (ADAM_MOMENTS + int(ema)) * tensor_bytes(trainable)
 
 
 def pipeline_bytes(pipe) -> int:

@@ -52,6 +52,12 @@ class FinetuneConfig:
     rate is what it describes), or ``cosine`` / ``linear`` decay to 0 at the last step."""
     lr_warmup_steps: int = 0
     """Steps of linear warm-up from 0 to ``lr`` before the schedule."""
+    ema_decay: float = 0.0
+    """0: the last step's weights are the result. In (0, 1): an exponential moving average of the trained
+    weights is kept beside them (diffusers' ``EMAModel``: its decay rises as ``(1 + k) / (10 + k)`` over the
+    first steps and stops at this value) and becomes the result; training and each step's Dori search use
+    the weights themselves. Costs one more copy of the trained weights in memory and in each checkpoint
+    (the paper is silent; docs/methods.md)."""
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
     adv_weight: float = 1.0
@@ -111,6 +117,8 @@ class FinetuneConfig:
             raise DoriError(f"lr: must be > 0, got {self.lr}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise DoriError(f"lr_schedule: must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if not 0 <= self.ema_decay < 1:
+            raise DoriError(f"ema_decay: must be in [0, 1) (0: no moving average), got {self.ema_decay}")
         if self.lr_warmup_steps < 0:
             raise DoriError(f"lr_warmup_steps: must be >= 0, got {self.lr_warmup_steps}")
         if self.adv_weight < 0 or self.dm_weight < 0 or self.adv_weight + self.dm_weight == 0:

@@ -193,6 +193,13 @@ class _Trainer:
         self.model, self.optimizer, self.lr_scheduler = accelerator.prepare(unet, optimizer, schedule)
         self.state = _TrainState()
         accelerator.register_for_checkpointing(self.state)
+        # the moving average of the trained weights (``ema_decay``), checkpointed with the rest
+        self.ema = None
+        if config.ema_decay:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self.trainable, decay=config.ema_decay)
+            accelerator.register_for_checkpointing(self.ema)
         self.inner_loss = DiffusionLoss(pipe, config.inner.pairs)
         self.adv_loss = DiffusionLoss(pipe, config.adv_pairs, unet=self.model)
         self.dm_loss = DiffusionLoss(pipe, 1, unet=self.model)
@@ -208,7 +215,8 @@ class _Trainer:
         if latest is not None:
             self.accelerator.load_state(str(latest))
             logger.info("resuming adversarial fine-tuning at step %d", self.state.step)
-        require_disk(self.run, checkpoint_bytes(self.accelerator.unwrap_model(self.model), self.trainable),
+        require_disk(self.run, checkpoint_bytes(self.accelerator.unwrap_model(self.model), self.trainable,
+                                                ema=self.ema is not None),
                      checkpoints_to_write(self.state.step, self.total, self.config.checkpoint_every),
                      pipeline_bytes(self.pipe) if self.config.save_pipeline else 0)
         steps_file = self.run.path / STEPS_FILE
@@ -283,6 +291,8 @@ class _Trainer:
                 self.accelerator.clip_grad_norm_(self.trainable, config.max_grad_norm)
             self.optimizer.step()
             self.lr_scheduler.step()
+            if self.ema is not None and self.accelerator.sync_gradients:
+                self.ema.step(self.trainable)
             # freed now, not before the next backward: the next step's Dori search and the checkpoints run
             # without a second copy of the trained weights (3.4 GB for all of SD's UNet in float32)
             self.optimizer.zero_grad(set_to_none=True)
@@ -306,6 +316,8 @@ class _Trainer:
                    "l_adv": float(l_adv.detach()), "l_dm": float(l_dm.detach()), "lr": lr,
                    "inner_loss": float(last.mean()) if keys else float("nan"),
                    "unet_evaluations": evaluations * self.world, "seconds": time.perf_counter() - t0}
+            if self.ema is not None:
+                row["ema_decay"] = self.ema.cur_decay_value
             if self.accelerator.is_main_process:
                 with open(steps_file, "a") as f:
                     f.write(json_text(row) + "\n")
@@ -316,10 +328,14 @@ class _Trainer:
         self.model.eval()
 
     def finish(self):
-        """The trained UNet as a plain, frozen module (a LoRA fused into its weights). The optimiser's state
-        (two moments per trained weight) is released: the run's last checkpoint holds it."""
+        """The trained UNet as a plain, frozen module (a LoRA fused into its weights), holding the moving
+        average of its weights where one was kept. The optimiser's state (two moments per trained weight) is
+        released: the run's last checkpoint holds it."""
         final = self.accelerator.unwrap_model(self.model)
         self.teacher = None
+        if self.ema is not None:
+            self.ema.copy_to(self.trainable)
+            self.ema = None
         self.optimizer.state.clear()  # (the gradients went with the last step)
         self.accelerator.free_memory()
         if self.config.lora_rank:
