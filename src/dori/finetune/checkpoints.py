@@ -1,8 +1,9 @@
 """The training loops' checkpoints (adversarial fine-tuning, the unlearning baselines) and the disk they take.
 
 A checkpoint is accelerate's ``save_state``: the whole UNet, the optimiser's state (Adam keeps two
-moments per trained weight), the weights' moving average where one is kept, and the loop's own state. A run keeps only its latest one, written before
-the previous one is removed, so that a kill at any moment leaves one to resume from.
+moments per trained weight), the weights' moving average where one is kept, and the loop's own state.
+A run keeps only its latest one, written before the previous one is removed, so that a kill at any
+moment leaves one to resume from.
 
 A run that has ended and saved its pipeline folder does not need its checkpoint: the folder holds the
 trained UNet. The checkpoint is then removed (for all of Stable Diffusion's UNet trained in float32 it
