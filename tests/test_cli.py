@@ -248,16 +248,13 @@ def test_finetune_command_runs_and_refuses_bad_input(tmp_path):
     assert bad.exit_code == 2 and "lr_schedule: must be one of constant, cosine, linear" in _text(bad)
     bad = runner.invoke(app, ["finetune", "--ema-decay", "1", "--out", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "ema_decay: must be in [0, 1)" in _text(bad) and not (tmp_path / "bad").exists()
-    bad = runner.invoke(app, ["finetune", "--warm-restart-epochs", "-1", "--out", str(tmp_path / "bad")])
-    assert bad.exit_code == 2 and "warm_restart_epochs: must be >= 0" in _text(bad) and not (tmp_path / "bad").exists()
     result = runner.invoke(app, ["finetune", "--limit", "1", "--epochs", "1", "--steps-per-epoch", "2", "--inner-steps",
                                  "2", "--surrogate", str(surrogates), "--sample-by", "image", "--lr-schedule", "linear",
-                                 "--warm-restart-epochs", "1", "--out", str(tmp_path / "ft")])
+                                 "--out", str(tmp_path / "ft")])
     assert result.exit_code == 0, _text(result)
     manifest = json.loads((tmp_path / "ft" / "manifest.json").read_text())
     assert manifest["config"]["settings"]["sample_by"] == "image"
     assert manifest["config"]["settings"]["lr_schedule"] == "linear"
-    assert manifest["config"]["settings"]["warm_restart_epochs"] == 1
     steps = [json.loads(line) for line in (tmp_path / "ft" / "finetune" / "steps.jsonl").read_text().splitlines()]
     assert [r["lr"] for r in steps] == [pytest.approx(5e-4), pytest.approx(2.5e-4)]  # the testbed's lr, halved
     assert (tmp_path / "ft" / "finetune" / "pipeline" / "unet" / "config.json").is_file()

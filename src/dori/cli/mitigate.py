@@ -360,7 +360,6 @@ def finetune(
     init: Annotated[list[str] | None, typer.Option("--init", help="Trigger inits each step: prompt and/or random; repeatable.")] = None,
     inner_steps: Annotated[int | None, typer.Option(help="Dori steps per fine-tuning step.")] = None,
     warm_start: Annotated[bool | None, typer.Option("--warm-start/--no-warm-start", help="Start each step's Dori from the last step's triggers.")] = None,
-    warm_restart_epochs: Annotated[int | None, typer.Option(help="With --warm-start: every this many epochs each trigger starts over from the prompt or a fresh N(0, I) draw (0: never, the default).")] = None,
     lora_rank: Annotated[int, typer.Option(help="0: all UNet weights (the paper); > 0: a LoRA of this rank instead.")] = 0,
     surrogate: Annotated[str, typer.Option(help="'nemo' (pruned generations) or a folder of <prompt id>.png surrogate images.")] = "nemo",
     surrogate_mitigation: Annotated[Path | None, typer.Option(help="A saved NeMo mitigation to make the surrogates with first.")] = None,
@@ -398,8 +397,7 @@ def finetune(
               "sample_by": "settings.sample_by", "lr": "settings.lr",
               "lr_schedule": "settings.lr_schedule", "lr_warmup_steps": "settings.lr_warmup_steps",
               "ema_decay": "settings.ema_decay", "init": ("settings.inits", tuple), "inner_steps": "settings.inner.steps",
-              "warm_start": "settings.warm_start",
-              "warm_restart_epochs": "settings.warm_restart_epochs", "lora_rank": "settings.lora_rank", "surrogate": "settings.surrogate",
+              "warm_start": "settings.warm_start", "lora_rank": "settings.lora_rank", "surrogate": "settings.surrogate",
               "surrogate_mitigation": ("settings.surrogate_mitigation", text), "surrogate_below": "settings.surrogate_below",
               "mixed_precision": "settings.mixed_precision", "checkpoint_every": "settings.checkpoint_every",
               "descriptor": "settings.descriptor.spec", "seed": "settings.seed"}

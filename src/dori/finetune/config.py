@@ -77,10 +77,6 @@ class FinetuneConfig:
     """The Dori attack run against the current model at every step (its steps, lr, pairs)."""
     warm_start: bool = False
     """Start each step's attack from the previous step's trigger of the same image and init."""
-    warm_restart_epochs: int = 0
-    """With ``warm_start``: every this many epochs each trigger starts over from its init (the prompt, or a fresh
-    N(0, I) draw), so the run keeps facing what a fresh Dori from those starts finds, not only the triggers that
-    drifted away from them; 0: never (a trigger is warm-started for the whole run)."""
     lora_rank: int = 0
     """0: update every UNet weight (the paper); > 0: a LoRA on the attention projections instead."""
     lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
@@ -125,8 +121,6 @@ class FinetuneConfig:
             raise DoriError(f"ema_decay: must be in [0, 1) (0: no moving average), got {self.ema_decay}")
         if self.lr_warmup_steps < 0:
             raise DoriError(f"lr_warmup_steps: must be >= 0, got {self.lr_warmup_steps}")
-        if self.warm_restart_epochs < 0:
-            raise DoriError(f"warm_restart_epochs: must be >= 0 (0: never restart), got {self.warm_restart_epochs}")
         if self.adv_weight < 0 or self.dm_weight < 0 or self.adv_weight + self.dm_weight == 0:
             raise DoriError("adv_weight, dm_weight: must be >= 0 and not both 0")
         if not 0 <= self.retain_uncond <= 1:

@@ -236,13 +236,11 @@ class _Trainer:
         """Fresh Dori triggers against the current weights: ``(keys, triggers, surrogate latents, last losses)``."""
         config, state = self.config, self.state
         keys, y0, goal, surrogate = [], [], [], []
-        # the warm-start pool is kept per block of warm_restart_epochs epochs: a new block starts every trigger over
-        block = (step - 1) // (self.per_epoch * config.warm_restart_epochs) if config.warm_restart_epochs else 0
         for i in batch:
             for init in config.inits:
                 key = f"{self.records[i].id}/{init}"
-                if config.warm_start and self._warm_key(key, block) in state.triggers:
-                    start_y = state.triggers[self._warm_key(key, block)]
+                if config.warm_start and key in state.triggers:
+                    start_y = state.triggers[key]
                 elif init == "prompt":
                     start_y = self.prompt_embeds[i]
                 else:
@@ -256,16 +254,9 @@ class _Trainer:
         with frozen_unet(self.pipe.unet):
             found, last = optimize_embeddings(self.inner_loss, torch.stack(y0), torch.stack(goal),
                                               [f"ft{config.seed}/{step}/{k}" for k in keys], config.inner)
-        if block:  # the last block's triggers are not started from again
-            state.triggers = {k: v for k, v in state.triggers.items() if k.endswith(f"@{block}")}
         for key, y in zip(keys, found, strict=True):
-            state.triggers[self._warm_key(key, block)] = y.detach().cpu().clone()
+            state.triggers[key] = y.detach().cpu().clone()
         return keys, found, torch.stack(surrogate), last
-
-    @staticmethod
-    def _warm_key(key: str, block: int) -> str:
-        """Where a trigger is kept for warm starts: its key, marked with the restart block after the first."""
-        return f"{key}@{block}" if block else key
 
     def update(self, step: int, keys, found, surrogate) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
         """One optimiser step on L_Adv (the surrogates under the triggers) and L_DM (a retain batch), both
