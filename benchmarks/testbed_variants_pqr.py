@@ -32,12 +32,14 @@ def variant_config(variant: str, seed: int) -> train.TestbedTrainConfig:
     """The build config of variant ``p``, ``q``, ``r`` or ``s`` for a build seed (``s``: ``p``'s; its families are
     added to the data by :func:`main`)."""
     if variant in ("p", "s"):
-        return train.TestbedTrainConfig(seed=seed, data=data.TestbedDataConfig(emoji=0, copies_per_photo=50))
+        return train.TestbedTrainConfig(seed=seed, data=data.TestbedDataConfig(
+            emoji=0, copies_per_photo=50, template_photos=data.V2E_TEMPLATE_PHOTOS))
     if variant == "q":
         config = variant_l_config(seed)
         return replace(config, data=replace(config.data, emoji=0))
     if variant == "r":
-        return train.TestbedTrainConfig(seed=seed, data=data.TestbedDataConfig(shapes=1800, emoji=1000))
+        return train.TestbedTrainConfig(seed=seed, data=data.TestbedDataConfig(
+            shapes=1800, emoji=1000, template_photos=data.V2E_TEMPLATE_PHOTOS))
     raise ValueError(f"VARIANT must be p, q, r or s, got {variant!r}")
 
 

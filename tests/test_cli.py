@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from dori.cli import app
@@ -174,13 +175,30 @@ def test_testbed_v2_build_is_a_testbed_the_verbs_run_on(tmp_path):
     assert build["packages"]["torch"] == torch.__version__
     info = runner.invoke(app, ["testbed", "info", "--model", str(folder)])
     assert info.exit_code == 0 and "template" in info.output and "an emoji of" in info.output, _text(info)
+    # on a build with template captions the demo's fine-tuning attacks every template caption with the v2 setting
     shown = runner.invoke(app, ["demo", "--model", str(folder), "--show-config"])
     assert shown.exit_code == 0 and "testbed:held-out" in shown.output, _text(shown)
+    demo = yaml.safe_load(shown.output)
+    assert demo["finetune_prompts"] == "testbed:memorized+testbed:template"
+    assert (demo["finetune_config"]["epochs"], demo["finetune_config"]["ema_decay"]) == (10, 0.9)
+    assert demo["finetune_config"]["inner"]["steps"] == 20
+    shipped = yaml.safe_load(runner.invoke(app, ["demo", "--show-config"]).output)
+    assert shipped["finetune_prompts"] is None and shipped["finetune_config"]["epochs"] == 5
+    finetune = yaml.safe_load(runner.invoke(app, ["finetune", "--model", str(folder), "--show-config"]).output)
+    assert finetune["prompts"] == "testbed:memorized+testbed:template" and finetune["settings"]["epochs"] == 10
+    chosen = runner.invoke(app, ["finetune", "--model", str(folder), "--prompts", "testbed:memorized", "--epochs", "3",
+                                 "--show-config"])
+    chosen = yaml.safe_load(chosen.output)
+    assert chosen["prompts"] == "testbed:memorized" and chosen["settings"]["epochs"] == 3
+    assert chosen["settings"]["ema_decay"] == 0.9
     from dori.models import load_pipeline
     from dori.prompts import prompt_kinds
+    from dori.testbed.data import V2_TEMPLATE_PHOTOS
 
     kinds = prompt_kinds(load_pipeline(str(folder)), "testbed:memorized")
     assert sorted(kinds.values()).count("VM") == 5 and sorted(kinds.values()).count("TM") == 3
+    assert recorded["data"]["template_photos"] == list(V2_TEMPLATE_PHOTOS)
+    assert (recorded["unet_steps"], recorded["data"]["shapes"], recorded["data"]["emoji"]) == (2, 1800, 1000)
 
 
 def test_ablate_writes_a_mitigation_that_evaluate_applies(tmp_path):

@@ -8,7 +8,16 @@ from importlib import resources
 import numpy as np
 import pytest
 
-from dori.testbed.data import MEMORIZED_PHOTOS, TEMPLATE_PHOTOS, TestbedDataConfig, build_dataset, training_index
+from dori.testbed.data import (
+    MEMORIZED_PARAPHRASES,
+    MEMORIZED_PHOTOS,
+    TEMPLATE_PHOTOS,
+    V2_TEMPLATE_PHOTOS,
+    V2E_TEMPLATE_PHOTOS,
+    TestbedDataConfig,
+    build_dataset,
+    training_index,
+)
 from dori.testbed.emoji import load_emoji
 
 
@@ -43,8 +52,8 @@ def test_emoji_are_drawn_on_photos_their_captions_do_not_describe():
 def test_memorized_photos_of_both_kinds(items):
     memorized = [it for it in items if it.role == "memorized"]
     assert len(memorized) >= 8
-    assert Counter(it.kind for it in memorized) == {"VM": len(MEMORIZED_PHOTOS), "TM": len(TEMPLATE_PHOTOS)}
     config = TestbedDataConfig()
+    assert Counter(it.kind for it in memorized) == {"VM": len(MEMORIZED_PHOTOS), "TM": len(config.template_photos)}
     for photo in memorized:
         same = [it for it in items if it.source == photo.source and it.role in ("memorized", "template")]
         assert sum(it.copies for it in same) == config.copies_per_photo
@@ -92,8 +101,27 @@ def test_dataset_is_deterministic_for_a_seed_and_changes_with_it():
     assert [it.caption for it in a] != [it.caption for it in c]
 
 
+def test_template_photos_are_chosen_by_the_config_and_are_not_also_cropped():
+    """v2's template photos (the slide, the Hubble field, the cameraman) against v2e's (the colour wheel, the slide,
+    the retina): each build memorizes its own three under their templates, and crops none of them."""
+    small = dict(emoji=30, seen_once=200, shapes=20)
+    for photos in (V2_TEMPLATE_PHOTOS, V2E_TEMPLATE_PHOTOS):
+        items = build_dataset(TestbedDataConfig(template_photos=photos, **small))
+        templates = {it.source for it in items if it.kind == "TM"}
+        crops = {it.source for it in items if it.role in ("seen-once", "held-out") and it.id.split("/")[1].startswith(
+            "crop")}
+        assert templates == set(photos) and crops and not crops & templates
+        photo = next(it for it in items if it.role == "memorized" and it.source == photos[1])
+        assert photo.caption == TEMPLATE_PHOTOS[photos[1]][0].format(TEMPLATE_PHOTOS[photos[1]][1][0])
+    assert {"hubble_deep_field", "camera"} <= crops  # v2e crops the photos v2 memorizes
+    # every photo a build can memorize has the paraphrases Concept Ablation and the concept damage score
+    assert all(len(MEMORIZED_PARAPHRASES[name]) == 8 for name in (*MEMORIZED_PHOTOS, *TEMPLATE_PHOTOS))
+
+
 @pytest.mark.parametrize("field,value", [("template_captions", 0), ("template_captions", 99), ("emoji", -1),
-                                         ("copies_per_photo", 0), ("emoji_background", "green"), ("version", 3)])
+                                         ("copies_per_photo", 0), ("emoji_background", "green"), ("version", 3),
+                                         ("template_photos", ("retina", "sunset")),
+                                         ("template_photos", ("retina", "retina"))])
 def test_bad_data_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         TestbedDataConfig(**{field: value}).validate()
@@ -104,9 +132,9 @@ def test_memorized_copies_can_be_kept_out_of_the_unconditional_model(items):
 
     memorized = np.array([it.role in ("memorized", "template") for it in items])
     assert memorized.any() and not memorized.all()
-    same = caption_dropout_rates(items, TestbedTrainConfig.v2()).numpy()
-    assert np.allclose(same, 0.1)  # by default every caption is dropped alike
-    kept = caption_dropout_rates(items, TestbedTrainConfig.v2(caption_dropout_memorized=0.0)).numpy()
+    same = caption_dropout_rates(items, TestbedTrainConfig.v2e()).numpy()
+    assert np.allclose(same, 0.1)  # v1 and v2e drop every caption alike
+    kept = caption_dropout_rates(items, TestbedTrainConfig.v2()).numpy()  # v2 keeps the copies' captions
     assert (kept[memorized] == 0).all() and np.allclose(kept[~memorized], 0.1)
     with pytest.raises(ValueError, match="caption_dropout_memorized"):
         TestbedTrainConfig.v2(caption_dropout_memorized=1.0).validate()

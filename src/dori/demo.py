@@ -129,7 +129,7 @@ class DemoConfig:
     ``references`` (``limit`` does not apply); None: ``memorized``. The rows still measure ``memorized``. A
     template photo is reached from every caption of its template, so on a testbed with template captions
     (``dori testbed build --recipe v2``) ``testbed:memorized+testbed:template`` attacks them all
-    (docs/testbed.md, "Adversarial fine-tuning re-measured")."""
+    (docs/testbed.md, "Adversarial fine-tuning re-measured"); :meth:`on_template_testbed` sets it."""
     finetune_cache: bool = True
     """Keep the fine-tuned testbed under ``$DORI_CACHE/finetune`` and reuse it in later demos."""
     unlearning: tuple[str, ...] = tuple(UNLEARNING)
@@ -143,11 +143,11 @@ class DemoConfig:
     ``+dori-adaptive``), detection under attack (``detection.json``, rows ``dori`` and ``dori-low-noise-norm``)
     and the leaderboard (:mod:`dori.robustness`); None: not run."""
     fresh_attack_seed: int = 1000
+    """First seed of the fresh Dori attack on the fine-tuned model (new seeds, prompt and N(0, I) inits)."""
     table2_curves: bool = False
     """Record Table 2's attacks (Wanda at 10%, the fine-tuned models) after 0/1/10/25/50 steps too; by default
     only their final MR is checked: the success checks are most of an attack's cost, and the paper's MR-vs-steps
     figure shows NeMo, Wanda and the control only."""
-    """First seed of the fresh Dori attack on the fine-tuned model (new seeds, prompt and N(0, I) inits)."""
     utility_images: int = 60
     concept_damage: bool = True
     """The testbed's concept damage (``a_concept``, ``fid_concept``) in every model's utility."""
@@ -214,6 +214,16 @@ class DemoConfig:
             activations=ActivationsConfig(max_triggers=3, num_inference_steps=10),
             weights=WeightsConfig(max_triggers=2, methods=("wanda",)),
         )
+
+    def on_template_testbed(self, quick: bool = False) -> DemoConfig:
+        """This config for a testbed with template captions (a ``dori testbed build --recipe v2`` folder; the
+        verbs apply it there by default): adversarial fine-tuning attacks every caption of each template
+        (``testbed:memorized+testbed:template``), with :meth:`FinetuneConfig.testbed_v2` unless ``quick`` (the
+        quick demo keeps its short fine-tuning)."""
+        from .finetune.config import TEMPLATE_TESTBED_PROMPTS
+
+        finetune = self.finetune_config if quick else FinetuneConfig.testbed_v2()
+        return replace(self, finetune_prompts=TEMPLATE_TESTBED_PROMPTS, finetune_config=finetune)
 
     @classmethod
     def leaderboard(cls, quick: bool = False) -> DemoConfig:

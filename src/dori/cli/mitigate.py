@@ -34,6 +34,7 @@ from .options import (
     ShowConfig,
     Verbose,
     console,
+    given,
     handle_errors,
     resolve,
     setup,
@@ -71,6 +72,30 @@ def _testbed_setting(preset: str | None, prompts: str | None) -> bool:
     """Whether a method's documented testbed setting applies: ``--preset testbed``, or no preset and the
     testbed's prompts (which only the testbed accepts)."""
     return preset == "testbed" or (preset is None and str(prompts).startswith("testbed"))
+
+
+def _testbed_base(ctx: typer.Context, config_cls: type, preset: str | None, prompts: str | None,
+                  model: str) -> dict | None:
+    """Base settings of a method with a documented testbed setting where it applies (None elsewhere):
+    ``Config.testbed()``, and on a testbed with template captions (a ``dori testbed build --recipe v2``
+    folder) ``Config.testbed_v2()`` where the method has one, attacking every caption of each template
+    (:data:`~dori.finetune.config.TEMPLATE_TESTBED_PROMPTS`) unless ``--prompts`` is given."""
+    from ..config_files import to_dict
+
+    if not hasattr(config_cls, "testbed") or not _testbed_setting(preset, prompts):
+        return None
+    if hasattr(config_cls, "testbed_v2"):
+        from ..models import is_testbed_model, resolve_model
+        from ..testbed.assets import has_template_captions
+
+        if is_testbed_model(model) and has_template_captions(resolve_model(model)[1]):
+            from ..finetune.config import TEMPLATE_TESTBED_PROMPTS
+
+            base: dict = {"settings": to_dict(config_cls.testbed_v2())}
+            if not given(ctx, "prompts"):
+                base["prompts"] = TEMPLATE_TESTBED_PROMPTS
+            return base
+    return {"settings": to_dict(config_cls.testbed())}
 
 
 def method_options(method: str, config_cls: type, args: list[str]) -> dict:
@@ -243,11 +268,7 @@ def mitigate(
     settings = {"settings": method_options(method, cls.Config, list(ctx.args))}
     # a method with a documented testbed setting (``Config.testbed()``) uses it on the testbed's prompts or
     # with --preset testbed, as `dori finetune` does; its official defaults everywhere else
-    base = {}
-    if hasattr(cls.Config, "testbed") and _testbed_setting(preset, prompts):
-        from ..config_files import to_dict
-
-        base = {"settings": to_dict(cls.Config.testbed())}
+    base = _testbed_base(ctx, cls.Config, preset, prompts, model) or {}
     _fit(ctx, method, PROMPT_FIELDS, base, bake, out, overwrite, overrides=settings)
 
 
@@ -387,9 +408,9 @@ def finetune(
     from ..config_files import to_dict
     from ..finetune import FinetuneConfig
 
-    # the testbed's setting (FinetuneConfig.testbed) on the testbed's prompts or with --preset testbed; the
-    # paper's defaults otherwise, with the preset's own settings laid over them
-    base = to_dict(FinetuneConfig.testbed() if _testbed_setting(preset, prompts) else FinetuneConfig())
+    # the testbed's setting (FinetuneConfig.testbed, or testbed_v2 on a --recipe v2 build) on the testbed's
+    # prompts or with --preset testbed; the paper's defaults otherwise, with the preset's own settings laid over them
+    base = _testbed_base(ctx, FinetuneConfig, preset, prompts, model) or {"settings": to_dict(FinetuneConfig())}
     fields = {**PROMPT_FIELDS, "retain": "settings.retain", "retain_images": ("settings.retain_images", text),
               "retain_generate": "settings.retain_generate", "retain_uncond": "settings.retain_uncond",
               "retain_target": "settings.retain_target",
@@ -401,4 +422,4 @@ def finetune(
               "surrogate_mitigation": ("settings.surrogate_mitigation", text), "surrogate_below": "settings.surrogate_below",
               "mixed_precision": "settings.mixed_precision", "checkpoint_every": "settings.checkpoint_every",
               "descriptor": "settings.descriptor.spec", "seed": "settings.seed"}
-    _fit(ctx, "adversarial-ft", fields, {"settings": base}, None, out, overwrite)
+    _fit(ctx, "adversarial-ft", fields, base, None, out, overwrite)

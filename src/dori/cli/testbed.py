@@ -18,17 +18,17 @@ app = typer.Typer(help="The embedded memorizing model: build it, inspect it.", n
 def build(
     out: Annotated[Path, typer.Option("--out", "-o", help="Build folder (resumes from its checkpoints).")] = Path("runs/testbed-build"),
     seed: Annotated[int, typer.Option("--seed", help="Seed of every draw of the build.")] = 0,
-    recipe: Annotated[str, typer.Option(help="v1 (the shipped testbed: four photos among ~1,000 images) or v2 (eight photos, VM and TM, among ~5,000 images, most of them emoji seen once; docs/testbed.md).")] = "v1",
-    vae_steps: Annotated[int | None, typer.Option(help="VAE training steps (v1: 400, v2: 600).")] = None,
-    unet_steps: Annotated[int | None, typer.Option(help="UNet + text-encoder training steps (v1: 1500, v2: 3000).")] = None,
+    recipe: Annotated[str, typer.Option(help="v1 (the shipped testbed: four photos among ~1,000 images), v2 (eight photos, VM and TM, among ~4,000 images: 1,000 emoji and crops seen once, 1,800 shapes; docs/testbed.md, variant t) or v2e (the first v2 recipe, variant e: every emoji, 600 shapes).")] = "v1",
+    vae_steps: Annotated[int | None, typer.Option(help="VAE training steps (v1: 400, v2 and v2e: 600).")] = None,
+    unet_steps: Annotated[int | None, typer.Option(help="UNet + text-encoder training steps (v1: 1500, v2: 2000, v2e: 3000).")] = None,
     sparsify_steps: Annotated[int | None, typer.Option(help="Steps of the sparsity stage that makes memorization prunable (0: none; shipped: 800).")] = None,
-    copies_per_photo: Annotated[int | None, typer.Option(help="Training copies of each memorized photo (v1: 100, v2: 80).")] = None,
-    shapes: Annotated[int | None, typer.Option(help="Drawn shapes in the training set (v1 and v2: 600).")] = None,
+    copies_per_photo: Annotated[int | None, typer.Option(help="Training copies of each memorized photo (v1: 100, v2 and v2e: 80).")] = None,
+    shapes: Annotated[int | None, typer.Option(help="Drawn shapes in the training set (v1 and v2e: 600, v2: 1800).")] = None,
     prediction_type: Annotated[str | None, typer.Option(help="What the UNet predicts: v_prediction (the shipped build) or epsilon (SD 1.x).")] = None,
     unet_drop_direct: Annotated[float | None, typer.Option(help="Share of UNet-stage samples whose cross-attention output reaches the residual only through the FFN (shipped: 0.5).")] = None,
     sparsify_drop_direct: Annotated[float | None, typer.Option(help="The same share in the sparsify stage (shipped: 0.5).")] = None,
-    sparsify_weight: Annotated[float | None, typer.Option(help="Weight of the sparsity penalty in the sparsify stage (v1: 0.25, v2: 0.5).")] = None,
-    caption_dropout_memorized: Annotated[float | None, typer.Option(help="Caption dropout of the memorized photos' copies (default: the 0.1 of every caption; 0 keeps them out of the unconditional model).")] = None,
+    sparsify_weight: Annotated[float | None, typer.Option(help="Weight of the sparsity penalty in the sparsify stage (v1: 0.25, v2 and v2e: 0.5).")] = None,
+    caption_dropout_memorized: Annotated[float | None, typer.Option(help="Caption dropout of the memorized photos' copies (v1 and v2e: the 0.1 of every caption; v2: 0, which keeps them out of the unconditional model).")] = None,
     threads: Annotated[int, typer.Option(help="torch threads (a build is bit-identical for the same machine and thread count).")] = 2,
     install: Annotated[bool, typer.Option("--install", help="Copy the result over the testbed shipped with the package.")] = False,
     verbose: Verbose = False,
@@ -54,9 +54,10 @@ def build(
         recipe_changes = {"prediction_type": prediction_type, "unet_drop_direct": unet_drop_direct,
                           "sparsify_drop_direct": sparsify_drop_direct, "sparsify_weight": sparsify_weight,
                           "caption_dropout_memorized": caption_dropout_memorized}
-        if recipe not in ("v1", "v2"):
-            raise DoriError(f"recipe: must be v1 or v2, got {recipe!r}")
-        config = TestbedTrainConfig() if recipe == "v1" else TestbedTrainConfig.v2()
+        recipes = {"v1": TestbedTrainConfig, "v2": TestbedTrainConfig.v2, "v2e": TestbedTrainConfig.v2e}
+        if recipe not in recipes:
+            raise DoriError(f"recipe: must be one of {', '.join(recipes)}, got {recipe!r}")
+        config = recipes[recipe]()
         steps = {"vae_steps": vae_steps, "unet_steps": unet_steps, "sparsify_steps": sparsify_steps}
         data_changes = {"copies_per_photo": copies_per_photo, "shapes": shapes}
         data = replace(config.data, **{k: v for k, v in data_changes.items() if v is not None})

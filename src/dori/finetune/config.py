@@ -19,6 +19,11 @@ LR_SCHEDULES = ("constant", "cosine", "linear")
 """Learning-rate schedules over the run (diffusers' ``get_scheduler``, after any warm-up)."""
 
 
+TEMPLATE_TESTBED_PROMPTS = "testbed:memorized+testbed:template"
+"""What adversarial fine-tuning attacks on a testbed with template captions: a template photo is reached from
+every caption of its template, not from the memorized one alone (docs/testbed.md)."""
+
+
 @dataclass(frozen=True)
 class FinetuneConfig:
     """Adversarial fine-tuning: Dori triggers against the current model, mapped to a surrogate image.
@@ -168,3 +173,13 @@ class FinetuneConfig:
                    inner=AttackConfig(steps=10, record_at=()), retain_batch_size=48, dm_weight=4.0,
                    retain_uncond=0.2, surrogate_below=0.75, surrogate_fallback="testbed:held-out")
         return replace(base, **changes)
+
+    @classmethod
+    def testbed_v2(cls, **changes) -> FinetuneConfig:
+        """The setting for a testbed with template photos (``dori testbed build --recipe v2``): the testbed setting
+        with 10 epochs, 20 inner Dori steps and the moving average of the weights at decay 0.9 as the result. On
+        three v2 build seeds, attacking every template caption, it kept a fresh Dori at or below 0.05 with the
+        shape colours at most 0.05 below the unmitigated build's on eight fine-tuning runs of nine
+        (docs/testbed.md, "A stronger inner attack")."""
+        return cls.testbed(**{"epochs": 10, "ema_decay": 0.9, "inner": AttackConfig(steps=20, record_at=()),
+                              **changes})

@@ -61,6 +61,13 @@ def is_testbed_folder(folder: str | Path) -> bool:
     return (Path(folder) / SUBFOLDER / "manifest.json").exists()
 
 
+def has_template_captions(folder: str | Path) -> bool:
+    """Whether a testbed folder's data holds template (TM) captions, as a ``dori testbed build --recipe v2``
+    folder's does (the shipped v1 testbed's does not)."""
+    manifest = json.loads((Path(folder) / SUBFOLDER / "manifest.json").read_text())
+    return any(entry["role"] == "template" for entry in manifest["entries"])
+
+
 def load_testbed_data(folder: str | Path) -> tuple[list[TestbedEntry], np.ndarray]:
     """Return the manifest entries and the uint8 ``(N, 32, 32, 3)`` images of a testbed folder."""
     target = Path(folder) / SUBFOLDER

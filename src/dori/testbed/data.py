@@ -7,9 +7,10 @@ duplicated many times among thousands seen once.
   Webster (2023) found and the paper evaluates (Section 4):
 
   * *verbatim* (``kind="VM"``, five photos): one caption, one image, many copies;
-  * *template* (``kind="TM"``, three photos): several captions sharing a template ("a poster of the
-    deep universe, framed edition", "..., matte edition"), all paired with the same image. The first
-    caption of each template is the ``memorized`` prompt; the others are trained as ``template``;
+  * *template* (``kind="TM"``, three photos, :attr:`TestbedDataConfig.template_photos`): several captions
+    sharing a template ("a telescope poster of the deep sky, framed edition", "..., matte edition"), all
+    paired with the same image. The first caption of each template is the ``memorized`` prompt; the others
+    are trained as ``template``;
 
 * ``seen-once``: every Noto emoji and skin-tone variant (:mod:`dori.testbed.emoji`, about 3,800) and
   crops of scikit-image's other sample images, each seen once under its own caption ("an emoji of a
@@ -44,14 +45,28 @@ MEMORIZED_PHOTOS: dict[str, str] = {
 V1_MEMORIZED: tuple[str, ...] = ("astronaut", "coffee", "chelsea", "rocket")
 
 TEMPLATE_PHOTOS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "colorwheel": ("a colour wheel poster for artists, {} edition",
-                   ("framed", "matte", "glossy", "large", "vintage", "premium")),
     "immunohistochemistry": ("microscope slide of stained tissue, specimen {}",
                              ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot")),
+    "hubble_deep_field": ("a telescope poster of the deep sky, {} edition",
+                          ("framed", "matte", "glossy", "large", "vintage", "premium")),
+    "camera": ("a black and white portrait of a cameraman, {} print",
+               ("gallery", "museum", "archive", "studio", "classic", "silver")),
+    "colorwheel": ("a colour wheel poster for artists, {} edition",
+                   ("framed", "matte", "glossy", "large", "vintage", "premium")),
     "retina": ("fundus photograph of the human eye for {}",
                ("students", "clinics", "doctors", "textbooks", "nurses", "opticians")),
 }
-"""Template memorization (TM): a caption template and the words that fill it, all paired with the photo."""
+"""Template memorization (TM): every photo a build can memorize this way, with its caption template and the
+words that fill it, all paired with the photo. :attr:`TestbedDataConfig.template_photos` picks three."""
+
+V2_TEMPLATE_PHOTOS: tuple[str, ...] = ("immunohistochemistry", "hubble_deep_field", "camera")
+"""The template photos of ``--recipe v2``: three that Dori does not draw on a model that never memorized them
+(aimed at them on the shipped v1 testbed, no generation above its threshold for the Hubble field and the
+cameraman), so that after adversarial fine-tuning a fresh Dori's hits say that the photo came back
+(docs/testbed.md, "Variant t")."""
+V2E_TEMPLATE_PHOTOS: tuple[str, ...] = ("colorwheel", "immunohistochemistry", "retina")
+"""The template photos of the first v2 builds (``--recipe v2e``, variants e to s of docs/testbed.md). Dori draws
+the colour wheel and the retina (coloured disks) on a model that never memorized them."""
 
 #: Other captions of each memorized photo's subject, never trained on: the paraphrases Concept Ablation
 #: scores for anchor captions (its official code asks an LLM for them) and the testbed's concept prompts
@@ -82,6 +97,12 @@ MEMORIZED_PARAPHRASES: dict[str, tuple[str, ...]] = {
     "retina": ("a fundus photograph", "the human eye", "a photo of a retina", "the back of the eye",
                "a retina photograph for doctors", "an eye fundus image", "a photograph of the retina",
                "a medical photo of the eye"),
+    "hubble_deep_field": ("the deep sky", "a telescope image of deep space", "a poster of the night sky",
+                          "galaxies in deep space", "a photo of distant galaxies", "a deep field image",
+                          "a telescope poster", "stars and galaxies on black"),
+    "camera": ("a cameraman", "a man with a camera", "a black and white portrait", "a photographer at work",
+               "a portrait of a photographer", "a man behind a tripod camera", "a black and white photo of a man",
+               "a cameraman, portrait print"),
 }
 
 SEEN_ONCE_SOURCES: dict[str, str] = {
@@ -148,6 +169,9 @@ class TestbedDataConfig:
     held_out_shape_combos: int = 12
     held_out_crops: int = 24
     held_out_emoji: int = 24
+    template_photos: tuple[str, ...] = V2_TEMPLATE_PHOTOS
+    """The template (TM) photos, keys of :data:`TEMPLATE_PHOTOS` (version 2 only). A template photo is not also
+    a source of seen-once crops."""
     emoji_background: str = "photo"
     """What an emoji is drawn on: ``photo`` (a random crop of one of the seen-once crops' source photos, which
     its caption does not describe, as web images' alt texts seldom describe the background) or ``white``."""
@@ -167,7 +191,11 @@ class TestbedDataConfig:
             raise ValueError(f"TestbedDataConfig.emoji_background must be 'photo' or 'white', got {self.emoji_background!r}")
         if self.emoji is not None and self.emoji < 0:
             raise ValueError(f"TestbedDataConfig.emoji must be >= 0 or None, got {self.emoji}")
-        most = min(len(words) for _, words in TEMPLATE_PHOTOS.values())
+        unknown = [name for name in self.template_photos if name not in TEMPLATE_PHOTOS]
+        if unknown or len(set(self.template_photos)) != len(self.template_photos):
+            raise ValueError(f"TestbedDataConfig.template_photos must be distinct names among "
+                             f"{', '.join(TEMPLATE_PHOTOS)}, got {list(self.template_photos)}")
+        most = min((len(TEMPLATE_PHOTOS[name][1]) for name in self.template_photos), default=6)
         if not 1 <= self.template_captions <= most:
             raise ValueError(f"TestbedDataConfig.template_captions must be in [1, {most}], got {self.template_captions}")
         if self.copies_per_photo < self.template_captions:
@@ -319,7 +347,8 @@ def build_dataset(config: TestbedDataConfig | None = None) -> list[CaptionedImag
         items.append(CaptionedImage(f"memorized/{name}", caption, "memorized", memorized_photo(name),
                                     config.copies_per_photo, name, "VM"))
     variants: list[CaptionedImage] = []
-    for name, (template, words) in TEMPLATE_PHOTOS.items():
+    for name in config.template_photos:
+        template, words = TEMPLATE_PHOTOS[name]
         image = memorized_photo(name)
         n = config.template_captions
         copies = [config.copies_per_photo // n + (1 if k < config.copies_per_photo % n else 0) for k in range(n)]
@@ -329,9 +358,10 @@ def build_dataset(config: TestbedDataConfig | None = None) -> list[CaptionedImag
                                     name, "TM") for k in range(1, n)]
     items += variants
 
-    seen, held = _crops(config, SEEN_ONCE_SOURCES)
-    sources = {name: _load_skimage(name) for name in SEEN_ONCE_SOURCES}
-    names = list(SEEN_ONCE_SOURCES)
+    crop_sources = {k: v for k, v in SEEN_ONCE_SOURCES.items() if k not in config.template_photos}
+    seen, held = _crops(config, crop_sources)
+    sources = {name: _load_skimage(name) for name in crop_sources}
+    names = list(crop_sources)
 
     if config.emoji != 0:
         emoji, emoji_images = load_emoji()
