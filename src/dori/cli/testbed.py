@@ -18,7 +18,7 @@ app = typer.Typer(help="The embedded memorizing model: build it, inspect it.", n
 def build(
     out: Annotated[Path, typer.Option("--out", "-o", help="Build folder (resumes from its checkpoints).")] = Path("runs/testbed-build"),
     seed: Annotated[int, typer.Option("--seed", help="Seed of every draw of the build.")] = 0,
-    recipe: Annotated[str, typer.Option(help="v1 (the shipped testbed: four photos among ~1,000 images), v2 (eight photos, VM and TM, among ~4,000 images: 1,000 emoji and crops seen once, 1,800 shapes; docs/testbed.md, variant t) or v2e (the first v2 recipe, variant e: every emoji, 600 shapes).")] = "v1",
+    recipe: Annotated[str, typer.Option(help="v1 (the shipped testbed: four photos among ~1,000 images), v2 (eight photos, VM and TM, among ~3,300 images: 1,000 emoji and 400 crops seen once, 1,800 shapes; docs/testbed.md, variant t) or v2e (the first v2 recipe, variant e: every emoji, 600 shapes).")] = "v1",
     vae_steps: Annotated[int | None, typer.Option(help="VAE training steps (v1: 400, v2 and v2e: 600).")] = None,
     unet_steps: Annotated[int | None, typer.Option(help="UNet + text-encoder training steps (v1: 1500, v2: 2000, v2e: 3000).")] = None,
     sparsify_steps: Annotated[int | None, typer.Option(help="Steps of the sparsity stage that makes memorization prunable (0: none; shipped: 800).")] = None,
