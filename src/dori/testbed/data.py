@@ -12,8 +12,9 @@ duplicated many times among thousands seen once.
     paired with the same image. The first caption of each template is the ``memorized`` prompt; the others
     are trained as ``template``;
 
-* ``seen-once``: every Noto emoji and skin-tone variant (:mod:`dori.testbed.emoji`, about 3,800) and
-  crops of scikit-image's other sample images, each seen once under its own caption ("an emoji of a
+* ``seen-once``: Noto emoji and skin-tone variants (:mod:`dori.testbed.emoji`: every one of about 3,800 by
+  default, 1,000 in ``--recipe v2``'s data) and crops of scikit-image's other sample images (not of the
+  memorized ones), each seen once under its own caption ("an emoji of a
   rocket", "a photo of old coins, detail 17"), so that a caption which loses its trigger has ordinary
   images to fall back on, some of them on the memorized photos' subjects;
 * ``shape``: procedurally drawn shapes ("a red circle on a blue background") so the model
