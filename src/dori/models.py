@@ -78,6 +78,16 @@ def is_testbed_model(model: str | os.PathLike) -> bool:
     return kind == "testbed" or (kind == "folder" and (Path(location) / "testbed" / "manifest.json").is_file())
 
 
+def is_template_testbed(model: str | os.PathLike) -> bool:
+    """Whether ``model`` is a testbed whose data holds template (TM) captions, as a ``dori testbed build
+    --recipe v2`` folder's does: the verbs then fine-tune with the setting measured for such builds."""
+    if not is_testbed_model(model):
+        return False
+    from .testbed.assets import has_template_captions
+
+    return has_template_captions(resolve_model(model)[1])
+
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

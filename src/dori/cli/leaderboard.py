@@ -80,13 +80,12 @@ def leaderboard(
     from ..config_files import to_dict
     from ..demo import DemoConfig, run_demo
     from ..descriptors import DescriptorConfig
-    from ..models import is_testbed_model, resolve_model
+    from ..models import is_template_testbed, is_testbed_model
     from ..robustness import read_leaderboard
-    from ..testbed.assets import has_template_captions
 
     if is_testbed_model(model):
         config = DemoConfig.leaderboard(quick=quick)
-        base = to_dict(config.on_template_testbed(quick) if has_template_captions(resolve_model(model)[1]) else config)
+        base = to_dict(config.on_template_testbed(quick) if is_template_testbed(model) else config)
     else:
         base = to_dict(DemoConfig.paper(prompts or "webster-sd1-vm", text(references), non_memorized=non_memorized,
                                         limit=limit, num_seeds=seeds, analyses=False,

@@ -84,17 +84,15 @@ def _testbed_base(ctx: typer.Context, config_cls: type, preset: str | None, prom
 
     if not hasattr(config_cls, "testbed") or not _testbed_setting(preset, prompts):
         return None
-    if hasattr(config_cls, "testbed_v2"):
-        from ..models import is_testbed_model, resolve_model
-        from ..testbed.assets import has_template_captions
+    from ..models import is_template_testbed
 
-        if is_testbed_model(model) and has_template_captions(resolve_model(model)[1]):
-            from ..finetune.config import TEMPLATE_TESTBED_PROMPTS
+    if hasattr(config_cls, "testbed_v2") and is_template_testbed(model):
+        from ..finetune.config import TEMPLATE_TESTBED_PROMPTS
 
-            base: dict = {"settings": to_dict(config_cls.testbed_v2())}
-            if not given(ctx, "prompts"):
-                base["prompts"] = TEMPLATE_TESTBED_PROMPTS
-            return base
+        base: dict = {"settings": to_dict(config_cls.testbed_v2())}
+        if not given(ctx, "prompts"):
+            base["prompts"] = TEMPLATE_TESTBED_PROMPTS
+        return base
     return {"settings": to_dict(config_cls.testbed())}
 
 

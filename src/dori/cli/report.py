@@ -84,13 +84,12 @@ def demo(
     from ..config_files import merge, to_dict
     from ..demo import DemoConfig, run_demo
     from ..descriptors import DescriptorConfig
-    from ..models import is_testbed_model, resolve_model
-    from ..testbed.assets import has_template_captions
+    from ..models import is_template_testbed, is_testbed_model
     from .tables import rows_table
 
     if is_testbed_model(model):
         config = DemoConfig.quick() if quick else DemoConfig()
-        base = to_dict(config.on_template_testbed(quick) if has_template_captions(resolve_model(model)[1]) else config)
+        base = to_dict(config.on_template_testbed(quick) if is_template_testbed(model) else config)
     else:
         base = to_dict(DemoConfig.paper(prompts or "webster-sd1-vm", text(references), non_memorized=non_memorized,
                                         non_memorized_references=text(non_memorized_references), limit=limit,
