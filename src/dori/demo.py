@@ -51,6 +51,7 @@ from .descriptors import DescriptorConfig
 from .errors import DoriError
 from .evaluate import EvaluateConfig, EvaluationResult, run_evaluate
 from .finetune import FinetuneConfig
+from .finetune.config import TEMPLATE_TESTBED_PROMPTS
 from .generation import GenerationConfig
 from .memorization import attack_row, summary_row
 from .mitigations.concept_ablation import ConceptAblationConfig
@@ -220,8 +221,6 @@ class DemoConfig:
         verbs apply it there by default): adversarial fine-tuning attacks every caption of each template
         (``testbed:memorized+testbed:template``), with :meth:`FinetuneConfig.testbed_v2` unless ``quick`` (the
         quick demo keeps its short fine-tuning)."""
-        from .finetune.config import TEMPLATE_TESTBED_PROMPTS
-
         finetune = self.finetune_config if quick else FinetuneConfig.testbed_v2()
         return replace(self, finetune_prompts=TEMPLATE_TESTBED_PROMPTS, finetune_config=finetune)
 

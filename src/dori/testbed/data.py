@@ -196,7 +196,9 @@ class TestbedDataConfig:
         if unknown or len(set(self.template_photos)) != len(self.template_photos):
             raise ValueError(f"TestbedDataConfig.template_photos must be distinct names among "
                              f"{', '.join(TEMPLATE_PHOTOS)}, got {list(self.template_photos)}")
-        most = min((len(TEMPLATE_PHOTOS[name][1]) for name in self.template_photos), default=6)
+        if not self.template_photos:
+            return
+        most = min(len(TEMPLATE_PHOTOS[name][1]) for name in self.template_photos)
         if not 1 <= self.template_captions <= most:
             raise ValueError(f"TestbedDataConfig.template_captions must be in [1, {most}], got {self.template_captions}")
         if self.copies_per_photo < self.template_captions:
@@ -299,9 +301,10 @@ def _shape_combos() -> list[tuple[str, str, str]]:
     return [(s, c, b) for s in SHAPES for c in COLOURS for b in COLOURS if c != b]
 
 
-def _crops(config: TestbedDataConfig, captions: dict[str, str]) -> tuple[list[CaptionedImage], list[CaptionedImage]]:
-    """The seen-once and held-out crops of ``captions``' source photos, in draw order; also the sources."""
-    sources = {name: _load_skimage(name) for name in captions}
+def _crops(config: TestbedDataConfig, captions: dict[str, str],
+           sources: dict[str, np.ndarray]) -> tuple[list[CaptionedImage], list[CaptionedImage]]:
+    """The seen-once and held-out crops of ``sources`` (the photos, loaded), captioned from ``captions``, in draw
+    order."""
     names = list(captions)
     total = config.seen_once + config.held_out_crops
     detail_ids = _rng(config.seed, "detail-ids").permutation(np.arange(1, 1000))[:total]
@@ -360,8 +363,8 @@ def build_dataset(config: TestbedDataConfig | None = None) -> list[CaptionedImag
     items += variants
 
     crop_sources = {k: v for k, v in SEEN_ONCE_SOURCES.items() if k not in config.template_photos}
-    seen, held = _crops(config, crop_sources)
     sources = {name: _load_skimage(name) for name in crop_sources}
+    seen, held = _crops(config, crop_sources, sources)
     names = list(crop_sources)
 
     if config.emoji != 0:
@@ -397,7 +400,7 @@ def build_dataset_v1(config: TestbedDataConfig) -> list[CaptionedImage]:
     for name in V1_MEMORIZED:
         items.append(CaptionedImage(f"memorized/{name}", MEMORIZED_PHOTOS[name], "memorized", memorized_photo(name),
                                     config.copies_per_photo, name, "VM"))
-    seen, held_crops = _crops(config, V1_SEEN_ONCE_SOURCES)
+    seen, held_crops = _crops(config, V1_SEEN_ONCE_SOURCES, {name: _load_skimage(name) for name in V1_SEEN_ONCE_SOURCES})
     shapes, held_shapes = _shapes(config)
     return items + seen + held_crops + shapes + held_shapes
 
