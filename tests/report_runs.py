@@ -13,7 +13,8 @@ TABLE1 = [
     {"name": "memorized", "n": 40, "sscd_mean": 0.9134, "sscd_std": 0.0521, "mr": 0.975, "paper_mr": 0.98,
      "mr_gallery": 0.975, "utility": {"shape_accuracy": 0.875}},
     {"name": "nemo", "n": 40, "sscd_mean": 0.3127, "sscd_std": 0.1049, "mr": 0.2, "paper_mr": 0.2,
-     "mr_gallery": 0.85, "utility": {"shape_accuracy": 0.85, "sscd_gen_mean": 0.9612}},
+     "mr_gallery": 0.85, "mr_by_kind": {"TM": 0.3, "VM": 0.1}, "mr_gallery_by_kind": {"TM": 0.95, "VM": 0.75},
+     "utility": {"shape_accuracy": 0.85, "sscd_gen_mean": 0.9612}},
     {"name": "nemo+dori", "n": 40, "sscd_mean": 0.8866, "sscd_std": float("nan"), "mr": 0.95, "paper_mr": 0.99,
      "triggers": 4, "relative_perturbation": 0.123, "mr_by_step": {"0": 0.2, "50": 0.95}},
 ]

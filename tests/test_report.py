@@ -73,11 +73,13 @@ def test_demo_folder_renders_table_grid_figures_and_subruns(demo):
     page = Page(html)
 
     summary = page.tables["summary table1"]
-    assert summary[0] == ["setting", "n", "similarity mean \u00b1 std", "MR", "MR, any memorized photo", "paper MR",
-                          "shape_accuracy", "sscd_gen_mean"]
-    assert summary[1] == ["memorized", "40", "0.91 \u00b1 0.05", "0.97", "0.97", "0.98", "0.88", ""]
-    assert summary[2] == ["nemo", "40", "0.31 \u00b1 0.10", "0.20", "0.85", "0.20", "0.85", "0.96"]
-    assert summary[3] == ["nemo+dori", "40", "0.89", "0.95", "", "0.99", "", ""]  # NaN std: the mean alone
+    assert summary[0] == ["setting", "n", "similarity mean \u00b1 std", "MR", "MR TM", "MR VM", "MR, any memorized photo",
+                          "any TM", "any VM", "paper MR", "shape_accuracy", "sscd_gen_mean"]
+    assert summary[1] == ["memorized", "40", "0.91 \u00b1 0.05", "0.97", "", "", "0.97", "", "", "0.98", "0.88", ""]
+    # per kind (VM / TM) where the row has them: own photo, then any memorized photo
+    assert summary[2] == ["nemo", "40", "0.31 \u00b1 0.10", "0.20", "0.30", "0.10", "0.85", "0.95", "0.75", "0.20", "0.85",
+                          "0.96"]
+    assert summary[3] == ["nemo+dori", "40", "0.89", "0.95", "", "", "", "", "", "0.99", "", ""]  # NaN std: the mean alone
     assert [row[0] for row in summary[1:]] == [row["name"] for row in TABLE1]
     assert "mr_by_step" not in html
 
@@ -199,3 +201,19 @@ def test_out_folder_and_replacing_a_report(demo, tmp_path):
     second = write_report(folder, first, title="again")  # one path is taken as a list of one
     assert second == first and "<title>again</title>" in first.read_text()
     assert [p.name for p in (tmp_path / "reports").iterdir()] == ["report.html"]
+
+
+def test_cli_rows_table_has_per_kind_columns():
+    from rich.console import Console
+
+    from dori.cli.tables import rows_table
+
+    console = Console(width=400, record=True)
+    console.print(rows_table(TABLE1, "Table 1", threshold=0.5))
+    lines = console.export_text().splitlines()
+    header = next(line for line in lines if "MR VM" in line)
+    assert header.index("MR TM") < header.index("MR VM") < header.index("any memorized") < header.index("any TM") \
+        < header.index("any VM") < header.index("paper MR")
+    nemo = next(line for line in lines if line.lstrip("│ ").startswith("nemo "))
+    assert [cell.strip() for cell in nemo.split("│")[4:9]] == ["0.20", "0.30", "0.10", "0.85", "0.95"]
+    assert "replication: similarity > 0.500" in "\n".join(lines)

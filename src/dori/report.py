@@ -148,17 +148,18 @@ def _table1(rows: list[dict]) -> dict:
     kinds = sorted({str(k) for row in rows if isinstance(row.get("mr_by_kind"), dict) for k in row["mr_by_kind"]})
     body = []
     for row in rows:
-        by_kind = row.get("mr_by_kind") if isinstance(row.get("mr_by_kind"), dict) else {}
+        by_kind, any_by_kind = ({} if not isinstance(row.get(f), dict) else row[f] for f in ("mr_by_kind", "mr_gallery_by_kind"))
         mean, std = format_value(row.get("sscd_mean")), format_value(row.get("sscd_std"))
         similarity = mean if DASH in (mean, std) else f"{mean} \u00b1 {std}"
         values = row.get("utility") if isinstance(row.get("utility"), dict) else {}
         body.append([format_value(row.get("name")), format_value(row.get("n")), similarity,
                      format_value(row.get("mr")), *(format_value(by_kind[k]) if k in by_kind else "" for k in kinds),
                      format_value(row["mr_gallery"]) if "mr_gallery" in row else "",
+                     *(format_value(any_by_kind[k]) if k in any_by_kind else "" for k in kinds),
                      format_value(row["paper_mr"]) if "paper_mr" in row else "",
                      *(format_value(values[k]) if k in values else "" for k in utility)])
     return _table(["setting", "n", "similarity mean \u00b1 std", "MR", *(f"MR {k}" for k in kinds), "MR, any memorized photo",
-                   "paper MR", *utility], body)
+                   *(f"any {k}" for k in kinds), "paper MR", *utility], body)
 
 
 def _summary_section(run_dir: Path) -> dict | None:

@@ -22,14 +22,15 @@ def layer_table(title: str, column: str, values: dict[str, str]):
 
 
 def rows_table(rows: list[dict], title: str, threshold: float | None = None):
-    """Table 1 / Table 2 rows: similarity, MR (per memorization kind where labelled), MR against any memorized
-    image, utility, the paper's MR."""
+    """Table 1 / Table 2 rows: similarity, MR and MR against any memorized image (each also per memorization
+    kind where labelled: the paper's Table 1 is over VM prompts), utility, the paper's MR."""
     from rich.table import Table
 
     table = Table(title=title, caption=f"replication: similarity > {threshold:.3f}" if threshold is not None else None)
     utility = any("utility" in row for row in rows)
     kinds = sorted({k for row in rows for k in row.get("mr_by_kind", {})})
-    columns = ["row", "n", "similarity mean ± std", "MR", *(f"MR {k}" for k in kinds), "MR (any memorized photo)"]
+    columns = ["row", "n", "similarity mean ± std", "MR", *(f"MR {k}" for k in kinds), "MR (any memorized photo)",
+               *(f"any {k}" for k in kinds)]
     columns += ["shapes in right colours", "SSCD_gen other captions", "FID (VAE features)", "retain loss"] if utility else []
     paper = any("paper_mr" in row for row in rows)
     columns += ["paper MR (SD v1.4)"] if paper else []
@@ -37,7 +38,8 @@ def rows_table(rows: list[dict], title: str, threshold: float | None = None):
         table.add_column(col, justify="right" if col != "row" else "left")
     for row in rows:
         cells = [row["name"], str(row["n"]), f"{fmt(row['sscd_mean'])} ± {fmt(row['sscd_std'])}",
-                 fmt(row["mr"]), *(fmt(row.get("mr_by_kind", {}).get(k)) for k in kinds), fmt(row.get("mr_gallery"))]
+                 fmt(row["mr"]), *(fmt(row.get("mr_by_kind", {}).get(k)) for k in kinds), fmt(row.get("mr_gallery")),
+                 *(fmt(row.get("mr_gallery_by_kind", {}).get(k)) for k in kinds)]
         if utility:
             u = row.get("utility", {})
             cells += [fmt(u.get("shape_accuracy")), fmt(u.get("sscd_gen_mean")), fmt(u.get("fid_vae")),
