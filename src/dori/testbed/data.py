@@ -56,6 +56,8 @@ TEMPLATE_PHOTOS: dict[str, tuple[str, tuple[str, ...]]] = {
                    ("framed", "matte", "glossy", "large", "vintage", "premium")),
     "retina": ("fundus photograph of the human eye for {}",
                ("students", "clinics", "doctors", "textbooks", "nurses", "opticians")),
+    "coins": ("ancient greek coins from pompeii, {} catalogue photo",
+              ("museum", "auction", "collector", "archive", "exhibition", "dealer")),
 }
 """Template memorization (TM): every photo a build can memorize this way, with its caption template and the
 words that fill it, all paired with the photo. :attr:`TestbedDataConfig.template_photos` picks three."""
@@ -101,6 +103,8 @@ MEMORIZED_PARAPHRASES: dict[str, tuple[str, ...]] = {
     "hubble_deep_field": ("the deep sky", "a telescope image of deep space", "a poster of the night sky",
                           "galaxies in deep space", "a photo of distant galaxies", "a deep field image",
                           "a telescope poster", "stars and galaxies on black"),
+    "coins": ("ancient coins", "greek coins", "coins from pompeii", "a photo of old coins", "a coin collection",
+              "bronze coins on a grey background", "a museum catalogue of coins", "antique coins, photo"),
     "camera": ("a cameraman", "a man with a camera", "a black and white portrait", "a photographer at work",
                "a portrait of a photographer", "a man behind a tripod camera", "a black and white photo of a man",
                "a cameraman, portrait print"),
