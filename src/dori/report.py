@@ -148,7 +148,7 @@ def _table1(rows: list[dict]) -> dict:
     kinds = sorted({str(k) for row in rows if isinstance(row.get("mr_by_kind"), dict) for k in row["mr_by_kind"]})
     body = []
     for row in rows:
-        by_kind, any_by_kind = ({} if not isinstance(row.get(f), dict) else row[f] for f in ("mr_by_kind", "mr_gallery_by_kind"))
+        by_kind, any_by_kind = (row[f] if isinstance(row.get(f), dict) else {} for f in ("mr_by_kind", "mr_gallery_by_kind"))
         mean, std = format_value(row.get("sscd_mean")), format_value(row.get("sscd_std"))
         similarity = mean if DASH in (mean, std) else f"{mean} \u00b1 {std}"
         values = row.get("utility") if isinstance(row.get("utility"), dict) else {}
