@@ -154,6 +154,12 @@ def test_testbed_build_and_info(tmp_path):
     assert bad.exit_code == 2 and "another config" in _text(bad)
     unknown = runner.invoke(app, ["testbed", "build", "--out", str(tmp_path / "v3"), "--recipe", "v3", *steps])
     assert unknown.exit_code == 2 and "recipe" in _text(unknown) and not (tmp_path / "v3" / "pipeline").exists()
+    # template photos: names from the catalogue, and only on the version-2 data
+    for recipe, names in (("v2", "camera,hubble"), ("v2", "camera,camera"), ("v1", "camera")):
+        refused = runner.invoke(app, ["testbed", "build", "--out", str(tmp_path / "tp"), "--recipe", recipe,
+                                      "--template-photos", names, *steps])
+        assert refused.exit_code == 2 and "template_photos" in _text(refused), _text(refused)
+        assert not (tmp_path / "tp" / "pipeline").exists()
 
 
 def test_testbed_v2_build_is_a_testbed_the_verbs_run_on(tmp_path):
@@ -162,7 +168,7 @@ def test_testbed_v2_build_is_a_testbed_the_verbs_run_on(tmp_path):
     steps = ["--vae-steps", "2", "--unet-steps", "2", "--sparsify-steps", "2"]
     folder = tmp_path / "tb" / "pipeline"
     result = runner.invoke(app, ["testbed", "build", "--recipe", "v2", "--out", str(tmp_path / "tb"), *steps,
-                                 "--caption-dropout-memorized", "0"])
+                                 "--caption-dropout-memorized", "0", "--template-photos", "coins, camera"])
     assert result.exit_code == 0, _text(result)
     build = json.loads((tmp_path / "tb" / "build.json").read_text())
     recorded = build["config"]
@@ -192,12 +198,15 @@ def test_testbed_v2_build_is_a_testbed_the_verbs_run_on(tmp_path):
     assert chosen["prompts"] == "testbed:memorized" and chosen["settings"]["epochs"] == 3
     assert chosen["settings"]["ema_decay"] == 0.9
     from dori.models import load_pipeline
-    from dori.prompts import prompt_kinds
-    from dori.testbed.data import V2_TEMPLATE_PHOTOS
+    from dori.prompts import prompts_for
+    from dori.testbed.data import TEMPLATE_PHOTOS
 
-    kinds = prompt_kinds(load_pipeline(str(folder)), "testbed:memorized")
-    assert sorted(kinds.values()).count("VM") == 5 and sorted(kinds.values()).count("TM") == 3
-    assert recorded["data"]["template_photos"] == list(V2_TEMPLATE_PHOTOS)
+    # --template-photos chose the template (TM) photos: two, the memorized prompt of each the first caption of its template
+    records = [r for r in prompts_for(load_pipeline(str(folder)), "testbed:memorized").records if r.kind]
+    assert [r.kind for r in records].count("VM") == 5 and [r.kind for r in records].count("TM") == 2
+    assert recorded["data"]["template_photos"] == ["coins", "camera"]
+    templates = {TEMPLATE_PHOTOS[name][0].format(TEMPLATE_PHOTOS[name][1][0]) for name in ("coins", "camera")}
+    assert {r.prompt for r in records if r.kind == "TM"} == templates
     assert (recorded["unet_steps"], recorded["data"]["shapes"], recorded["data"]["emoji"]) == (2, 1800, 1000)
 
 

@@ -29,6 +29,7 @@ def build(
     sparsify_drop_direct: Annotated[float | None, typer.Option(help="The same share in the sparsify stage (shipped: 0.5).")] = None,
     sparsify_weight: Annotated[float | None, typer.Option(help="Weight of the sparsity penalty in the sparsify stage (v1: 0.25, v2 and v2e: 0.5).")] = None,
     caption_dropout_memorized: Annotated[float | None, typer.Option(help="Caption dropout of the memorized photos' copies (v1 and v2e: the 0.1 of every caption; v2: 0, which keeps them out of the unconditional model).")] = None,
+    template_photos: Annotated[str | None, typer.Option(help="The template (TM) photos of a v2 or v2e build, comma-separated names from the catalogue (dori.testbed.data.TEMPLATE_PHOTOS; v2: immunohistochemistry,hubble_deep_field,camera; variant u of docs/testbed.md: immunohistochemistry,coins,camera).")] = None,
     threads: Annotated[int, typer.Option(help="torch threads (a build is bit-identical for the same machine and thread count).")] = 2,
     install: Annotated[bool, typer.Option("--install", help="Copy the result over the testbed shipped with the package.")] = False,
     verbose: Verbose = False,
@@ -60,6 +61,10 @@ def build(
         config = recipes[recipe]()
         steps = {"vae_steps": vae_steps, "unet_steps": unet_steps, "sparsify_steps": sparsify_steps}
         data_changes = {"copies_per_photo": copies_per_photo, "shapes": shapes}
+        if template_photos is not None:
+            if config.data.version != 2:
+                raise DoriError(f"template_photos: only the v2 and v2e recipes have template photos, got --recipe {recipe}")
+            data_changes["template_photos"] = tuple(name.strip() for name in template_photos.split(",") if name.strip())
         data = replace(config.data, **{k: v for k, v in data_changes.items() if v is not None})
         config = replace(config, data=data, seed=seed, **{k: v for k, v in {**recipe_changes, **steps}.items() if v is not None})
         config.validate()
