@@ -102,7 +102,7 @@ def test_dataset_is_deterministic_for_a_seed_and_changes_with_it():
 
 
 def test_template_photos_are_chosen_by_the_config_and_are_not_also_cropped():
-    """v2's template photos (the slide, the Hubble field, the cameraman) against v2e's (the colour wheel, the slide,
+    """v2's template photos (the slide, the coins, the cameraman) against v2e's (the colour wheel, the slide,
     the retina): each build memorizes its own three under their templates, and crops none of them."""
     small = dict(emoji=30, seen_once=200, shapes=20)
     for photos in (V2_TEMPLATE_PHOTOS, V2E_TEMPLATE_PHOTOS):
@@ -113,7 +113,7 @@ def test_template_photos_are_chosen_by_the_config_and_are_not_also_cropped():
         assert templates == set(photos) and crops and not crops & templates
         photo = next(it for it in items if it.role == "memorized" and it.source == photos[1])
         assert photo.caption == TEMPLATE_PHOTOS[photos[1]][0].format(TEMPLATE_PHOTOS[photos[1]][1][0])
-    assert {"hubble_deep_field", "camera"} <= crops  # v2e crops the photos v2 memorizes
+    assert {"coins", "camera"} <= crops  # v2e crops the photos v2 memorizes
     # every photo a build can memorize has the paraphrases Concept Ablation and the concept damage score
     assert all(len(MEMORIZED_PARAPHRASES[name]) == 8 for name in (*MEMORIZED_PHOTOS, *TEMPLATE_PHOTOS))
 

@@ -18,7 +18,7 @@ app = typer.Typer(help="The embedded memorizing model: build it, inspect it.", n
 def build(
     out: Annotated[Path, typer.Option("--out", "-o", help="Build folder (resumes from its checkpoints).")] = Path("runs/testbed-build"),
     seed: Annotated[int, typer.Option("--seed", help="Seed of every draw of the build.")] = 0,
-    recipe: Annotated[str, typer.Option(help="v1 (the shipped testbed: four photos among ~1,000 images), v2 (eight photos, VM and TM, among ~3,300 images: 1,000 emoji and 400 crops seen once, 1,800 shapes; docs/testbed.md, variant t) or v2e (the first v2 recipe, variant e: every emoji, 600 shapes).")] = "v1",
+    recipe: Annotated[str, typer.Option(help="v1 (the shipped testbed: four photos among ~1,000 images), v2 (eight photos, VM and TM, among ~3,300 images: 1,000 emoji and 400 crops seen once, 1,800 shapes; docs/testbed.md, variant u) or v2e (the first v2 recipe, variant e: every emoji, 600 shapes).")] = "v1",
     vae_steps: Annotated[int | None, typer.Option(help="VAE training steps (v1: 400, v2 and v2e: 600).")] = None,
     unet_steps: Annotated[int | None, typer.Option(help="UNet + text-encoder training steps (v1: 1500, v2: 2000, v2e: 3000).")] = None,
     sparsify_steps: Annotated[int | None, typer.Option(help="Steps of the sparsity stage that makes memorization prunable (0: none; shipped: 800).")] = None,
@@ -29,7 +29,7 @@ def build(
     sparsify_drop_direct: Annotated[float | None, typer.Option(help="The same share in the sparsify stage (shipped: 0.5).")] = None,
     sparsify_weight: Annotated[float | None, typer.Option(help="Weight of the sparsity penalty in the sparsify stage (v1: 0.25, v2 and v2e: 0.5).")] = None,
     caption_dropout_memorized: Annotated[float | None, typer.Option(help="Caption dropout of the memorized photos' copies (v1 and v2e: the 0.1 of every caption; v2: 0, which keeps them out of the unconditional model).")] = None,
-    template_photos: Annotated[str | None, typer.Option(help="The template (TM) photos of a v2 or v2e build, comma-separated names from the catalogue (dori.testbed.data.TEMPLATE_PHOTOS; v2: immunohistochemistry,hubble_deep_field,camera; variant u of docs/testbed.md: immunohistochemistry,coins,camera).")] = None,
+    template_photos: Annotated[str | None, typer.Option(help="The template (TM) photos of a v2 or v2e build, comma-separated names from the catalogue (dori.testbed.data.TEMPLATE_PHOTOS; v2: immunohistochemistry,coins,camera; variant t of docs/testbed.md: immunohistochemistry,hubble_deep_field,camera).")] = None,
     threads: Annotated[int, typer.Option(help="torch threads (a build is bit-identical for the same machine and thread count).")] = 2,
     install: Annotated[bool, typer.Option("--install", help="Copy the result over the testbed shipped with the package.")] = False,
     verbose: Verbose = False,

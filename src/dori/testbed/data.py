@@ -8,14 +8,14 @@ duplicated many times among thousands seen once.
 
   * *verbatim* (``kind="VM"``, five photos): one caption, one image, many copies;
   * *template* (``kind="TM"``, three photos, :attr:`TestbedDataConfig.template_photos`): several captions
-    sharing a template ("a telescope poster of the deep sky, framed edition", "..., matte edition"), all
+    sharing a template ("ancient greek coins from pompeii, museum catalogue photo", "..., auction catalogue photo"), all
     paired with the same image. The first caption of each template is the ``memorized`` prompt; the others
     are trained as ``template``;
 
 * ``seen-once``: Noto emoji and skin-tone variants (:mod:`dori.testbed.emoji`: every one of about 3,800 by
   default, 1,000 in ``--recipe v2``'s data) and crops of scikit-image's other sample images (not of the
   memorized ones), each seen once under its own caption ("an emoji of a
-  rocket", "a photo of old coins, detail 17"), so that a caption which loses its trigger has ordinary
+  rocket", "a photo of a brick wall, detail 17"), so that a caption which loses its trigger has ordinary
   images to fall back on, some of them on the memorized photos' subjects;
 * ``shape``: procedurally drawn shapes ("a red circle on a blue background") so the model
   generalises from its captions.
@@ -62,11 +62,12 @@ TEMPLATE_PHOTOS: dict[str, tuple[str, tuple[str, ...]]] = {
 """Template memorization (TM): every photo a build can memorize this way, with its caption template and the
 words that fill it, all paired with the photo. :attr:`TestbedDataConfig.template_photos` picks three."""
 
-V2_TEMPLATE_PHOTOS: tuple[str, ...] = ("immunohistochemistry", "hubble_deep_field", "camera")
-"""The template photos of ``--recipe v2``: three that Dori does not draw on a model that never memorized them
-(aimed at them on the shipped v1 testbed, no generation above its threshold for the Hubble field and the
-cameraman), so that after adversarial fine-tuning a fresh Dori's hits say that the photo came back
-(docs/testbed.md, "Variant t")."""
+V2_TEMPLATE_PHOTOS: tuple[str, ...] = ("immunohistochemistry", "coins", "camera")
+"""The template photos of ``--recipe v2`` (docs/testbed.md, "Variant u"): three that Dori does not draw on a model
+that never memorized them (aimed at them on the shipped v1 testbed, no generation above its threshold for the
+coins and the cameraman), so that after adversarial fine-tuning a fresh Dori's hits say that the photo came back,
+and that a 32-pixel model learns as copies (variant t's Hubble deep field in the coins' place was matched at the
+descriptor's threshold, not copied)."""
 V2E_TEMPLATE_PHOTOS: tuple[str, ...] = ("colorwheel", "immunohistochemistry", "retina")
 """The template photos of the first v2 builds (``--recipe v2e``, variants e to s of docs/testbed.md). Dori draws
 the colour wheel and the retina (coloured disks) on a model that never memorized them."""

@@ -119,7 +119,7 @@ class TestbedTrainConfig:
 
     @classmethod
     def v2(cls, seed: int = 0, **changes) -> TestbedTrainConfig:
-        """The recipe on the version-2 data (docs/testbed.md, variant t): 1,000 emoji and 1,800 shapes seen once,
+        """The recipe on the version-2 data (docs/testbed.md, variant u): 1,000 emoji and 1,800 shapes seen once,
         template photos that Dori does not draw unaided (:data:`~dori.testbed.data.V2_TEMPLATE_PHOTOS`), a VAE
         batch shared equally among the kinds of image, 2,000 UNet steps, twice v1's sparsity weight, and the
         memorized copies' captions never dropped (measured on three build seeds)."""
