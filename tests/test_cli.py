@@ -201,7 +201,7 @@ def test_testbed_v2_build_is_a_testbed_the_verbs_run_on(tmp_path):
     from dori.prompts import prompts_for
     from dori.testbed.data import TEMPLATE_PHOTOS
 
-    # --template-photos chose the template (TM) photos: two, the memorized prompt of each the first caption of its template
+    # --template-photos chose the template (TM) photos: two, each one's memorized prompt its template's first caption
     records = [r for r in prompts_for(load_pipeline(str(folder)), "testbed:memorized").records if r.kind]
     assert [r.kind for r in records].count("VM") == 5 and [r.kind for r in records].count("TM") == 2
     assert recorded["data"]["template_photos"] == ["coins", "camera"]
