@@ -197,13 +197,15 @@ def test_testbed_v2_build_is_a_testbed_the_verbs_run_on(tmp_path):
     chosen = yaml.safe_load(chosen.output)
     assert chosen["prompts"] == "testbed:memorized" and chosen["settings"]["epochs"] == 3
     assert chosen["settings"]["ema_decay"] == 0.9
+    from collections import Counter
+
     from dori.models import load_pipeline
     from dori.prompts import prompts_for
     from dori.testbed.data import TEMPLATE_PHOTOS
 
     # --template-photos chose the template (TM) photos: two, each one's memorized prompt its template's first caption
     records = [r for r in prompts_for(load_pipeline(str(folder)), "testbed:memorized").records if r.kind]
-    assert [r.kind for r in records].count("VM") == 5 and [r.kind for r in records].count("TM") == 2
+    assert Counter(r.kind for r in records) == {"VM": 5, "TM": 2}
     assert recorded["data"]["template_photos"] == ["coins", "camera"]
     templates = {TEMPLATE_PHOTOS[name][0].format(TEMPLATE_PHOTOS[name][1][0]) for name in ("coins", "camera")}
     assert {r.prompt for r in records if r.kind == "TM"} == templates
