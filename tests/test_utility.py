@@ -148,3 +148,35 @@ def test_testbed_concept_is_a_nearest_subject_accuracy_and_an_fid_against_a_base
     assert figures["a_concept"] == pytest.approx(np.mean([names[j] == s for j, s in zip(nearest, subjects, strict=True)]))
     again, _ = testbed_concept(testbed_pipe, baseline=images, num_seeds=1)
     assert again["a_concept"] == figures["a_concept"] and abs(again["fid_concept"]) < 1e-2
+
+
+def test_utility_blocks_start_with_the_demo_stage_and_a_model_differs_from_itself_by_nothing(testbed_pipe):
+    from dori.utility import paired_spread, testbed_utility, testbed_utility_blocks
+
+    blocks = testbed_utility_blocks(testbed_pipe, blocks=2, num_images=6, seed=3, stride=6)
+    assert [b["seed"] for b in blocks] == [3, 9]
+    assert {k: v for k, v in blocks[0].items() if k != "seed"} == testbed_utility(testbed_pipe, num_images=6, seed=3)
+    fids = [b["fid_vae"] for b in blocks]
+    assert fids[0] != fids[1]  # other seeds, other generations
+    same = paired_spread(fids, fids)
+    assert same["diff_mean"] == same["diff_sd"] == same["diff_low"] == same["diff_high"] == 0
+    assert same["base_sd"] == same["other_sd"] > 0
+    with pytest.raises(DoriError, match="stride: 5 .* at least 6"):
+        testbed_utility_blocks(testbed_pipe, blocks=2, num_images=6, stride=5)
+    with pytest.raises(DoriError, match="blocks: 0"):
+        testbed_utility_blocks(testbed_pipe, blocks=0)
+
+
+def test_paired_spread_is_a_student_t_interval_over_the_blocks_differences():
+    from dori.utility import paired_spread
+
+    spread = paired_spread([0.5, 0.7, 0.6], [0.4, 0.5, 0.6])  # differences -0.1, -0.2, 0.0
+    assert spread["diff_mean"] == pytest.approx(-0.1)
+    assert spread["diff_sd"] == pytest.approx(0.1)
+    half = 4.302653 * 0.1 / np.sqrt(3)  # t(0.975, 2 degrees of freedom)
+    assert (spread["diff_low"], spread["diff_high"]) == pytest.approx((-0.1 - half, -0.1 + half), abs=1e-6)
+    assert spread["base_mean"] == pytest.approx(0.6) and spread["other_sd"] == pytest.approx(0.1)
+    with pytest.raises(DoriError, match="same number of blocks"):
+        paired_spread([0.5, 0.6], [0.5])
+    with pytest.raises(DoriError, match="level: 1.5"):
+        paired_spread([0.5, 0.6], [0.5, 0.7], level=1.5)

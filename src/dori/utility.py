@@ -7,6 +7,9 @@
 * CLIP score (torchmetrics' definition, computed with transformers) on a local ``CLIPModel`` folder;
 * :func:`denoising_loss`: the diffusion loss on fixed (noise, t) draws of retain pairs, comparable
   across models because every draw is keyed by the pair's index.
+* :func:`testbed_utility_blocks` and :func:`paired_spread`: the testbed's utility figures over disjoint
+  blocks of generation seeds, and how far a mitigated model lies from the unmitigated one on the same
+  blocks against the figures' own seed-to-seed noise.
 
 On the testbed no Inception or CLIP weights exist; its FID uses the *original* testbed VAE's
 posterior means (4 x 8 x 8 = 256 features) as the feature extractor: frozen, the same for every model
@@ -143,6 +146,43 @@ def testbed_utility(pipe, *, original_vae=None, num_images: int = 60, seed: int 
             "fid_vae": fid(real, gens.images, features),
             "retain_loss": denoising_loss(pipe, latents, embeds, seed=seed),
             "utility_images": len(chosen)}
+
+
+def testbed_utility_blocks(pipe, *, original_vae=None, blocks: int = 10, num_images: int = 60, seed: int = 0,
+                           stride: int = 1000) -> list[dict]:
+    """:func:`testbed_utility` over ``blocks`` disjoint blocks of generation seeds: block ``b`` draws the same
+    ``num_images`` shape captions with seeds ``seed + b * stride + i``, so block 0 is the demo's utility
+    stage and the spread of a figure over the blocks is its seed-to-seed noise (compare two models with
+    :func:`paired_spread`). One dict per block, as :func:`testbed_utility` returns, plus its ``seed``."""
+    if blocks < 1:
+        raise DoriError(f"blocks: {blocks} is not allowed; give at least 1")
+    if stride < num_images:
+        raise DoriError(f"stride: {stride} is smaller than num_images ({num_images}), so the blocks' seeds "
+                        f"would overlap; give a stride of at least {num_images}")
+    return [{**testbed_utility(pipe, original_vae=original_vae, num_images=num_images, seed=seed + b * stride),
+             "seed": seed + b * stride} for b in range(blocks)]
+
+
+def paired_spread(base: list[float], other: list[float], *, level: float = 0.95) -> dict:
+    """How far ``other`` lies from ``base`` when both were measured on the same blocks (the same captions
+    and seeds, :func:`testbed_utility_blocks`): each side's mean and standard deviation over the blocks,
+    the blocks' differences ``other - base`` (mean, standard deviation: the noise of a comparison on one
+    block), and a Student-t interval for the mean difference at ``level``."""
+    from scipy import stats
+
+    a, b = np.asarray(base, dtype=float), np.asarray(other, dtype=float)
+    if a.shape != b.shape or a.ndim != 1 or len(a) < 2:
+        raise DoriError(f"paired_spread: base and other need the same number of blocks, at least 2 "
+                        f"(got {a.shape} and {b.shape})")
+    if not 0 < level < 1:
+        raise DoriError(f"level: {level} is not allowed; give a share between 0 and 1")
+    diff = b - a
+    sd = float(diff.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + level / 2, len(diff) - 1)) * sd / np.sqrt(len(diff))
+    mean = float(diff.mean())
+    return {"blocks": len(diff), "base_mean": float(a.mean()), "base_sd": float(a.std(ddof=1)),
+            "other_mean": float(b.mean()), "other_sd": float(b.std(ddof=1)),
+            "diff_mean": mean, "diff_sd": sd, "level": level, "diff_low": mean - half, "diff_high": mean + half}
 
 
 def testbed_concept(pipe, *, baseline: torch.Tensor | None = None, original_vae=None, seed: int = 0,

@@ -1,0 +1,85 @@
+"""The testbed's utility figures against their own seed-to-seed noise: is a mitigated model's utility
+within a tolerance of the unmitigated model's, or only within the noise of one 60-caption measurement?
+
+Measures the unmitigated model (``--model``) and each ``--other`` pipeline folder (a fine-tuned model,
+e.g. the ``model`` of a demo's ``adversarial-ft`` row) with :func:`dori.utility.testbed_utility_blocks`:
+the utility stage's shape captions over ``--blocks`` disjoint blocks of generation seeds (block 0 is the
+demo's utility stage), FID with the unmitigated VAE's features. Prints, per figure, each model's mean
+and standard deviation over the blocks, and for each other model the paired difference (other minus
+unmitigated, same captions and seeds): its mean with a 95% Student-t interval, and its standard
+deviation over blocks, the noise of a comparison on one block. For shape colours the verdict against
+``--tolerance`` (how far below the unmitigated model's the figure may lie): "kept" when the whole
+interval is above minus the tolerance, "lost" when it is wholly below, else "undecided". One JSON line
+per model goes to ``<out>/results.jsonl``. docs/testbed.md ("How noisy the utility figures are") has the
+figures.
+
+    python benchmarks/utility_spread.py --model <build>/pipeline --other <finetuned>/pipeline --out /tmp/us
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+FIGURES = {"shape_accuracy": "shapes in the right colours", "fid_vae": "FID (VAE features)",
+           "retain_loss": "retain loss"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="testbed", help="the unmitigated model")
+    parser.add_argument("--other", action="append", default=[], help="a model to compare (repeatable)")
+    parser.add_argument("--blocks", type=int, default=10)
+    parser.add_argument("--num-images", type=int, default=60)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tolerance", type=float, default=0.05,
+                        help="how far below the unmitigated model's the shape colours may lie")
+    parser.add_argument("--out", default="runs/utility-spread")
+    args = parser.parse_args()
+
+    from measure import machine_line
+
+    from dori.models import load_pipeline
+    from dori.utility import paired_spread, testbed_utility_blocks
+
+    print(machine_line("cpu"))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = load_pipeline(args.model)
+    measured = {}
+    for name in [args.model, *args.other]:
+        pipe = base if name == args.model else load_pipeline(name)
+        t0 = time.perf_counter()
+        blocks = testbed_utility_blocks(pipe, original_vae=base.vae, blocks=args.blocks,
+                                        num_images=args.num_images, seed=args.seed)
+        measured[name] = {key: [b[key] for b in blocks] for key in FIGURES}
+        print(f"{name}: {args.blocks} blocks of {blocks[0]['utility_images']} images in "
+              f"{time.perf_counter() - t0:.0f} s")
+    for name, values in measured.items():
+        row = {"model": name, "reference": args.model, "blocks": args.blocks, "num_images": args.num_images,
+               "seed": args.seed, **values}
+        print(name if name == args.model else f"{name} (against {args.model})")
+        for key, label in FIGURES.items():
+            if name == args.model:
+                spread = paired_spread(values[key], values[key])
+                print(f"  {label}: {spread['base_mean']:.3f} +- {spread['base_sd']:.3f} (block 0: {values[key][0]:.3f})")
+                continue
+            spread = paired_spread(measured[args.model][key], values[key])
+            row[f"{key}_paired"] = spread
+            line = (f"  {label}: {spread['other_mean']:.3f} +- {spread['other_sd']:.3f} (block 0: {values[key][0]:.3f}); "
+                    f"minus unmitigated {spread['diff_mean']:+.3f} (95% {spread['diff_low']:+.3f} to "
+                    f"{spread['diff_high']:+.3f}; one block's difference +- {spread['diff_sd']:.3f})")
+            if key == "shape_accuracy":
+                verdict = ("kept" if spread["diff_low"] > -args.tolerance else
+                           "lost" if spread["diff_high"] < -args.tolerance else "undecided")
+                row["verdict"] = verdict
+                line += f": {verdict} at tolerance {args.tolerance}"
+            print(line)
+        with open(out / "results.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
