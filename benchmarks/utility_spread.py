@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/utility-spread")
     args = parser.parse_args()
 
+    import numpy as np
     from measure import machine_line
 
     from dori.models import load_pipeline
@@ -63,8 +64,8 @@ def main() -> None:
         print(name if name == args.model else f"{name} (against {args.model})")
         for key, label in FIGURES.items():
             if name == args.model:
-                spread = paired_spread(values[key], values[key])
-                print(f"  {label}: {spread['base_mean']:.3f} +- {spread['base_sd']:.3f} (block 0: {values[key][0]:.3f})")
+                print(f"  {label}: {np.mean(values[key]):.3f} +- {np.std(values[key], ddof=1):.3f} "
+                      f"(block 0: {values[key][0]:.3f})")
                 continue
             spread = paired_spread(measured[args.model][key], values[key])
             row[f"{key}_paired"] = spread
