@@ -9,7 +9,9 @@ and standard deviation over the blocks, and for each other model the paired diff
 unmitigated, same captions and seeds): its mean with a 95% Student-t interval, and its standard
 deviation over blocks, the noise of a comparison on one block. For shape colours the verdict against
 ``--tolerance`` (how far below the unmitigated model's the figure may lie): "kept" when the whole
-interval is above minus the tolerance, "lost" when it is wholly below, else "undecided". One JSON line
+interval is above minus the tolerance, "lost" when it is wholly below, else "undecided"; for FID "kept"
+when the mean difference is at most ``--fid-sds`` of the unmitigated model's block standard deviations
+(the issue's "FID within the seed spread"), else "lost". One JSON line
 per model goes to ``<out>/results.jsonl``. docs/testbed.md ("How noisy the utility figures are") has the
 figures.
 
@@ -36,8 +38,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tolerance", type=float, default=0.05,
                         help="how far below the unmitigated model's the shape colours may lie")
+    parser.add_argument("--fid-sds", type=float, default=2.0,
+                        help="how many of the unmitigated model's block SDs FID may rise")
     parser.add_argument("--out", default="runs/utility-spread")
     args = parser.parse_args()
+    if args.model in args.other or len(set(args.other)) < len(args.other):
+        parser.error("--other: each model once, and not the --model itself (a model paired with itself differs "
+                     "by nothing)")
 
     import numpy as np
     from measure import machine_line
@@ -77,6 +84,10 @@ def main() -> None:
                            "lost" if spread["diff_high"] < -args.tolerance else "undecided")
                 row["verdict"] = verdict
                 line += f": {verdict} at tolerance {args.tolerance}"
+            elif key == "fid_vae":
+                bar = args.fid_sds * spread["base_sd"]
+                row["fid_verdict"] = "kept" if spread["diff_mean"] <= bar else "lost"
+                line += f": {row['fid_verdict']} at {args.fid_sds:g} SDs ({bar:.1f})"
             print(line)
         with open(out / "results.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
