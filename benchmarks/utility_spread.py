@@ -11,8 +11,11 @@ deviation over blocks, the noise of a comparison on one block. For shape colours
 ``--tolerance`` (how far below the unmitigated model's the figure may lie): "kept" when the whole
 interval is above minus the tolerance, "lost" when it is wholly below, else "undecided"; for FID "kept"
 when the mean difference is at most ``--fid-sds`` of the unmitigated model's block standard deviations
-(the issue's "FID within the seed spread"), else "lost". One JSON line
-per model goes to ``<out>/results.jsonl``. docs/testbed.md ("How noisy the utility figures are") has the
+(the issue's "FID within the seed spread"), else "lost". Then how the shape generations miss their
+colours (:func:`dori.testbed.shape_colours.colour_failures`): the shares with the background wrong, with no
+object, and with the object in a wrong colour (paired as above; with the right ones they sum to 1), and
+the commonest confusions summed over the blocks (``wanted>drawn``), beside the unmitigated model's count
+of the same confusion. One JSON line per model goes to ``<out>/results.jsonl``. docs/testbed.md ("How noisy the utility figures are") has the
 figures.
 
     python benchmarks/utility_spread.py --model <build>/pipeline --other <finetuned>/pipeline --out /tmp/us
@@ -23,10 +26,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 FIGURES = {"shape_accuracy": "shapes in the right colours", "fid_vae": "FID (VAE features)",
-           "retain_loss": "retain loss"}
+           "retain_loss": "retain loss", "shape_background_wrong": "shapes: background wrong",
+           "shape_object_missing": "shapes: no object", "shape_object_wrong": "shapes: object in a wrong colour"}
+CONFUSIONS = 6
+"""How many of a model's commonest colour confusions to print."""
 
 
 def main() -> None:
@@ -56,13 +63,16 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     base = load_pipeline(args.model)
-    measured = {}
+    measured, confusions = {}, {}
     for name in [args.model, *args.other]:
         pipe = base if name == args.model else load_pipeline(name)
         t0 = time.perf_counter()
         blocks = testbed_utility_blocks(pipe, original_vae=base.vae, blocks=args.blocks,
-                                        num_images=args.num_images, seed=args.seed)
+                                        num_images=args.num_images, seed=args.seed, failures=True)
         measured[name] = {key: [b[key] for b in blocks] for key in FIGURES}
+        confusions[name] = Counter()
+        for b in blocks:
+            confusions[name].update(b["shape_confusions"])
         print(f"{name}: {args.blocks} blocks of {blocks[0]['utility_images']} images in "
               f"{time.perf_counter() - t0:.0f} s")
     for name, values in measured.items():
@@ -89,6 +99,12 @@ def main() -> None:
                 row["fid_verdict"] = "kept" if spread["diff_mean"] <= bar else "lost"
                 line += f": {row['fid_verdict']} at {args.fid_sds:g} SDs ({bar:.1f})"
             print(line)
+        common = confusions[name].most_common(CONFUSIONS)
+        row["confusions"] = dict(confusions[name])
+        print("  commonest confusions over the blocks (wanted>drawn: count"
+              + ("" if name == args.model else ", unmitigated's") + "): "
+              + (", ".join(f"{k}: {n}" + ("" if name == args.model else f" ({confusions[args.model][k]})")
+                           for k, n in common) or "none"))
         with open(out / "results.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
 

@@ -207,3 +207,23 @@ def test_shape_colour_detector_on_drawn_shapes():
     assert shape_caption_accuracy(tensor, swapped) == 0.0
     assert detect_colours(torch.full((3, 32, 32), 1.0))[0] is None
     assert caption_colours("a photo of a cat") is None
+
+
+def test_colour_failures_name_what_each_generation_got_wrong():
+    from dori.images import to_tensor
+    from dori.testbed.data import _rng, draw_shape, shape_caption
+    from dori.testbed.shape_colours import colour_failures, colour_outcome, shape_caption_accuracy
+
+    red_on_blue = draw_shape("square", "red", "blue", _rng(0, "f", 0))
+    plain_blue = draw_shape("square", "blue", "blue", _rng(0, "f", 1))  # no object: one colour everywhere
+    images = to_tensor(np.stack([red_on_blue, red_on_blue, red_on_blue, plain_blue]))
+    captions = [shape_caption("square", "red", "blue"), shape_caption("square", "green", "blue"),
+                shape_caption("square", "red", "yellow"), shape_caption("square", "red", "blue")]
+    assert [colour_outcome(image, c) for image, c in zip(images, captions, strict=True)] == [
+        ("right", None), ("object_wrong", "red"), ("background_wrong", "blue"), ("object_missing", None)]
+    assert colour_outcome(images[0], "a photo of a cat") is None
+    failures = colour_failures(torch.cat([images, images[:1]]), [*captions, "a photo of a cat"])
+    assert failures["right"] == shape_caption_accuracy(images, captions) == 0.25
+    assert failures["object_wrong"] == failures["background_wrong"] == failures["object_missing"] == 0.25
+    assert failures["confusions"] == {"green>red": 1, "background:yellow>blue": 1}
+    assert np.isnan(colour_failures(images[:1], ["a photo of a cat"])["right"])

@@ -161,6 +161,11 @@ def test_utility_blocks_start_with_the_demo_stage_and_a_model_differs_from_itsel
     same = paired_spread(fids, fids)
     assert same["diff_mean"] == same["diff_sd"] == same["diff_low"] == same["diff_high"] == 0
     assert same["base_sd"] == same["other_sd"] > 0
+    with_failures = testbed_utility_blocks(testbed_pipe, blocks=1, num_images=6, seed=3, failures=True)[0]
+    assert {k: v for k, v in with_failures.items() if not k.startswith("shape_") or k == "shape_accuracy"} == blocks[0]
+    shares = [with_failures[f"shape_{k}"] for k in ("background_wrong", "object_missing", "object_wrong")]
+    assert with_failures["shape_accuracy"] + sum(shares) == pytest.approx(1.0)
+    assert sum(with_failures["shape_confusions"].values()) == round(6 * (shares[0] + shares[2]))
     with pytest.raises(DoriError, match="stride: 5 .* at least 6"):
         testbed_utility_blocks(testbed_pipe, blocks=2, num_images=6, stride=5)
     with pytest.raises(DoriError, match="blocks: 0"):

@@ -121,14 +121,16 @@ def denoising_loss(pipe, latents: torch.Tensor, embeds: torch.Tensor, *, pairs: 
     return float(torch.cat(values).mean())
 
 
-def testbed_utility(pipe, *, original_vae=None, num_images: int = 60, seed: int = 0) -> dict:
+def testbed_utility(pipe, *, original_vae=None, num_images: int = 60, seed: int = 0, failures: bool = False) -> dict:
     """The testbed's utility bundle for one model: shape-colour accuracy of generated shape captions, FID
-    (VAE-latent features) of those generations against the training shapes, and the retain denoising loss."""
+    (VAE-latent features) of those generations against the training shapes, and the retain denoising loss.
+    ``failures``: also how the shape generations miss their colours (``shape_`` + each failure of
+    :data:`dori.testbed.shape_colours.OUTCOMES`, and ``shape_confusions``; :func:`colour_failures`)."""
     from .generation import generate
     from .images import to_tensor
     from .models import encode_images, encode_prompts
     from .prompts import prompts_for
-    from .testbed.shape_colours import shape_caption_accuracy
+    from .testbed.shape_colours import colour_failures, shape_caption_accuracy
 
     shape_set = prompts_for(pipe, "testbed:shape")
     shapes = shape_set.records
@@ -142,25 +144,30 @@ def testbed_utility(pipe, *, original_vae=None, num_images: int = 60, seed: int 
              [(r.prompt, seen.references[r.id]) for r in seen.records[: len(chosen)]]
     latents = encode_images(pipe, to_tensor(np.stack([img for _, img in retain])))
     embeds = encode_prompts(pipe, [p for p, _ in retain])
-    return {"shape_accuracy": shape_caption_accuracy(gens.images, [r.prompt for r in chosen]),
-            "fid_vae": fid(real, gens.images, features),
-            "retain_loss": denoising_loss(pipe, latents, embeds, seed=seed),
-            "utility_images": len(chosen)}
+    values = {"shape_accuracy": shape_caption_accuracy(gens.images, [r.prompt for r in chosen]),
+              "fid_vae": fid(real, gens.images, features),
+              "retain_loss": denoising_loss(pipe, latents, embeds, seed=seed),
+              "utility_images": len(chosen)}
+    if failures:
+        missed = colour_failures(gens.images, [r.prompt for r in chosen])
+        values.update({f"shape_{k}": v for k, v in missed.items() if k != "right"})
+    return values
 
 
 def testbed_utility_blocks(pipe, *, original_vae=None, blocks: int = 10, num_images: int = 60, seed: int = 0,
-                           stride: int = 1000) -> list[dict]:
+                           stride: int = 1000, failures: bool = False) -> list[dict]:
     """:func:`testbed_utility` over ``blocks`` disjoint blocks of generation seeds: block ``b`` draws the same
     ``num_images`` shape captions with seeds ``seed + b * stride + i``, so block 0 is the demo's utility
     stage and the spread of a figure over the blocks is its seed-to-seed noise (compare two models with
-    :func:`paired_spread`). One dict per block, as :func:`testbed_utility` returns, plus its ``seed``."""
+    :func:`paired_spread`). One dict per block, as :func:`testbed_utility` returns (with ``failures``), plus its
+    ``seed``."""
     if blocks < 1:
         raise DoriError(f"blocks: {blocks} is not allowed; give at least 1")
     if stride < num_images:
         raise DoriError(f"stride: {stride} is smaller than num_images ({num_images}), so the blocks' seeds "
                         f"would overlap; give a stride of at least {num_images}")
-    return [{**testbed_utility(pipe, original_vae=original_vae, num_images=num_images, seed=seed + b * stride),
-             "seed": seed + b * stride} for b in range(blocks)]
+    return [{**testbed_utility(pipe, original_vae=original_vae, num_images=num_images, seed=seed + b * stride,
+                               failures=failures), "seed": seed + b * stride} for b in range(blocks)]
 
 
 def paired_spread(base: list[float], other: list[float], *, level: float = 0.95) -> dict:

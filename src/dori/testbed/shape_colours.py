@@ -41,6 +41,51 @@ def detect_colours(image: torch.Tensor, min_pixels: int = 12) -> tuple[str | Non
     return (_NAMES[obj] if obj is not None else None), _NAMES[background]
 
 
+OUTCOMES: tuple[str, ...] = ("right", "background_wrong", "object_missing", "object_wrong")
+"""What :func:`colour_outcome` calls one generation of a shape caption: both colours right; the background
+wrong; the background right and no object (no other colour covers ``min_pixels``); the background right and
+the object in a wrong colour."""
+
+
+def colour_outcome(image: torch.Tensor, caption: str) -> tuple[str, str | None] | None:
+    """``(outcome, colour drawn)`` of one generation of a shape caption (None for other captions): the
+    outcome one of :data:`OUTCOMES`, the colour the wrong part was drawn in (the background's for
+    ``background_wrong``, the object's for ``object_wrong``, else None)."""
+    want = caption_colours(caption)
+    if want is None:
+        return None
+    obj, background = detect_colours(image)
+    if background != want[1]:
+        return "background_wrong", background
+    if obj is None:
+        return "object_missing", None
+    return ("right", None) if obj == want[0] else ("object_wrong", obj)
+
+
+def colour_failures(images: torch.Tensor, captions: list[str]) -> dict:
+    """How the generations of shape captions miss their colours: the share of each of :data:`OUTCOMES`
+    (they sum to 1; ``right`` is :func:`shape_caption_accuracy`) and ``confusions``, how often each wanted
+    colour was drawn as another (``"wanted>drawn"`` of the object or, prefixed ``background:``, of the
+    background)."""
+    shares = dict.fromkeys(OUTCOMES, 0)
+    confusions: dict[str, int] = {}
+    n = 0
+    for image, caption in zip(images, captions, strict=True):
+        outcome = colour_outcome(image, caption)
+        if outcome is None:
+            continue
+        n += 1
+        kind, drawn = outcome
+        shares[kind] += 1
+        if drawn is not None:
+            obj, background = caption_colours(caption)
+            key = f"{obj}>{drawn}" if kind == "object_wrong" else f"background:{background}>{drawn}"
+            confusions[key] = confusions.get(key, 0) + 1
+    if not n:
+        return {**dict.fromkeys(OUTCOMES, float("nan")), "confusions": {}}
+    return {**{k: v / n for k, v in shares.items()}, "confusions": dict(sorted(confusions.items()))}
+
+
 def shape_caption_accuracy(images: torch.Tensor, captions: list[str]) -> float:
     """Share of shape captions whose generated image shows the right object and background colours."""
     scored = [(img, caption_colours(c)) for img, c in zip(images, captions, strict=True)]
