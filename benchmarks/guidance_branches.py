@@ -1,0 +1,86 @@
+"""Which guidance branch carries a utility change: the testbed's utility stage with one half of classifier-free
+guidance taken from the other model.
+
+Measures, over ``--blocks`` disjoint blocks of seeds (:func:`dori.utility.testbed_utility_blocks`, with the
+colour failures), the unmitigated model (``--model``) and two hybrids of it with ``--other`` (a fine-tuned
+pipeline folder of the same architecture; :func:`dori.guidance_branches.split_guidance`): the unmitigated
+unconditional branch with the other model's conditional one, and the other model's unconditional branch with
+the unmitigated conditional one. Prints each hybrid's shape figures paired with the unmitigated model's
+(mean difference, 95% Student-t interval) and its commonest colour confusions; the other model on its own is
+``benchmarks/utility_spread.py``'s. The retain loss is not a guided generation and is left out. One JSON line
+per hybrid goes to ``<out>/results.jsonl``. docs/testbed.md ("What the lost shape colours are on u seed 0") has
+the figures.
+
+    python benchmarks/guidance_branches.py --model <build>/pipeline --other <finetuned>/pipeline --out /tmp/gb
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+FIGURES = {"shape_accuracy": "shapes in the right colours", "shape_background_wrong": "background wrong",
+           "shape_object_missing": "no object", "shape_object_wrong": "object in a wrong colour",
+           "fid_vae": "FID (VAE features)"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="testbed", help="the unmitigated model")
+    parser.add_argument("--other", required=True, help="the changed model (a pipeline folder)")
+    parser.add_argument("--blocks", type=int, default=10)
+    parser.add_argument("--num-images", type=int, default=60)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="runs/guidance-branches")
+    args = parser.parse_args()
+    if args.other == args.model:
+        parser.error("--other: give a model other than --model")
+
+    from measure import machine_line
+
+    from dori.guidance_branches import split_guidance
+    from dori.models import load_pipeline
+    from dori.utility import paired_spread, testbed_utility_blocks
+
+    print(machine_line("cpu"))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base, other = load_pipeline(args.model), load_pipeline(args.other)
+
+    def measure(pipe) -> list[dict]:
+        return testbed_utility_blocks(pipe, original_vae=base.vae, blocks=args.blocks, num_images=args.num_images,
+                                      seed=args.seed, failures=True)
+
+    t0 = time.perf_counter()
+    reference = measure(base)
+    print(f"{args.model}: {args.blocks} blocks in {time.perf_counter() - t0:.0f} s; shapes in the right colours "
+          f"{sum(b['shape_accuracy'] for b in reference) / len(reference):.3f}")
+    hybrids = {"unmitigated unconditional + other conditional": (base, other.unet, "conditional"),
+               "other unconditional + unmitigated conditional": (base, other.unet, "unconditional")}
+    for name, (host, unet, branch) in hybrids.items():
+        t0 = time.perf_counter()
+        with split_guidance(host, unet, branch):
+            blocks = measure(host)
+        print(f"{name} ({time.perf_counter() - t0:.0f} s)")
+        row = {"hybrid": name, "model": args.model, "other": args.other, "blocks": args.blocks,
+               "num_images": args.num_images, "seed": args.seed}
+        for key, label in FIGURES.items():
+            spread = paired_spread([b[key] for b in reference], [b[key] for b in blocks])
+            row[key] = spread
+            print(f"  {label}: {spread['other_mean']:.3f}; minus unmitigated {spread['diff_mean']:+.3f} "
+                  f"(95% {spread['diff_low']:+.3f} to {spread['diff_high']:+.3f})")
+        confusions = Counter()
+        for b in blocks:
+            confusions.update(b["shape_confusions"])
+        row["confusions"] = dict(confusions)
+        print("  commonest confusions (wanted>drawn: count): "
+              + (", ".join(f"{k}: {n}" for k, n in confusions.most_common(6)) or "none"))
+        with open(out / "results.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
