@@ -15,8 +15,8 @@ when the mean difference is at most ``--fid-sds`` of the unmitigated model's blo
 colours (:func:`dori.testbed.shape_colours.colour_failures`): the shares with the background wrong, with no
 object, and with the object in a wrong colour (paired as above; with the right ones they sum to 1), and
 the commonest confusions summed over the blocks (``wanted>drawn``), beside the unmitigated model's count
-of the same confusion. One JSON line per model goes to ``<out>/results.jsonl``. docs/testbed.md ("How noisy the utility figures are") has the
-figures.
+of the same confusion. One JSON line per model goes to ``<out>/results.jsonl``. docs/testbed.md ("How noisy
+the utility figures are", "What the lost shape colours are on u seed 0") has the figures.
 
     python benchmarks/utility_spread.py --model <build>/pipeline --other <finetuned>/pipeline --out /tmp/us
 """
