@@ -40,7 +40,8 @@ def split_guidance(pipe, other: torch.nn.Module, branch: str = "unconditional") 
 
     Only for guided generation (guidance scale above 1, so that each call's batch is ``[unconditional,
     conditional]``); a call with per-sample timesteps (a training or denoising loss, not a sampling step) is
-    left as it is. The change is a forward hook (:mod:`dori.hooks`), removed when the block ends."""
+    left as it is. The change is a forward hook (:mod:`dori.hooks`), removed when the block ends; ``pipe.unet``
+    still predicts the whole batch, so a sampling step costs half a UNet call more."""
     if branch not in BRANCHES:
         raise DoriError(f"branch: must be one of {', '.join(BRANCHES)}, got {branch!r}")
     _check_compatible(pipe.unet, other)
