@@ -72,9 +72,7 @@ def main() -> None:
             row[key] = spread
             print(f"  {label}: {spread['other_mean']:.3f}; minus unmitigated {spread['diff_mean']:+.3f} "
                   f"(95% {spread['diff_low']:+.3f} to {spread['diff_high']:+.3f})")
-        confusions = Counter()
-        for b in blocks:
-            confusions.update(b["shape_confusions"])
+        confusions = sum((Counter(b["shape_confusions"]) for b in blocks), Counter())
         row["confusions"] = dict(confusions)
         print("  commonest confusions (wanted>drawn: count): "
               + (", ".join(f"{k}: {n}" for k, n in confusions.most_common(6)) or "none"))

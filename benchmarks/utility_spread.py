@@ -70,9 +70,7 @@ def main() -> None:
         blocks = testbed_utility_blocks(pipe, original_vae=base.vae, blocks=args.blocks,
                                         num_images=args.num_images, seed=args.seed, failures=True)
         measured[name] = {key: [b[key] for b in blocks] for key in FIGURES}
-        confusions[name] = Counter()
-        for b in blocks:
-            confusions[name].update(b["shape_confusions"])
+        confusions[name] = sum((Counter(b["shape_confusions"]) for b in blocks), Counter())
         print(f"{name}: {args.blocks} blocks of {blocks[0]['utility_images']} images in "
               f"{time.perf_counter() - t0:.0f} s")
     for name, values in measured.items():

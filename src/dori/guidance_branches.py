@@ -10,6 +10,7 @@ colours are on u seed 0").
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -40,30 +41,41 @@ def split_guidance(pipe, other: torch.nn.Module, branch: str = "unconditional") 
 
     Only for guided generation (guidance scale above 1, so that each call's batch is ``[unconditional,
     conditional]``); a call with per-sample timesteps (a training or denoising loss, not a sampling step) is
-    left as it is. The change is a forward hook (:mod:`dori.hooks`), removed when the block ends; ``pipe.unet``
-    still predicts the whole batch, so a sampling step costs half a UNet call more."""
+    left as it is. A forward pre-hook (:mod:`dori.hooks`) hands ``other`` its half and passes ``pipe.unet`` only
+    the other, so a step costs one UNet call on the whole batch as without the split; a forward hook joins the
+    halves in the batch's order. Hooks registered on ``pipe.unet`` inside the block see the half it predicts;
+    both are removed when the block ends."""
     if branch not in BRANCHES:
         raise DoriError(f"branch: must be one of {', '.join(BRANCHES)}, got {branch!r}")
     _check_compatible(pipe.unet, other)
     first = branch == "unconditional"
+    names = list(inspect.signature(type(pipe.unet).forward).parameters)[1:]  # a call's positional arguments, by name
+    pending: list[torch.Tensor] = []  # other's half of the call in progress
 
-    def hook(_module, args, kwargs, output):
-        sample = args[0] if args else kwargs["sample"]
-        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+    def hand_over(_module, args, kwargs):
+        pending.clear()
+        call = {**dict(zip(names, args, strict=False)), **kwargs}
+        timestep = call["timestep"]
         if torch.is_tensor(timestep) and timestep.numel() > 1:
             return None
+        sample, states = call["sample"], call["encoder_hidden_states"]
         if sample.shape[0] % 2:
             raise DoriError(f"split_guidance: a UNet call with {sample.shape[0]} latents is not a guidance batch "
                             "[unconditional, conditional]; generate with guidance_scale > 1")
         n = sample.shape[0] // 2
-        part = slice(0, n) if first else slice(n, None)
-        states = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
-        extra = {k: v for k, v in kwargs.items() if k not in ("sample", "timestep", "encoder_hidden_states", "return_dict")}
-        replaced = other(sample[part], timestep, encoder_hidden_states=states[part], return_dict=False, **extra)[0]
+        theirs, ours = (slice(0, n), slice(n, None)) if first else (slice(n, None), slice(0, n))
+        rest = {k: v for k, v in call.items() if k not in ("sample", "encoder_hidden_states", "return_dict")}
+        pending.append(other(sample[theirs], encoder_hidden_states=states[theirs], return_dict=False, **rest)[0])
+        return (), {**call, "sample": sample[ours], "encoder_hidden_states": states[ours]}
+
+    def join(_module, _args, output):
+        if not pending:
+            return None
         pred = output[0] if isinstance(output, tuple) else output.sample
-        pred = torch.cat([replaced, pred[n:]]) if first else torch.cat([pred[:n], replaced])
+        pred = torch.cat([pending.pop(), pred]) if first else torch.cat([pred, pending.pop()])
         return (pred, *output[1:]) if isinstance(output, tuple) else type(output)(sample=pred)
 
     with hooked(pipe.unet, "split-guidance") as hooks:
-        hooks.forward("", hook, with_kwargs=True)
+        hooks.pre("", hand_over, with_kwargs=True)
+        hooks.forward("", join)
         yield

@@ -130,7 +130,7 @@ def testbed_utility(pipe, *, original_vae=None, num_images: int = 60, seed: int 
     from .images import to_tensor
     from .models import encode_images, encode_prompts
     from .prompts import prompts_for
-    from .testbed.shape_colours import colour_failures, shape_caption_accuracy
+    from .testbed.shape_colours import colour_failures
 
     shape_set = prompts_for(pipe, "testbed:shape")
     shapes = shape_set.records
@@ -144,13 +144,13 @@ def testbed_utility(pipe, *, original_vae=None, num_images: int = 60, seed: int 
              [(r.prompt, seen.references[r.id]) for r in seen.records[: len(chosen)]]
     latents = encode_images(pipe, to_tensor(np.stack([img for _, img in retain])))
     embeds = encode_prompts(pipe, [p for p, _ in retain])
-    values = {"shape_accuracy": shape_caption_accuracy(gens.images, [r.prompt for r in chosen]),
+    missed = colour_failures(gens.images, [r.prompt for r in chosen])
+    values = {"shape_accuracy": missed.pop("right"),
               "fid_vae": fid(real, gens.images, features),
               "retain_loss": denoising_loss(pipe, latents, embeds, seed=seed),
               "utility_images": len(chosen)}
     if failures:
-        missed = colour_failures(gens.images, [r.prompt for r in chosen])
-        values.update({f"shape_{k}": v for k, v in missed.items() if k != "right"})
+        values.update({f"shape_{k}": v for k, v in missed.items()})
     return values
 
 
