@@ -18,7 +18,6 @@ import argparse
 import copy
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 
@@ -35,13 +34,13 @@ def main() -> None:
     parser.add_argument("--out", default="runs/finetune-retain")
     args = parser.parse_args()
 
-    from dori.attack.loop import AttackConfig
-    from dori.attack.run import AttackRunConfig, run_attack
+    from measure import fresh_dori_row
+
     from dori.config_files import from_dict, merge, to_dict
     from dori.descriptors import DescriptorConfig
     from dori.evaluate import EvaluateConfig, run_evaluate
     from dori.finetune import FinetuneConfig, adversarial_finetune
-    from dori.memorization import attack_row, summary_row
+    from dori.memorization import summary_row
     from dori.models import load_pipeline
     from dori.prompts import prompt_kinds, prompts_for
     from dori.utility import testbed_utility
@@ -60,12 +59,7 @@ def main() -> None:
     threshold = DescriptorConfig().build(pipe).threshold
     kinds = prompt_kinds(pipe, "testbed:memorized")
     evaluated = run_evaluate(pipe, EvaluateConfig(prompts="testbed:memorized", num_seeds=10), out / "eval")
-    records = []
-    for init in ("prompt", "random"):
-        fresh = AttackRunConfig(prompts="testbed:memorized", init=init, num_seeds=10, seed=1000,
-                                attack=replace(AttackConfig(), record_at=(50,)))
-        records += run_attack(pipe, fresh, out / f"attack-{init}")[1]
-    dori_row = attack_row("ft+dori", records, threshold, kinds)
+    dori_row, records = fresh_dori_row(pipe, out, threshold, kinds)
     row = {"name": args.name, "prompts": args.prompts, "changes": changes, "finetune_s": round(seconds),
            "shapes_60": utility["shape_accuracy"], "fid_60": utility["fid_vae"],
            "shapes_200": more["shape_accuracy"], "fid_200": more["fid_vae"],

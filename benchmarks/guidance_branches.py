@@ -19,21 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections import Counter
 from pathlib import Path
 
-FIGURES = {"shape_accuracy": "shapes in the right colours", "shape_background_wrong": "background wrong",
-           "shape_object_missing": "no object", "shape_object_wrong": "object in a wrong colour",
-           "fid_vae": "FID (VAE features)"}
+from paired_utility import pair_arguments, paired_report
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="testbed", help="the unmitigated model")
-    parser.add_argument("--other", required=True, help="the changed model (a pipeline folder)")
-    parser.add_argument("--blocks", type=int, default=10)
-    parser.add_argument("--num-images", type=int, default=60)
-    parser.add_argument("--seed", type=int, default=0)
+    pair_arguments(parser)
     parser.add_argument("--out", default="runs/guidance-branches")
     args = parser.parse_args()
     if args.other == args.model:
@@ -43,7 +36,7 @@ def main() -> None:
 
     from dori.guidance_branches import split_guidance
     from dori.models import load_pipeline
-    from dori.utility import paired_spread, testbed_utility_blocks
+    from dori.utility import testbed_utility_blocks
 
     print(machine_line("cpu"))
     out = Path(args.out)
@@ -66,16 +59,7 @@ def main() -> None:
             blocks = measure(host)
         print(f"{name} ({time.perf_counter() - t0:.0f} s)")
         row = {"hybrid": name, "model": args.model, "other": args.other, "blocks": args.blocks,
-               "num_images": args.num_images, "seed": args.seed}
-        for key, label in FIGURES.items():
-            spread = paired_spread([b[key] for b in reference], [b[key] for b in blocks])
-            row[key] = spread
-            print(f"  {label}: {spread['other_mean']:.3f}; minus unmitigated {spread['diff_mean']:+.3f} "
-                  f"(95% {spread['diff_low']:+.3f} to {spread['diff_high']:+.3f})")
-        confusions = sum((Counter(b["shape_confusions"]) for b in blocks), Counter())
-        row["confusions"] = dict(confusions)
-        print("  commonest confusions (wanted>drawn: count): "
-              + (", ".join(f"{k}: {n}" for k, n in confusions.most_common(6)) or "none"))
+               "num_images": args.num_images, "seed": args.seed, **paired_report(reference, blocks)}
         with open(out / "results.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
 

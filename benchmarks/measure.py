@@ -6,6 +6,8 @@ line (CPU, cores, threads, torch, device) and each timing as the median of repea
     print(machine_line("cpu"))
     t = timed(lambda: work(), repeats=3)        # Timing: median, low, high, the runs
     print(f"work {t}")                          # "1.23 s (median of 3, 1.20-1.31)"
+
+Also the fine-tuning benchmarks' shared measurement: ``fresh_dori_row``, the demo's fresh Dori on a model.
 """
 
 from __future__ import annotations
@@ -105,3 +107,23 @@ def parse_value(text: str):
         except ValueError:
             pass
     return text
+
+
+def fresh_dori_row(pipe, out, threshold: float, kinds=None, name: str = "ft+dori") -> tuple[dict, list[dict]]:
+    """The fine-tuning benchmarks' fresh Dori on the testbed's memorized captions, as the demo's
+    ``adversarial-ft+dori`` row: 50 Adam steps from the prompt and from N(0, I), 10 seeds per trigger from seed
+    1000; run folders ``<out>/attack-prompt`` and ``<out>/attack-random`` (resumable). The row (MR, and MR per
+    memorization kind where ``kinds`` labels them) and the records."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from dori.attack.loop import AttackConfig
+    from dori.attack.run import AttackRunConfig, run_attack
+    from dori.memorization import attack_row
+
+    records = []
+    for init in ("prompt", "random"):
+        fresh = AttackRunConfig(prompts="testbed:memorized", init=init, num_seeds=10, seed=1000,
+                                attack=replace(AttackConfig(), record_at=(50,)))
+        records += run_attack(pipe, fresh, Path(out) / f"attack-{init}")[1]
+    return attack_row(name, records, threshold, kinds), records

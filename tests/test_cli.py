@@ -311,6 +311,9 @@ def test_config_file_then_command_line_and_show_config(tmp_path):
     for verb in (["evaluate"], ["localize"], ["prune"], ["ablate"], ["finetune"], ["demo"], ["analyze", "scatter"]):
         result = runner.invoke(app, [*verb, "--show-config"])
         assert result.exit_code == 0 and "model: testbed" in result.output, (verb, _text(result))
+    frozen = yaml.safe_load(runner.invoke(app, ["finetune", "--frozen-group", "cross_kv", "--frozen-group", "ff",
+                                                "--show-config"]).output)
+    assert frozen["settings"]["frozen_groups"] == ["cross_kv", "ff"]
     for verb in (["analyze", "activations"], ["analyze", "weights"]):  # model: that of the triggers' run
         result = runner.invoke(app, [*verb, "--show-config"])
         assert result.exit_code == 0 and "model: null" in result.output and "triggers:" in result.output

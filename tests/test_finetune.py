@@ -352,6 +352,26 @@ def test_lora_variant_trains_only_adapters_and_saves_plain_weights(tmp_path, sur
     UNet2DConditionModel.from_pretrained(result.pipeline / "unet")
 
 
+def test_frozen_weight_groups_keep_their_values_and_the_rest_trains(tmp_path, surrogate_folder):
+    from dori.weight_groups import group_of
+
+    pipe = _fresh()
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    adversarial_finetune(pipe, _memorized(), _config(surrogate_folder, frozen_groups=("cross_kv", "rest"), epochs=1),
+                         tmp_path / "run")
+    after = pipe.unet.state_dict()
+    changed = {group_of(k) for k in after if not torch.equal(after[k], before[k])}
+    assert changed == {"cross_qo", "self_attn", "ff"}
+    with pytest.raises(DoriError, match="frozen_groups: 'attn2' not a weight group; allowed: cross_kv"):
+        FinetuneConfig(frozen_groups=("attn2",)).validate()
+    with pytest.raises(DoriError, match="frozen_groups: freezes every weight group"):
+        FinetuneConfig(frozen_groups=("cross_kv", "cross_qo", "self_attn", "ff", "rest")).validate()
+    # the LoRA's default targets (to_q, to_k, to_v, to_out.0) are the projections of both attentions
+    lora_frozen = _config(surrogate_folder, frozen_groups=("cross_kv", "cross_qo", "self_attn"), lora_rank=4, epochs=1)
+    with pytest.raises(DoriError, match="frozen_groups: cross_kv, cross_qo, self_attn hold every layer the LoRA"):
+        adversarial_finetune(_fresh(), _memorized(), lora_frozen, tmp_path / "lora")
+
+
 def test_finetuned_testbed_resists_the_attack_that_breaks_nemo(tmp_path, surrogate_folder):
     """One photo: Dori (50 steps from the prompt) restores replication on the NeMo-pruned testbed but
     not after a short adversarial fine-tuning."""

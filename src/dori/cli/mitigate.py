@@ -380,6 +380,7 @@ def finetune(
     inner_steps: Annotated[int | None, typer.Option(help="Dori steps per fine-tuning step.")] = None,
     warm_start: Annotated[bool | None, typer.Option("--warm-start/--no-warm-start", help="Start each step's Dori from the last step's triggers.")] = None,
     lora_rank: Annotated[int, typer.Option(help="0: all UNet weights (the paper); > 0: a LoRA of this rank instead.")] = 0,
+    frozen_group: Annotated[list[str] | None, typer.Option("--frozen-group", help="A UNet weight group that keeps its values: cross_kv, cross_qo, self_attn, ff or rest (dori.weight_groups); repeatable. Default: none (the paper trains every weight).")] = None,
     surrogate: Annotated[str, typer.Option(help="'nemo' (pruned generations) or a folder of <prompt id>.png surrogate images.")] = "nemo",
     surrogate_mitigation: Annotated[Path | None, typer.Option(help="A saved NeMo mitigation to make the surrogates with first.")] = None,
     surrogate_below: Annotated[float | None, typer.Option(help="A surrogate must score below this share of the descriptor's threshold against every memorized image (1: anything under the threshold, the default; the testbed setting: 0.75).")] = None,
@@ -416,7 +417,8 @@ def finetune(
               "sample_by": "settings.sample_by", "lr": "settings.lr",
               "lr_schedule": "settings.lr_schedule", "lr_warmup_steps": "settings.lr_warmup_steps",
               "ema_decay": "settings.ema_decay", "init": ("settings.inits", tuple), "inner_steps": "settings.inner.steps",
-              "warm_start": "settings.warm_start", "lora_rank": "settings.lora_rank", "surrogate": "settings.surrogate",
+              "warm_start": "settings.warm_start", "lora_rank": "settings.lora_rank",
+              "frozen_group": ("settings.frozen_groups", tuple), "surrogate": "settings.surrogate",
               "surrogate_mitigation": ("settings.surrogate_mitigation", text), "surrogate_below": "settings.surrogate_below",
               "mixed_precision": "settings.mixed_precision", "checkpoint_every": "settings.checkpoint_every",
               "descriptor": "settings.descriptor.spec", "seed": "settings.seed"}

@@ -9,6 +9,7 @@ from ..attack.loop import AttackConfig
 from ..descriptors import DescriptorConfig
 from ..errors import DoriError
 from ..generation import GenerationConfig
+from ..weight_groups import WEIGHT_GROUPS, check_groups
 
 INITS = ("prompt", "random")
 RETAIN_TARGETS = ("data", "teacher")
@@ -85,6 +86,10 @@ class FinetuneConfig:
     lora_rank: int = 0
     """0: update every UNet weight (the paper); > 0: a LoRA on the attention projections instead."""
     lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    frozen_groups: tuple[str, ...] = ()
+    """Weight groups of the UNet that keep their values (:data:`dori.weight_groups.WEIGHT_GROUPS`: ``cross_kv``,
+    ``cross_qo``, ``self_attn``, ``ff``, ``rest``); with a LoRA, the adapters of layers in them are not trained.
+    The paper trains every weight; docs/testbed.md measures freezing groups on the testbed."""
     mixed_precision: str = "no"
     checkpoint_every: int = 10
     seed: int = 0
@@ -138,6 +143,9 @@ class FinetuneConfig:
             raise DoriError(f"inits: each must be one of {', '.join(INITS)}, got {self.inits}")
         if self.lora_rank < 0:
             raise DoriError(f"lora_rank: must be >= 0, got {self.lora_rank}")
+        frozen = check_groups(self.frozen_groups, "frozen_groups")
+        if set(frozen) == set(WEIGHT_GROUPS):
+            raise DoriError("frozen_groups: freezes every weight group; leave at least one to train")
         if self.mixed_precision not in MIXED_PRECISION:
             raise DoriError(f"mixed_precision: must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
         self.inner.validate()

@@ -41,6 +41,7 @@ from ..progress import Progress
 from ..prompts import PromptSet, load_reference_folder, require_references
 from ..runs import Processes, RunFolder, default_run_dir, json_text, read_jsonl, safe_filename
 from ..seeding import item_generator
+from ..weight_groups import group_of
 from .checkpoints import (
     checkpoint_bytes,
     checkpoints_to_write,
@@ -175,7 +176,12 @@ class _Trainer:
             unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_rank, init_lora_weights="gaussian",
                                         target_modules=list(config.lora_targets)))
         unet.requires_grad_(False)
-        self.trainable = [p for n, p in unet.named_parameters() if not config.lora_rank or "lora_" in n]
+        frozen = set(config.frozen_groups)
+        self.trainable = [p for n, p in unet.named_parameters()
+                          if (not config.lora_rank or "lora_" in n) and group_of(n) not in frozen]
+        if not self.trainable:
+            raise DoriError(f"frozen_groups: {', '.join(config.frozen_groups)} hold every layer the LoRA adapts "
+                            f"(lora_targets {', '.join(config.lora_targets)}); nothing would train")
         for p in self.trainable:
             p.requires_grad_(True)
         from diffusers.optimization import get_scheduler
