@@ -83,20 +83,19 @@ def main() -> None:
     whole = report("other", measure(other), time.perf_counter() - t0)
     write(whole)
     loss = -whole["shape_accuracy"]["diff_mean"]
-    threshold = DescriptorConfig().build(base).threshold
-    kinds = prompt_kinds(base, "testbed:memorized")
     for groups in reverts:
         group = "+".join(groups)
         t0 = time.perf_counter()
         with revert_groups(other.unet, base.unet, groups):
             row = report(f"other with {group} reverted", measure(other), time.perf_counter() - t0)
-            lost = -row["shape_accuracy"]["diff_mean"]
-            row["recovered"] = (loss - lost) / loss if loss > 0 else None
-            if row["recovered"] is not None:
+            row["recovered"] = (loss + row["shape_accuracy"]["diff_mean"]) / loss if loss > 0 else None
+            if loss > 0:
                 print(f"  recovers {row['recovered']:.2f} of the other model's colour loss ({loss:.3f})")
-            if row["recovered"] is not None and row["recovered"] >= args.recovered:
+            if loss > 0 and row["recovered"] >= args.recovered:
                 t0 = time.perf_counter()
-                dori, records = fresh_dori_row(other, out / f"revert-{group}", threshold, kinds)
+                threshold = DescriptorConfig().build(base).threshold
+                dori, records = fresh_dori_row(other, out / f"revert-{group}", threshold,
+                                               prompt_kinds(base, "testbed:memorized"))
                 row["mr_dori"], row["mr_dori_by_kind"] = dori["mr"], dori.get("mr_by_kind")
                 row["dori_generations"] = sum(len(r["scores"]) for r in records)
                 print(f"  fresh Dori ({time.perf_counter() - t0:.0f} s): MR {dori['mr']:.4f} of "

@@ -104,3 +104,17 @@ def test_bad_groups_and_other_architectures_are_refused(unet, clip_tokenizer):
     with pytest.raises(DoriError, match="original: has no parameter .* of the same shape"):
         with revert_groups(unet, other, ["cross_kv"]):
             pass
+
+
+def test_a_reverted_group_trains_inside_the_block_and_cannot_be_reverted_twice(unet):
+    changed = copy.deepcopy(unet)
+    with revert_groups(changed, unet, ["cross_kv"]):
+        prediction = changed(torch.zeros(1, 4, 8, 8), torch.tensor(10),
+                                     encoder_hidden_states=_states(unet)[:1]).sample
+        prediction.sum().backward()
+        assert all(p.grad is not None for p in parameters_in(changed, ["cross_kv"]).values())
+        with pytest.raises(DoriError, match="revert-groups/.*is already applied"):
+            with revert_groups(changed, unet, ["cross_kv"]):
+                pass
+        with revert_groups(changed, unet, ["ff"]):  # another group: no conflict
+            pass

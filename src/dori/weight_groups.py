@@ -11,12 +11,14 @@ fine-tuning (``FinetuneConfig.frozen_groups``; docs/testbed.md, "Which weights c
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
 
 from .errors import DoriError
+from .hooks import hooked
 
 WEIGHT_GROUPS: dict[str, str] = {
     "cross_kv": "cross-attention key and value projections (attn2.to_k, attn2.to_v): read the caption",
@@ -61,36 +63,34 @@ def group_change(changed: torch.nn.Module, original: torch.nn.Module) -> dict[st
     """Per group: its share of the parameters, and the relative change ``||changed - original|| / ||original||``
     over the group's weights (two UNets of the same architecture)."""
     before = dict(original.named_parameters())
-    sums: dict[str, list[float]] = {g: [0.0, 0.0, 0] for g in WEIGHT_GROUPS}
+    moved, norm, count = defaultdict(float), defaultdict(float), defaultdict(int)
     for name, p in changed.named_parameters():
         if name not in before:
             raise DoriError(f"changed: its parameter {name} is not in the original UNet; give the same architecture")
-        s = sums[group_of(name)]
-        s[0] += float((p.detach().float() - before[name].detach().float()).pow(2).sum())
-        s[1] += float(before[name].detach().float().pow(2).sum())
-        s[2] += p.numel()
-    total = sum(s[2] for s in sums.values())
-    return {g: {"share": s[2] / total, "relative_change": (s[0] / s[1]) ** 0.5 if s[1] else 0.0}
-            for g, s in sums.items() if s[2]}
+        group, old = group_of(name), before[name].detach().float()
+        moved[group] += float((p.detach().float() - old).pow(2).sum())
+        norm[group] += float(old.pow(2).sum())
+        count[group] += p.numel()
+    total = sum(count.values())
+    return {g: {"share": count[g] / total, "relative_change": (moved[g] / norm[g]) ** 0.5 if norm[g] else 0.0}
+            for g in WEIGHT_GROUPS if count[g]}
 
 
 @contextmanager
 def revert_groups(model: torch.nn.Module, original: torch.nn.Module, groups: Iterable[str]) -> Iterator[None]:
     """Within the block the parameters of ``model`` in ``groups`` hold ``original``'s values (a UNet of the same
-    architecture, e.g. the model before fine-tuning); their own values come back when the block ends."""
+    architecture, e.g. the model before fine-tuning); their own values come back when the block ends. Each
+    parameter is a named in-place edit of :mod:`dori.hooks`, so reverting a group that is already reverted is
+    refused."""
     params = parameters_in(model, groups)
     before = dict(original.named_parameters())
     missing = [n for n in params if n not in before or before[n].shape != params[n].shape]
     if missing:
         raise DoriError(f"original: has no parameter {missing[0]} of the same shape; give a UNet of the same "
                         "architecture")
-    kept = {n: p.detach().clone() for n, p in params.items()}
-    try:
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(before[n])
+    with hooked(model, "revert-groups") as hooks:
+        for name, p in params.items():
+            kept = p.detach().clone()
+            hooks.edit(name, lambda p=p, kept=kept: p.data.copy_(kept))
+            p.data.copy_(before[name])
         yield
-    finally:
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(kept[n])
