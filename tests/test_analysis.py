@@ -214,6 +214,17 @@ def test_activations_run_folder(testbed_pipe, scatter_run, tmp_path):
         assert key in saved
     assert saved["n_adv"] == 3 and saved["n_mem"] == 4
     assert set(saved["methods"]) == {"nemo", "wanda"} and len(saved["methods"]["nemo"]["ratio_adv_over_mem"]) == 3
+    # where each set's cross-attention looks, per value layer's block
+    attention = saved["attention"]
+    assert [short_name(n) for n in attention["layers"]] == ["down 0.0", "down 1.0", "mid 0"]
+    tokens = testbed_pipe.tokenizer.model_max_length
+    for name, members in (("Y_mem", 4), ("Y_adv", 3), ("Y_0", 3)):
+        measured = attention["sets"][name]
+        for layer, first, effective in zip(attention["layers"], measured["first_token"], measured["effective_tokens"],
+                                           strict=True):
+            assert 0 < first < 1 and 1 <= effective <= tokens
+            assert acts[f"attention/{name}/{layer}/first_token"].shape == (members,)
+            assert math.isclose(first, float(acts[f"attention/{name}/{layer}/first_token"].mean()), rel_tol=1e-6)
 
 
 def test_raw_activation_maps(testbed_pipe, scatter_run, tmp_path):
@@ -303,3 +314,55 @@ def test_cli_commands_and_errors(tmp_path):
     assert result.exit_code == 2 and "methods" in result.output
     with pytest.raises(DoriError, match="starts"):
         ScatterConfig(starts=1).validate()
+
+
+def test_attention_concentration_is_the_forward_attention(tiny_pipeline_folder):
+    """The shares are those of the attention probabilities diffusers' AttnProcessor computes in the forward
+    (recorded from it here), on SD 1.x and SD 2.x layouts; identical tokens give uniform attention."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from dori.analysis.attention import attention_concentration, cross_attention_layers
+    from dori.mitigations.nemo import value_layers
+    from dori.models import initial_latents, load_pipeline
+
+    pipe = load_pipeline(str(tiny_pipeline_folder))
+    values = value_layers(pipe.unet, NeMoConfig().layers)
+    layers = cross_attention_layers(pipe.unet, values)
+    embeds = encode_prompts(pipe, ["a photo of an astronaut riding a horse", "a cup of coffee"])
+    ours = attention_concentration(pipe, layers, embeds, seed=3, num_inference_steps=4, batch_size=1)
+
+    modules = dict(pipe.unet.named_modules())
+    recorded = {}
+    pipe.unet.set_attn_processor(AttnProcessor())
+    for name in layers:
+        attn = modules[name]
+        original = attn.get_attention_scores
+
+        def record(query, key, mask=None, original=original, name=name):
+            probs = original(query, key, mask)
+            recorded[name] = probs
+            return probs
+
+        attn.get_attention_scores = record
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(4)
+    t = scheduler.timesteps[0]
+    latent = scheduler.scale_model_input(initial_latents(pipe, [3]) * scheduler.init_noise_sigma, t)
+    with torch.no_grad():
+        pipe.unet(latent.expand(2, -1, -1, -1), t, encoder_hidden_states=embeds)
+    for name in layers:
+        probs = recorded[name].reshape(2, -1, *recorded[name].shape[1:])
+        first = probs[..., 0].mean((1, 2))
+        effective = (-(probs * probs.clamp_min(1e-30).log()).sum(-1)).exp().mean((1, 2))
+        torch.testing.assert_close(ours[name]["first_token"], first, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(ours[name]["effective_tokens"], effective, rtol=1e-4, atol=1e-4)
+        assert bool((ours[name]["effective_tokens"] < pipe.tokenizer.model_max_length - 1e-3).all())
+
+    same = embeds[:1, :1].expand(1, embeds.shape[1], -1).contiguous()  # every token the first one
+    uniform = attention_concentration(pipe, layers, same, num_inference_steps=4)
+    tokens = embeds.shape[1]
+    for name in layers:
+        assert math.isclose(float(uniform[name]["first_token"]), 1 / tokens, rel_tol=1e-4)
+        assert math.isclose(float(uniform[name]["effective_tokens"]), tokens, rel_tol=1e-4)
+    with pytest.raises(DoriError, match="cross-attention"):
+        cross_attention_layers(pipe.unet, {layers[0].replace("attn2", "attn1") + ".to_v": None})

@@ -75,8 +75,12 @@ def test_every_verb_on_a_users_model(tiny_pipeline_folder, files, tmp_path, monk
          "--mitigation", str(runs / "ablation" / "ablation.safetensors"), "--out", str(runs / "evaluate-ft")])
     _ok(["analyze", "scatter", *model, *data, "--starts", "2", "--steps", "2", "--seeds", "1", "--eval-steps", "2",
          "--reference-prompts", files["nonmem"], "--reference-count", "3", "--out", str(runs / "scatter")])
-    _ok(["analyze", "activations", "--triggers", str(runs / "scatter"), "--all-triggers", "--memorized",
-         files["nonmem"], "--steps", "5", "--out", str(runs / "activations")])  # the model: the triggers' run's
+    result = _ok(["analyze", "activations", "--triggers", str(runs / "scatter"), "--all-triggers", "--memorized",
+                  files["nonmem"], "--steps", "5", "--out", str(runs / "activations")])  # the model: the triggers' run's
+    # where each set's cross-attention looks (the table's title wraps at the runner's width)
+    assert "share on the first token / effective tokens attended" in " ".join(result.output.split())
+    attention = json.loads((runs / "activations" / "summary.json").read_text())["attention"]
+    assert set(attention["sets"]) == {"Y_mem", "Y_adv", "Y_0"} and len(attention["layers"]) >= 1
     _ok(["analyze", "weights", "--triggers", str(runs / "scatter"), "--all-triggers", "--memorized", files["nonmem"],
          "--method", "wanda", "--wanda-steps", "3", "--timesteps", "2", "--out", str(runs / "weights")])
     _ok(["report", str(runs / "evaluate"), str(runs / "attack"), str(runs / "weights"), "--out", str(runs / "page.html")])

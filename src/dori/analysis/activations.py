@@ -64,6 +64,8 @@ class ActivationsConfig:
     ``control_starts``: also measure Y_0, the same triggers' start embeddings (not in the paper): how
     much of Y_adv's spread the starts already had. ``statistic``: ``scored`` or ``raw`` (the module
     docstring); ``raw_max_features``: the most coordinates of a raw map compared per layer.
+    ``attention``: also record, per set, where the cross-attention of the value layers' blocks looks
+    (:mod:`dori.analysis.attention`: the share on the first token, the effective number of tokens).
     """
 
     triggers: str = ""
@@ -80,6 +82,7 @@ class ActivationsConfig:
     control_starts: bool = True
     statistic: str = "scored"
     raw_max_features: int = 65536
+    attention: bool = True
 
     def validate(self) -> None:
         if self.statistic not in STATISTICS:
@@ -260,8 +263,11 @@ def _measure(pipe, config: ActivationsConfig, run, adv, mem_ids, mem, values, ff
                                                batch_size=config.batch_size)
     if progress:
         progress("activations", len(sets), len(sets))
-    save_file({f"{method}/{s}/{layer}": a.contiguous() for method, per_set in stats.items()
-               for s, per_layer in per_set.items() for layer, a in per_layer.items()},
+    attention = _attention(pipe, config, sets, values) if config.attention else {}
+    save_file({**{f"{method}/{s}/{layer}": a.contiguous() for method, per_set in stats.items()
+                  for s, per_layer in per_set.items() for layer, a in per_layer.items()},
+               **{f"attention/{s}/{layer}/{what}": v.contiguous() for s, per_layer in attention.items()
+                  for layer, parts in per_layer.items() for what, v in parts.items()}},
               str(run.path / "activations.safetensors"),
               metadata={"Y_adv": ",".join(adv.keys), "Y_mem": ",".join(mem_ids)})
     table = pd.DataFrame.from_records([row for method in METHODS for row in discrepancy_rows(method, stats[method])])
@@ -291,6 +297,7 @@ def _measure(pipe, config: ActivationsConfig, run, adv, mem_ids, mem, values, ff
         "statistic": config.statistic,
         "control_starts": "Y_0" in sets, "seed": config.seed, "timestep_index": 0, "num_inference_steps": config.num_inference_steps,
         "methods": per_method,
+        "attention": _attention_summary(attention),
         "paper": {"n_adv": paper.STARTS, "n_mem": paper.MEMORIZED,
                   "finding": "Y_adv discrepancy comparable to Y_mem (NeMo: larger; Wanda: somewhat smaller)"},
         "error_bars": "std of the pairwise L2 distances (spread over pairs, not a standard error)",
@@ -301,3 +308,26 @@ def _measure(pipe, config: ActivationsConfig, run, adv, mem_ids, mem, values, ff
 
     save_figure(plot_discrepancy(table, summary), run.path, "activations")
     return summary
+
+
+def _attention(pipe, config: ActivationsConfig, sets: dict[str, torch.Tensor],
+               values: dict[str, torch.nn.Linear]) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
+    """``{set: {layer: {"first_token": (n,), "effective_tokens": (n,)}}}`` for the value layers' cross-attention."""
+    from .attention import attention_concentration, cross_attention_layers
+
+    layers = cross_attention_layers(pipe.unet, values)
+    return {name: attention_concentration(pipe, layers, embeds, seed=config.seed,
+                                          num_inference_steps=config.num_inference_steps, batch_size=config.batch_size)
+            for name, embeds in sets.items()}
+
+
+def _attention_summary(attention: dict[str, dict[str, dict[str, torch.Tensor]]]) -> dict:
+    """``{"layers": [...], "sets": {set: {"first_token": [...], "effective_tokens": [...]}}}``: per set, the mean
+    over members of each layer's first-token share and effective number of tokens (empty when not measured)."""
+    if not attention:
+        return {}
+    layers = list(next(iter(attention.values())))
+    return {"layers": layers,
+            "sets": {name: {what: [float(per_layer[layer][what].mean()) for layer in layers]
+                            for what in ("first_token", "effective_tokens")}
+                     for name, per_layer in attention.items()}}

@@ -183,8 +183,27 @@ def activations(
             table.add_row(method, short_name(layer), *cells)
     out_console = console()
     out_console.print(table)
+    if summary.get("attention"):
+        out_console.print(_attention_table(summary["attention"]))
     out_console.print(f"note: {summary['note']}")
     _print_paths(path, "activations")
+
+
+def _attention_table(attention: dict):
+    """Where each set's cross-attention looks: share on the first token, effective number of tokens."""
+    from rich.table import Table
+
+    from ..analysis.common import short_name
+
+    sets = attention["sets"]
+    table = Table(title="cross-attention at the first step: share on the first token / effective tokens attended")
+    table.add_column("layer")
+    for name in sets:
+        table.add_column(name, justify="right")
+    for i, layer in enumerate(attention["layers"]):
+        table.add_row(short_name(layer), *[f"{s['first_token'][i]:.3f} / {s['effective_tokens'][i]:.1f}"
+                                           for s in sets.values()])
+    return table
 
 
 @app.command("weights")
