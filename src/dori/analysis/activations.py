@@ -29,6 +29,7 @@ pairs), ``activations.safetensors`` (every vector), ``summary.json``, ``activati
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,8 +40,10 @@ from .. import paper
 from ..errors import DoriError
 from ..mitigations.nemo import NeMoConfig
 from ..progress import Progress
+from .attention import AttentionRecorder, cross_attention_layers
 from .common import (
     analysis_layers,
+    first_step_pass,
     save_figure,
     scaled_note,
     short_name,
@@ -111,70 +114,52 @@ def nemo_statistic(layers: dict[str, torch.nn.Linear], embeds: torch.Tensor, bat
     return {name: torch.cat([p[name] for p in parts]) for name in layers}
 
 
-@torch.no_grad()
 def wanda_statistic(pipe, layers: dict[str, torch.nn.Linear], embeds: torch.Tensor, *, seed: int = 0,
-                    num_inference_steps: int = 50, batch_size: int = 16) -> dict[str, torch.Tensor]:
+                    num_inference_steps: int = 50, batch_size: int = 16,
+                    also: tuple[Callable, ...] = ()) -> dict[str, torch.Tensor]:
     """Wanda's input statistic per layer at the first denoising step, ``(n, d_in)``.
 
-    Every embedding ``(n, tokens, dim)`` sees the same initial latent (``seed``) at the first timestep
-    of a ``num_inference_steps`` schedule; each row of the layer input is L2-normalised and the column
-    L2 norm over rows is taken per embedding (what :func:`dori.mitigations.wanda.input_norms` sums
-    over prompts, at step 0, for the conditional half of the guidance batch).
+    Every embedding ``(n, tokens, dim)`` sees the same initial latent (``seed``) at the first timestep of
+    a ``num_inference_steps`` schedule (:func:`dori.analysis.common.first_step_pass`, which also runs the
+    recorders in ``also``); each row of the layer input is L2-normalised and the column L2 norm over rows
+    is taken per embedding (what :func:`dori.mitigations.wanda.input_norms` sums over prompts, at step 0,
+    for the conditional half of the guidance batch).
     """
-    from ..hooks import hooked
-    from ..models import initial_latents
-
-    unet = pipe.unet
-    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
-    scheduler.set_timesteps(num_inference_steps, device=unet.device)
-    t = scheduler.timesteps[0]
-    latent = scheduler.scale_model_input(initial_latents(pipe, [seed]) * scheduler.init_noise_sigma, t)
-    current: dict[str, torch.Tensor] = {}
+    out: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
 
     def make_hook(name):
         def hook(_module, args):
             x = args[0].float()
             x = x.reshape(x.shape[0], -1, x.shape[-1])
             x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-            current[name] = x.pow(2).sum(1).sqrt().cpu()
+            out[name].append(x.pow(2).sum(1).sqrt().cpu())
 
         return hook
 
-    out: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
-    with hooked(unet, "wanda-statistic") as hooks:
+    def register(hooks) -> None:
         for name in layers:
             hooks.pre(name, make_hook(name))
-        for i in range(0, len(embeds), batch_size):
-            chunk = embeds[i : i + batch_size].to(unet.device, unet.dtype)
-            unet(latent.expand(len(chunk), -1, -1, -1), t, encoder_hidden_states=chunk)
-            for name in layers:
-                out[name].append(current.pop(name))
+
+    first_step_pass(pipe, embeds, (register, *also), seed=seed, num_inference_steps=num_inference_steps,
+                    batch_size=batch_size, owner="wanda-statistic")
     return {name: torch.cat(v) for name, v in out.items()}
 
 
-@torch.no_grad()
 def raw_statistic(pipe, values: dict[str, torch.nn.Linear], ffns: dict[str, torch.nn.Linear], embeds: torch.Tensor, *,
                   seed: int = 0, num_inference_steps: int = 50, batch_size: int = 16,
-                  max_features: int = 65536) -> dict[str, torch.Tensor]:
+                  max_features: int = 65536, also: tuple[Callable, ...] = ()) -> dict[str, torch.Tensor]:
     """The whole activation maps per layer, flattened, at the first denoising step, ``(n, features)``.
 
     ``to_v`` layers (``values``): their output, tokens x neurons; ``ff.net.2`` layers (``ffns``): their
-    input, positions x channels; every embedding sees the same initial latent (``seed``). A map with more
-    than ``max_features`` coordinates keeps a fixed random subset of them (drawn from ``seed`` and the
-    layer name) scaled by ``sqrt(total / kept)``, so squared distances are unbiased estimates of the
-    full ones.
+    input, positions x channels; every embedding sees the same initial latent (``seed``; the recorders in
+    ``also`` run in the same pass). A map with more than ``max_features`` coordinates keeps a fixed random
+    subset of them (drawn from ``seed`` and the layer name) scaled by ``sqrt(total / kept)``, so squared
+    distances are unbiased estimates of the full ones.
     """
-    from ..hooks import hooked
-    from ..models import initial_latents
     from ..seeding import generator_for
 
-    unet = pipe.unet
-    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
-    scheduler.set_timesteps(num_inference_steps, device=unet.device)
-    t = scheduler.timesteps[0]
-    latent = scheduler.scale_model_input(initial_latents(pipe, [seed]) * scheduler.init_noise_sigma, t)
     keep: dict[str, tuple[torch.Tensor, float] | None] = {}
-    current: dict[str, torch.Tensor] = {}
+    out: dict[str, list[torch.Tensor]] = {name: [] for name in (*values, *ffns)}
 
     def store(name: str, x: torch.Tensor) -> None:
         x = x.flatten(1)
@@ -188,19 +173,16 @@ def raw_statistic(pipe, values: dict[str, torch.nn.Linear], ffns: dict[str, torc
         if keep[name] is not None:
             index, scale = keep[name]
             x = x[:, index] * scale
-        current[name] = x.float().cpu()
+        out[name].append(x.float().cpu())
 
-    out: dict[str, list[torch.Tensor]] = {name: [] for name in (*values, *ffns)}
-    with hooked(unet, "raw-activations") as hooks:
+    def register(hooks) -> None:
         for name in values:
             hooks.forward(name, lambda _m, _a, output, name=name: store(name, output))
         for name in ffns:
             hooks.pre(name, lambda _m, args, name=name: store(name, args[0]))
-        for i in range(0, len(embeds), batch_size):
-            chunk = embeds[i : i + batch_size].to(unet.device, unet.dtype)
-            unet(latent.expand(len(chunk), -1, -1, -1), t, encoder_hidden_states=chunk)
-            for name in out:
-                out[name].append(current.pop(name))
+
+    first_step_pass(pipe, embeds, (register, *also), seed=seed, num_inference_steps=num_inference_steps,
+                    batch_size=batch_size, owner="raw-activations")
     return {name: torch.cat(v) for name, v in out.items()}
 
 
@@ -248,22 +230,26 @@ def _measure(pipe, config: ActivationsConfig, run, adv, mem_ids, mem, values, ff
     if config.control_starts and adv.initial is not None:
         sets["Y_0"] = adv.initial
     stats: dict[str, dict[str, dict[str, torch.Tensor]]] = {"nemo": {}, "wanda": {}}
+    recorder = AttentionRecorder(cross_attention_layers(pipe.unet, values)) if config.attention else None
+    also = (recorder.register,) if recorder else ()  # the attention rides along each set's UNet pass
+    attention: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
     for k, (name, embeds) in enumerate(sets.items()):
         if progress:
             progress("activations", k, len(sets))
         if config.statistic == "raw":
             raw = raw_statistic(pipe, values, ffns, embeds, seed=config.seed, num_inference_steps=config.num_inference_steps,
-                                batch_size=config.batch_size, max_features=config.raw_max_features)
+                                batch_size=config.batch_size, max_features=config.raw_max_features, also=also)
             stats["nemo"][name] = {layer: raw[layer] for layer in values}
             stats["wanda"][name] = {layer: raw[layer] for layer in ffns}
-            continue
-        stats["nemo"][name] = nemo_statistic(values, embeds)
-        stats["wanda"][name] = wanda_statistic(pipe, ffns, embeds, seed=config.seed,
-                                               num_inference_steps=config.num_inference_steps,
-                                               batch_size=config.batch_size)
+        else:
+            stats["nemo"][name] = nemo_statistic(values, embeds)
+            stats["wanda"][name] = wanda_statistic(pipe, ffns, embeds, seed=config.seed,
+                                                   num_inference_steps=config.num_inference_steps,
+                                                   batch_size=config.batch_size, also=also)
+        if recorder:
+            attention[name] = recorder.collect()
     if progress:
         progress("activations", len(sets), len(sets))
-    attention = _attention(pipe, config, sets, values) if config.attention else {}
     save_file({**{f"{method}/{s}/{layer}": a.contiguous() for method, per_set in stats.items()
                   for s, per_layer in per_set.items() for layer, a in per_layer.items()},
                **{f"attention/{s}/{layer}/{what}": v.contiguous() for s, per_layer in attention.items()
@@ -308,17 +294,6 @@ def _measure(pipe, config: ActivationsConfig, run, adv, mem_ids, mem, values, ff
 
     save_figure(plot_discrepancy(table, summary), run.path, "activations")
     return summary
-
-
-def _attention(pipe, config: ActivationsConfig, sets: dict[str, torch.Tensor],
-               values: dict[str, torch.nn.Linear]) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
-    """``{set: {layer: {"first_token": (n,), "effective_tokens": (n,)}}}`` for the value layers' cross-attention."""
-    from .attention import attention_concentration, cross_attention_layers
-
-    layers = cross_attention_layers(pipe.unet, values)
-    return {name: attention_concentration(pipe, layers, embeds, seed=config.seed,
-                                          num_inference_steps=config.num_inference_steps, batch_size=config.batch_size)
-            for name, embeds in sets.items()}
 
 
 def _attention_summary(attention: dict[str, dict[str, dict[str, torch.Tensor]]]) -> dict:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import DoriError
+from .common import first_step_pass
 
 
 def cross_attention_layers(unet: torch.nn.Module, value_layers: dict[str, torch.nn.Module]) -> list[str]:
@@ -36,27 +37,28 @@ def cross_attention_layers(unet: torch.nn.Module, value_layers: dict[str, torch.
     return names
 
 
-@torch.no_grad()
-def attention_concentration(pipe, layers: list[str], embeds: torch.Tensor, *, seed: int = 0,
-                            num_inference_steps: int = 50, batch_size: int = 16) -> dict[str, dict[str, torch.Tensor]]:
-    """Per layer, ``{"first_token": (n,), "effective_tokens": (n,)}`` for the embeddings ``(n, tokens, dim)``.
+class AttentionRecorder:
+    """Records, for every batch a UNet runs while its hooks are registered (:meth:`register`, a recorder of
+    :func:`dori.analysis.common.first_step_pass`), each embedding's first-token share and effective number of
+    tokens in ``layers``; :meth:`collect` returns them, ``{layer: {"first_token": (n,), "effective_tokens": (n,)}}``,
+    and starts over."""
 
-    Every embedding sees the same initial latent (``seed``) at the first timestep of a ``num_inference_steps``
-    schedule, as in :func:`dori.analysis.activations.wanda_statistic`.
-    """
-    from ..hooks import hooked
-    from ..models import initial_latents
+    def __init__(self, layers: list[str]) -> None:
+        self.layers = list(layers)
+        self._parts: dict[str, dict[str, list[torch.Tensor]]] = self._empty()
 
-    if embeds.ndim != 3 or len(embeds) == 0:
-        raise DoriError(f"embeddings: need a non-empty (n, tokens, dim) tensor, got shape {tuple(embeds.shape)}")
-    unet = pipe.unet
-    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
-    scheduler.set_timesteps(num_inference_steps, device=unet.device)
-    t = scheduler.timesteps[0]
-    latent = scheduler.scale_model_input(initial_latents(pipe, [seed]) * scheduler.init_noise_sigma, t)
-    current: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    def _empty(self) -> dict[str, dict[str, list[torch.Tensor]]]:
+        return {name: {"first_token": [], "effective_tokens": []} for name in self.layers}
 
-    def make_hook(name: str):
+    def register(self, hooks) -> None:
+        for name in self.layers:
+            hooks.pre(name, self._hook(name), with_kwargs=True)
+
+    def collect(self) -> dict[str, dict[str, torch.Tensor]]:
+        parts, self._parts = self._parts, self._empty()
+        return {name: {what: torch.cat(values) for what, values in per.items()} for name, per in parts.items()}
+
+    def _hook(self, name: str):
         def hook(attn, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
             context = kwargs.get("encoder_hidden_states")
@@ -73,19 +75,20 @@ def attention_concentration(pipe, layers: list[str], embeds: torch.Tensor, *, se
             probs = attn.get_attention_scores(query, key, None).float()
             probs = probs.reshape(len(context), -1, *probs.shape[1:])  # (batch, heads, positions, tokens)
             entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1)
-            current[name] = (probs[..., 0].mean((1, 2)).cpu(), entropy.exp().mean((1, 2)).cpu())
+            self._parts[name]["first_token"].append(probs[..., 0].mean((1, 2)).cpu())
+            self._parts[name]["effective_tokens"].append(entropy.exp().mean((1, 2)).cpu())
 
         return hook
 
-    out: dict[str, dict[str, list[torch.Tensor]]] = {name: {"first_token": [], "effective_tokens": []} for name in layers}
-    with hooked(unet, "attention-concentration") as hooks:
-        for name in layers:
-            hooks.pre(name, make_hook(name), with_kwargs=True)
-        for i in range(0, len(embeds), batch_size):
-            chunk = embeds[i : i + batch_size].to(unet.device, unet.dtype)
-            unet(latent.expand(len(chunk), -1, -1, -1), t, encoder_hidden_states=chunk)
-            for name in layers:
-                first, effective = current.pop(name)
-                out[name]["first_token"].append(first)
-                out[name]["effective_tokens"].append(effective)
-    return {name: {k: torch.cat(v) for k, v in parts.items()} for name, parts in out.items()}
+
+def attention_concentration(pipe, layers: list[str], embeds: torch.Tensor, *, seed: int = 0,
+                            num_inference_steps: int = 50, batch_size: int = 16) -> dict[str, dict[str, torch.Tensor]]:
+    """Per layer, ``{"first_token": (n,), "effective_tokens": (n,)}`` for the embeddings ``(n, tokens, dim)``, in
+    a pass of its own (:func:`dori.analysis.common.first_step_pass`: one fixed initial latent, the first
+    timestep of a ``num_inference_steps`` schedule)."""
+    if embeds.ndim != 3 or len(embeds) == 0:
+        raise DoriError(f"embeddings: need a non-empty (n, tokens, dim) tensor, got shape {tuple(embeds.shape)}")
+    recorder = AttentionRecorder(layers)
+    first_step_pass(pipe, embeds, (recorder.register,), seed=seed, num_inference_steps=num_inference_steps,
+                    batch_size=batch_size, owner="attention-concentration")
+    return recorder.collect()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -31,6 +32,29 @@ def analysis_layers(unet: torch.nn.Module, value_patterns: tuple[str, ...],
     if missing:
         raise DoriError(f"layers: no ff.net.2 in the transformer block of {missing[0]!r}; give the FFN layers explicitly")
     return values, ffn_layers(unet, tuple(names))
+
+
+@torch.no_grad()
+def first_step_pass(pipe, embeds: torch.Tensor, recorders: Iterable[Callable], *, seed: int = 0,
+                    num_inference_steps: int = 50, batch_size: int = 16, owner: str = "first-step") -> None:
+    """Run the UNet once per batch of ``embeds`` ``(n, tokens, dim)`` at the first timestep of a
+    ``num_inference_steps`` schedule, every embedding from the same initial latent (``seed``): the conditions
+    of analysis B. Each recorder is called with a :class:`dori.hooks.Handle` on the UNet before the first
+    batch, to register hooks that record what they need; the hooks see the batches in order."""
+    from ..hooks import hooked
+    from ..models import initial_latents
+
+    unet = pipe.unet
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(num_inference_steps, device=unet.device)
+    t = scheduler.timesteps[0]
+    latent = scheduler.scale_model_input(initial_latents(pipe, [seed]) * scheduler.init_noise_sigma, t)
+    with hooked(unet, owner) as hooks:
+        for register in recorders:
+            register(hooks)
+        for i in range(0, len(embeds), batch_size):
+            chunk = embeds[i : i + batch_size].to(unet.device, unet.dtype)
+            unet(latent.expand(len(chunk), -1, -1, -1), t, encoder_hidden_states=chunk)
 
 
 def short_name(name: str) -> str:
