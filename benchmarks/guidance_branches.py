@@ -21,16 +21,14 @@ import json
 import time
 from pathlib import Path
 
-from paired_utility import pair_arguments, paired_report
+from paired_utility import pair_arguments, paired_report, parse_pair
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     pair_arguments(parser)
     parser.add_argument("--out", default="runs/guidance-branches")
-    args = parser.parse_args()
-    if args.other == args.model:
-        parser.error("--other: give a model other than --model")
+    args = parse_pair(parser)
 
     from measure import machine_line
 

@@ -23,6 +23,14 @@ def pair_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
+def parse_pair(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The parsed arguments, refusing ``--other`` equal to ``--model`` (a model paired with itself)."""
+    args = parser.parse_args()
+    if args.other == args.model:
+        parser.error("--other: give a model other than --model")
+    return args
+
+
 def paired_report(reference: list[dict], blocks: list[dict]) -> dict:
     """Prints each figure of ``blocks`` (a model's utility blocks with the colour failures) paired with
     ``reference``'s (the unmitigated model's, same captions and seeds) and the commonest confusions; returns

@@ -21,7 +21,7 @@ import json
 import time
 from pathlib import Path
 
-from paired_utility import pair_arguments, paired_report
+from paired_utility import pair_arguments, paired_report, parse_pair
 
 
 def main() -> None:
@@ -36,9 +36,7 @@ def main() -> None:
                         help="attack a hybrid with a fresh Dori when it recovers at least this share of the colour "
                              "loss (above 1: never)")
     parser.add_argument("--out", default="runs/weight-groups")
-    args = parser.parse_args()
-    if args.other == args.model:
-        parser.error("--other: give a model other than --model")
+    args = parse_pair(parser)
 
     from measure import fresh_dori_row, machine_line
 
