@@ -40,7 +40,7 @@ from .. import paper
 from ..errors import DoriError
 from ..mitigations.nemo import NeMoConfig
 from ..progress import Progress
-from .attention import AttentionRecorder, cross_attention_layers
+from .attention import MEASURES, AttentionRecorder, cross_attention_layers
 from .common import (
     analysis_layers,
     first_step_pass,
@@ -304,5 +304,5 @@ def _attention_summary(attention: dict[str, dict[str, dict[str, torch.Tensor]]])
     layers = list(next(iter(attention.values())))
     return {"layers": layers,
             "sets": {name: {what: [float(per_layer[layer][what].mean()) for layer in layers]
-                            for what in ("first_token", "effective_tokens")}
+                            for what in MEASURES}
                      for name, per_layer in attention.items()}}

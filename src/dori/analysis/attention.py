@@ -26,6 +26,9 @@ import torch
 from ..errors import DoriError
 from .common import first_step_pass
 
+MEASURES = ("first_token", "effective_tokens")
+"""What :class:`AttentionRecorder` records per embedding and layer (the module docstring)."""
+
 
 def cross_attention_layers(unet: torch.nn.Module, value_layers: dict[str, torch.nn.Module]) -> list[str]:
     """The cross-attention modules (``...attn2``) whose ``to_v`` are the given value layers, in the same order."""
@@ -48,7 +51,7 @@ class AttentionRecorder:
         self._parts: dict[str, dict[str, list[torch.Tensor]]] = self._empty()
 
     def _empty(self) -> dict[str, dict[str, list[torch.Tensor]]]:
-        return {name: {"first_token": [], "effective_tokens": []} for name in self.layers}
+        return {name: {what: [] for what in MEASURES} for name in self.layers}
 
     def register(self, hooks) -> None:
         for name in self.layers:
