@@ -22,6 +22,25 @@ def setting(testbed_pipe):
     return prompt_set, refs, targets, TestbedDescriptor.from_folder(shipped_testbed())
 
 
+def test_diffusion_loss_draws_its_timesteps_from_the_range_it_is_given(testbed_pipe, setting):
+    _, _, targets, _ = setting
+    y = torch.stack([RandomNormal(seed=3)(testbed_pipe, "a photo", 0) for _ in range(len(targets))])
+
+    def draws(loss):
+        return loss.inputs(y, targets, [item_generator("range", i) for i in range(len(targets))])
+
+    every, explicit = draws(DiffusionLoss(testbed_pipe, 16)), draws(DiffusionLoss(testbed_pipe, 16, timesteps=(0, 1000)))
+    for a, b in zip(every, explicit, strict=True):
+        assert torch.equal(a, b)  # the whole range is the default
+    assert every[1].min() < 500 <= every[1].max()
+    noisy, t, _, target = draws(DiffusionLoss(testbed_pipe, 16, timesteps=(500, 1000)))
+    assert t.min() >= 500 and t.max() < 1000 and len(t) == 16 * len(targets)
+    assert noisy.shape == every[0].shape and target.shape == every[3].shape
+    for bad in ((500, 500), (-1, 10), (0, 1001)):
+        with pytest.raises(DoriError, match=r"timesteps: must be a range \[low, high\) with 0 <= low < high <= 1000"):
+            DiffusionLoss(testbed_pipe, timesteps=bad)
+
+
 def test_loss_falls_and_gradients_reach_the_embedding_only(testbed_pipe, setting):
     prompt_set, refs, targets, descriptor = setting
     unet = testbed_pipe.unet

@@ -314,6 +314,11 @@ def test_config_file_then_command_line_and_show_config(tmp_path):
     frozen = yaml.safe_load(runner.invoke(app, ["finetune", "--frozen-group", "cross_kv", "--frozen-group", "ff",
                                                 "--show-config"]).output)
     assert frozen["settings"]["frozen_groups"] == ["cross_kv", "ff"]
+    high = yaml.safe_load(runner.invoke(app, ["finetune", "--adv-timesteps", "500,1000", "--show-config"]).output)
+    assert high["settings"]["adv_timesteps"] == [500, 1000]
+    for bad, says in (("500", "give two integers LOW,HIGH"), ("900,500", "adv_timesteps: must be None")):
+        result = runner.invoke(app, ["finetune", "--adv-timesteps", bad, "--show-config"])
+        assert result.exit_code == 2 and says in _text(result), (bad, _text(result))
     for verb in (["analyze", "activations"], ["analyze", "weights"]):  # model: that of the triggers' run
         result = runner.invoke(app, [*verb, "--show-config"])
         assert result.exit_code == 0 and "model: null" in result.output and "triggers:" in result.output

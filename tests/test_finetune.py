@@ -372,6 +372,29 @@ def test_frozen_weight_groups_keep_their_values_and_the_rest_trains(tmp_path, su
         adversarial_finetune(_fresh(), _memorized(), lora_frozen, tmp_path / "lora")
 
 
+def test_adv_timesteps_confine_the_adversarial_rows_of_each_update(tmp_path, surrogate_folder):
+    pipe = _fresh()
+    updates: list[torch.Tensor] = []
+
+    def record(unet, args, kwargs):
+        if any(p.requires_grad for p in unet.parameters()):  # an update, not the inner attack (frozen weights)
+            updates.append(args[1].clone())
+
+    config = _config(surrogate_folder, adv_timesteps=(990, 1000), epochs=1)
+    handle = pipe.unet.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        adversarial_finetune(pipe, _memorized(), config, tmp_path / "run")
+    finally:
+        handle.remove()
+    n_adv = config.images_per_step * len(config.inits) * config.adv_pairs
+    assert len(updates) == config.steps_per_epoch
+    assert all(len(t) == n_adv + config.retain_batch_size for t in updates)
+    assert all(((t[:n_adv] >= 990) & (t[:n_adv] < 1000)).all() for t in updates)
+    assert any((t[n_adv:] < 990).any() for t in updates)  # the retain term keeps every timestep
+    with pytest.raises(DoriError, match=r"adv_timesteps: must be None \(every training timestep\) or \[low, high\)"):
+        FinetuneConfig(adv_timesteps=(600, 500)).validate()
+
+
 def test_finetuned_testbed_resists_the_attack_that_breaks_nemo(tmp_path, surrogate_folder):
     """One photo: Dori (50 steps from the prompt) restores replication on the NeMo-pruned testbed but
     not after a short adversarial fine-tuning."""

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dori.errors import DoriError
+from dori.generation import GenerationConfig
 from dori.utility import InceptionFeatures, LatentFeatures, clip_score, denoising_loss, fid
 
 
@@ -161,6 +162,11 @@ def test_utility_blocks_start_with_the_demo_stage_and_a_model_differs_from_itsel
     same = paired_spread(fids, fids)
     assert same["diff_mean"] == same["diff_sd"] == same["diff_low"] == same["diff_high"] == 0
     assert same["base_sd"] == same["other_sd"] > 0
+    sampler = testbed_utility_blocks(testbed_pipe, blocks=1, num_images=6, seed=3, generation=GenerationConfig())[0]
+    assert sampler == blocks[0]  # the demo's sampler is the default one
+    unguided = testbed_utility_blocks(testbed_pipe, blocks=1, num_images=6, seed=3,
+                                      generation=GenerationConfig(guidance_scale=1.0))[0]
+    assert unguided["fid_vae"] != blocks[0]["fid_vae"] and unguided["retain_loss"] == blocks[0]["retain_loss"]
     with_failures = testbed_utility_blocks(testbed_pipe, blocks=1, num_images=6, seed=3, failures=True)[0]
     assert {k: v for k, v in with_failures.items() if not k.startswith("shape_") or k == "shape_accuracy"} == blocks[0]
     shares = [with_failures[f"shape_{k}"] for k in ("background_wrong", "object_missing", "object_wrong")]

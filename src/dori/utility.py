@@ -19,11 +19,16 @@ compared, and trained on the testbed's images. Values are not comparable with In
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .errors import DoriError
+
+if TYPE_CHECKING:
+    from .generation import GenerationConfig
+    from .prompts import PromptRecord, PromptSet
 
 
 class InceptionFeatures(torch.nn.Module):
@@ -121,23 +126,33 @@ def denoising_loss(pipe, latents: torch.Tensor, embeds: torch.Tensor, *, pairs: 
     return float(torch.cat(values).mean())
 
 
-def testbed_utility(pipe, *, original_vae=None, num_images: int = 60, seed: int = 0, failures: bool = False) -> dict:
+def utility_shapes(pipe, num_images: int = 60) -> tuple[PromptSet, list[PromptRecord]]:
+    """The shape captions the utility stage draws: ``num_images`` of ``testbed:shape`` spread evenly over the
+    set, as ``(prompt set, chosen records)``."""
+    from .prompts import prompts_for
+
+    shape_set = prompts_for(pipe, "testbed:shape")
+    shapes = shape_set.records
+    pick = np.linspace(0, len(shapes) - 1, min(num_images, len(shapes))).round().astype(int)
+    return shape_set, [shapes[i] for i in pick]
+
+
+def testbed_utility(pipe, *, original_vae=None, num_images: int = 60, seed: int = 0, failures: bool = False,
+                    generation: GenerationConfig | None = None) -> dict:
     """The testbed's utility bundle for one model: shape-colour accuracy of generated shape captions, FID
     (VAE-latent features) of those generations against the training shapes, and the retain denoising loss.
     ``failures``: also how the shape generations miss their colours (``shape_`` + each failure of
-    :data:`dori.testbed.shape_colours.OUTCOMES`, and ``shape_confusions``; :func:`colour_failures`)."""
+    :data:`dori.testbed.shape_colours.OUTCOMES`, and ``shape_confusions``; :func:`colour_failures`).
+    ``generation``: the sampler settings of the shape generations (None: the defaults, as in the demo)."""
     from .generation import generate
     from .images import to_tensor
     from .models import encode_images, encode_prompts
     from .prompts import prompts_for
     from .testbed.shape_colours import colour_failures
 
-    shape_set = prompts_for(pipe, "testbed:shape")
-    shapes = shape_set.records
-    pick = np.linspace(0, len(shapes) - 1, min(num_images, len(shapes))).round().astype(int)
-    chosen = [shapes[i] for i in pick]
+    shape_set, chosen = utility_shapes(pipe, num_images)
     real = to_tensor(np.stack([shape_set.references[r.id] for r in chosen]))
-    gens = generate(pipe, [seed + i for i in range(len(chosen))], [r.prompt for r in chosen])
+    gens = generate(pipe, [seed + i for i in range(len(chosen))], [r.prompt for r in chosen], config=generation)
     features = LatentFeatures(original_vae if original_vae is not None else pipe.vae)
     seen = prompts_for(pipe, "testbed:seen-once")
     retain = [(r.prompt, shape_set.references[r.id]) for r in chosen] + \
@@ -155,7 +170,8 @@ def testbed_utility(pipe, *, original_vae=None, num_images: int = 60, seed: int 
 
 
 def testbed_utility_blocks(pipe, *, original_vae=None, blocks: int = 10, num_images: int = 60, seed: int = 0,
-                           stride: int = 1000, failures: bool = False) -> list[dict]:
+                           stride: int = 1000, failures: bool = False,
+                           generation: GenerationConfig | None = None) -> list[dict]:
     """:func:`testbed_utility` over ``blocks`` disjoint blocks of generation seeds: block ``b`` draws the same
     ``num_images`` shape captions with seeds ``seed + b * stride + i``, so block 0 is the demo's utility
     stage and the spread of a figure over the blocks is its seed-to-seed noise (compare two models with
@@ -167,7 +183,8 @@ def testbed_utility_blocks(pipe, *, original_vae=None, blocks: int = 10, num_ima
         raise DoriError(f"stride: {stride} is smaller than num_images ({num_images}), so the blocks' seeds "
                         f"would overlap; give a stride of at least {num_images}")
     return [{**testbed_utility(pipe, original_vae=original_vae, num_images=num_images, seed=seed + b * stride,
-                               failures=failures), "seed": seed + b * stride} for b in range(blocks)]
+                               failures=failures, generation=generation), "seed": seed + b * stride}
+            for b in range(blocks)]
 
 
 def paired_spread(base: list[float], other: list[float], *, level: float = 0.95) -> dict:

@@ -88,11 +88,12 @@ class DiffusionLoss:
     """The ordinary diffusion training loss of each trigger's target latent under the frozen UNet.
 
     Each call draws ``pairs`` fresh ``(noise, t)`` per trigger, ``t`` uniform over the training
-    timesteps, and regresses the model's own target (epsilon, or v for v-prediction models).
-    Returns the per-trigger loss ``(B,)``.
+    timesteps (or over ``timesteps``, a range ``[low, high)`` of them), and regresses the model's own
+    target (epsilon, or v for v-prediction models). Returns the per-trigger loss ``(B,)``.
     """
 
-    def __init__(self, pipe, pairs: int = 8, unet: torch.nn.Module | None = None):
+    def __init__(self, pipe, pairs: int = 8, unet: torch.nn.Module | None = None,
+                 timesteps: tuple[int, int] | None = None):
         from diffusers import DDPMScheduler
 
         if pairs < 1:
@@ -101,6 +102,11 @@ class DiffusionLoss:
         self.device, self.dtype = pipe.unet.device, pipe.unet.dtype
         self.pairs = pairs
         self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        total = self.scheduler.config.num_train_timesteps
+        self.timesteps = (0, total) if timesteps is None else (int(timesteps[0]), int(timesteps[1]))  # [low, high)
+        if not 0 <= self.timesteps[0] < self.timesteps[1] <= total:
+            raise DoriError(f"timesteps: must be a range [low, high) with 0 <= low < high <= {total} (the scheduler's "
+                            f"training timesteps), got {timesteps}")
         kind = self.scheduler.config.prediction_type
         if kind not in ("epsilon", "v_prediction"):  # fail at construction, not in the first step
             raise DoriError(f"scheduler: prediction_type {kind!r} is not supported by the attack")
@@ -113,7 +119,7 @@ class DiffusionLoss:
         device, dtype = self.device, self.dtype
         x0 = targets.to(device, dtype).repeat_interleave(p, dim=0)
         noise = torch.cat([torch.randn((p, *targets.shape[1:]), generator=g) for g in generators]).to(device, dtype)
-        t = torch.cat([torch.randint(0, self.scheduler.config.num_train_timesteps, (p,), generator=g) for g in generators])
+        t = torch.cat([torch.randint(*self.timesteps, (p,), generator=g) for g in generators])
         t = t.to(device)
         noisy = self.scheduler.add_noise(x0, noise, t)
         target = diffusion_target(self.scheduler, x0, noise, t)

@@ -155,6 +155,16 @@ def _describe_options(method: str, config_cls: type) -> None:
     console().print(table)
 
 
+def _timestep_range(text: str) -> list[str]:
+    """``--adv-timesteps LOW,HIGH`` as the two items the config's tuple field takes (checked there)."""
+    from ..errors import DoriError
+
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != 2 or not all(p.lstrip("-").isdigit() for p in parts):
+        raise DoriError(f"adv_timesteps: give two integers LOW,HIGH (the range [low, high), e.g. 500,1000), got {text!r}")
+    return parts
+
+
 def _list_methods() -> None:
     from rich.table import Table
 
@@ -380,6 +390,7 @@ def finetune(
     inner_steps: Annotated[int | None, typer.Option(help="Dori steps per fine-tuning step.")] = None,
     warm_start: Annotated[bool | None, typer.Option("--warm-start/--no-warm-start", help="Start each step's Dori from the last step's triggers.")] = None,
     lora_rank: Annotated[int, typer.Option(help="0: all UNet weights (the paper); > 0: a LoRA of this rank instead.")] = 0,
+    adv_timesteps: Annotated[str | None, typer.Option(help="The training timesteps L_Adv draws from, LOW,HIGH (the range [low, high), e.g. 500,1000); default: all of them (the paper).")] = None,
     frozen_group: Annotated[list[str] | None, typer.Option("--frozen-group", help="A UNet weight group that keeps its values: cross_kv, cross_qo, self_attn, ff or rest (dori.weight_groups); repeatable. Default: none (the paper trains every weight).")] = None,
     surrogate: Annotated[str, typer.Option(help="'nemo' (pruned generations) or a folder of <prompt id>.png surrogate images.")] = "nemo",
     surrogate_mitigation: Annotated[Path | None, typer.Option(help="A saved NeMo mitigation to make the surrogates with first.")] = None,
@@ -419,6 +430,7 @@ def finetune(
               "ema_decay": "settings.ema_decay", "init": ("settings.inits", tuple), "inner_steps": "settings.inner.steps",
               "warm_start": "settings.warm_start", "lora_rank": "settings.lora_rank",
               "frozen_group": ("settings.frozen_groups", tuple), "surrogate": "settings.surrogate",
+              "adv_timesteps": ("settings.adv_timesteps", _timestep_range),
               "surrogate_mitigation": ("settings.surrogate_mitigation", text), "surrogate_below": "settings.surrogate_below",
               "mixed_precision": "settings.mixed_precision", "checkpoint_every": "settings.checkpoint_every",
               "descriptor": "settings.descriptor.spec", "seed": "settings.seed"}

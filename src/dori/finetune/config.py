@@ -70,6 +70,9 @@ class FinetuneConfig:
     dm_weight: float = 1.0
     adv_pairs: int = 8
     """(noise, t) draws per trigger for L_Adv."""
+    adv_timesteps: tuple[int, int] | None = None
+    """The training timesteps ``[low, high)`` that L_Adv draws its t from; None: all of them (the paper). The
+    inner Dori attack keeps drawing from all of them."""
     retain_batch_size: int = 8
     retain_uncond: float = 0.0
     """Share of retain pairs trained under the empty caption (the unconditional branch that classifier-free
@@ -119,6 +122,10 @@ class FinetuneConfig:
                      "surrogate_seeds"):
             if getattr(self, name) < 1:
                 raise DoriError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.adv_timesteps is not None and not (len(self.adv_timesteps) == 2
+                                                   and 0 <= self.adv_timesteps[0] < self.adv_timesteps[1]):
+            raise DoriError(f"adv_timesteps: must be None (every training timestep) or [low, high) with 0 <= low < "
+                            f"high, got {self.adv_timesteps}")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise DoriError(f"steps_per_epoch: must be >= 1 or None, got {self.steps_per_epoch}")
         if not 0 < self.surrogate_below <= 1:

@@ -207,7 +207,7 @@ class _Trainer:
             self.ema = EMAModel(self.trainable, decay=config.ema_decay)
             accelerator.register_for_checkpointing(self.ema)
         self.inner_loss = DiffusionLoss(pipe, config.inner.pairs)
-        self.adv_loss = DiffusionLoss(pipe, config.adv_pairs, unet=self.model)
+        self.adv_loss = DiffusionLoss(pipe, config.adv_pairs, unet=self.model, timesteps=config.adv_timesteps)
         self.dm_loss = DiffusionLoss(pipe, 1, unet=self.model)
         if min(config.images_per_step, len(self.groups)) < self.world or config.retain_batch_size < self.world:
             raise DoriError(f"images_per_step, retain_batch_size: each process needs work; with {self.world} processes "
