@@ -34,15 +34,12 @@ def main() -> None:
     parser.add_argument("--out", default="runs/finetune-retain")
     args = parser.parse_args()
 
-    from measure import fresh_dori_row
+    from measure import robustness_figures
 
     from dori.config_files import from_dict, merge, to_dict
-    from dori.descriptors import DescriptorConfig
-    from dori.evaluate import EvaluateConfig, run_evaluate
     from dori.finetune import FinetuneConfig, adversarial_finetune
-    from dori.memorization import summary_row
     from dori.models import load_pipeline
-    from dori.prompts import prompt_kinds, prompts_for
+    from dori.prompts import prompts_for
     from dori.utility import testbed_utility
 
     changes = json.loads(args.changes)
@@ -56,16 +53,10 @@ def main() -> None:
     seconds = time.perf_counter() - t0
     utility = testbed_utility(pipe, original_vae=base.vae)
     more = testbed_utility(pipe, original_vae=base.vae, num_images=200, seed=500)
-    threshold = DescriptorConfig().build(pipe).threshold
-    kinds = prompt_kinds(pipe, "testbed:memorized")
-    evaluated = run_evaluate(pipe, EvaluateConfig(prompts="testbed:memorized", num_seeds=10), out / "eval")
-    dori_row, records = fresh_dori_row(pipe, out, threshold, kinds)
+    robustness, _ = robustness_figures(pipe, out)
     row = {"name": args.name, "prompts": args.prompts, "changes": changes, "finetune_s": round(seconds),
            "shapes_60": utility["shape_accuracy"], "fid_60": utility["fid_vae"],
-           "shapes_200": more["shape_accuracy"], "fid_200": more["fid_vae"],
-           "mr": summary_row("ft", evaluated.records, threshold)["mr"],
-           "mr_dori": dori_row["mr"], "mr_dori_by_kind": dori_row.get("mr_by_kind"),
-           "dori_generations": sum(len(r["scores"]) for r in records)}
+           "shapes_200": more["shape_accuracy"], "fid_200": more["fid_vae"], **robustness}
     line = json.dumps(row)
     print(line)
     with open(Path(args.out) / "results.jsonl", "a") as f:

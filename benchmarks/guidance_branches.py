@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 from paired_utility import pair_arguments, paired_report, parse_pair
@@ -54,14 +55,16 @@ def main() -> None:
     print(f"{args.model}: {args.blocks} blocks in {time.perf_counter() - t0:.0f} s; shapes in the right colours "
           f"{sum(b['shape_accuracy'] for b in reference) / len(reference):.3f}")
     if args.boundary is None:
-        hybrids = {"unmitigated unconditional + other conditional": ("conditional", split_guidance, ()),
-                   "other unconditional + unmitigated conditional": ("unconditional", split_guidance, ())}
+        hybrids = {"unmitigated unconditional + other conditional": partial(split_guidance, branch="conditional"),
+                   "other unconditional + unmitigated conditional": partial(split_guidance, branch="unconditional")}
     else:
-        hybrids = {f"other at t >= {args.boundary} + unmitigated below": ("high", split_timesteps, (args.boundary,)),
-                   f"unmitigated at t >= {args.boundary} + other below": ("low", split_timesteps, (args.boundary,))}
-    for name, (part, split, boundary) in hybrids.items():
+        hybrids = {f"other at t >= {args.boundary} + unmitigated below":
+                   partial(split_timesteps, boundary=args.boundary, side="high"),
+                   f"unmitigated at t >= {args.boundary} + other below":
+                   partial(split_timesteps, boundary=args.boundary, side="low")}
+    for name, split in hybrids.items():
         t0 = time.perf_counter()
-        with split(base, other.unet, *boundary, part):
+        with split(base, other.unet):
             blocks = measure(base)
         print(f"{name} ({time.perf_counter() - t0:.0f} s)")
         row = {"hybrid": name, "boundary": args.boundary, "model": args.model, "other": args.other,

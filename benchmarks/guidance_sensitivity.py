@@ -94,7 +94,7 @@ def main() -> None:
     reference = measure(base, sampler.guidance_scale)
     print(f"{args.model} at guidance {sampler.guidance_scale:g}: {args.blocks} blocks in "
           f"{time.perf_counter() - t0:.0f} s")
-    for scale in [sampler.guidance_scale, *scales]:
+    for scale in dict.fromkeys([sampler.guidance_scale, *scales]):  # a scale once, in order
         t0 = time.perf_counter()
         blocks = measure(other, scale)
         print(f"{args.other} at guidance {scale:.3f} ({time.perf_counter() - t0:.0f} s), against the unmitigated "

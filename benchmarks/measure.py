@@ -7,7 +7,8 @@ line (CPU, cores, threads, torch, device) and each timing as the median of repea
     t = timed(lambda: work(), repeats=3)        # Timing: median, low, high, the runs
     print(f"work {t}")                          # "1.23 s (median of 3, 1.20-1.31)"
 
-Also the fine-tuning benchmarks' shared measurement: ``fresh_dori_row``, the demo's fresh Dori on a model.
+Also the fine-tuning benchmarks' shared measurements: ``fresh_dori_row``, the demo's fresh Dori on a model,
+and ``robustness_figures``, that with the MR of the memorized captions before any attack.
 """
 
 from __future__ import annotations
@@ -127,3 +128,22 @@ def fresh_dori_row(pipe, out, threshold: float, kinds=None, name: str = "ft+dori
                                 attack=replace(AttackConfig(), record_at=(50,)))
         records += run_attack(pipe, fresh, Path(out) / f"attack-{init}")[1]
     return attack_row(name, records, threshold, kinds), records
+
+
+def robustness_figures(pipe, out, name: str = "ft") -> tuple[dict, list[dict]]:
+    """MR of the testbed's memorized captions (10 seeds; run folder ``<out>/eval``) and the fresh Dori of
+    :func:`fresh_dori_row` on ``pipe`` (the descriptor and the memorization kinds are the testbed's): ``({"mr",
+    "mr_dori", "mr_dori_by_kind", "dori_generations"}, the attack records)``."""
+    from pathlib import Path
+
+    from dori.descriptors import DescriptorConfig
+    from dori.evaluate import EvaluateConfig, run_evaluate
+    from dori.memorization import summary_row
+    from dori.prompts import prompt_kinds
+
+    threshold = DescriptorConfig().build(pipe).threshold
+    evaluated = run_evaluate(pipe, EvaluateConfig(prompts="testbed:memorized", num_seeds=10), Path(out) / "eval")
+    dori_row, records = fresh_dori_row(pipe, out, threshold, prompt_kinds(pipe, "testbed:memorized"), f"{name}+dori")
+    return {"mr": summary_row(name, evaluated.records, threshold)["mr"], "mr_dori": dori_row["mr"],
+            "mr_dori_by_kind": dori_row.get("mr_by_kind"),
+            "dori_generations": sum(len(r["scores"]) for r in records)}, records

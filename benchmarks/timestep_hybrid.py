@@ -5,7 +5,7 @@ Within :func:`dori.guidance_branches.split_timesteps`, ``--other`` (e.g. an adve
 predicts every UNet input on one side of ``--boundary`` (``--side high``: at or above it) and ``--model``'s
 UNet the rest, in sampling and in Dori's objective alike (a timestep per row is split row by row), so the
 attack sees the hybrid it is run against. Prints one JSON line: MR of the testbed's memorized captions (10
-seeds) and MR under a fresh Dori (``measure.fresh_dori_row``: 50 steps from the prompt and from N(0, I), 10
+seeds) and MR under a fresh Dori (``measure.robustness_figures``: 50 steps from the prompt and from N(0, I), 10
 seeds per trigger, the demo's ``adversarial-ft+dori`` row), with MR per memorization kind. The run folders
 under ``--out`` record ``--model`` as their model (the hybrid has no folder of its own). The hybrid's utility
 is ``benchmarks/guidance_branches.py --boundary``'s. docs/testbed.md ("Where on the sampling trajectory the
@@ -33,29 +33,20 @@ def main() -> None:
     if args.other == args.model:
         parser.error("--other: give a model other than --model")
 
-    from measure import fresh_dori_row, machine_line
+    from measure import machine_line, robustness_figures
 
-    from dori.descriptors import DescriptorConfig
-    from dori.evaluate import EvaluateConfig, run_evaluate
     from dori.guidance_branches import split_timesteps
-    from dori.memorization import summary_row
     from dori.models import load_pipeline
-    from dori.prompts import prompt_kinds
 
     print(machine_line("cpu"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     base, other = load_pipeline(args.model), load_pipeline(args.other)
-    threshold = DescriptorConfig().build(base).threshold
-    kinds = prompt_kinds(base, "testbed:memorized")
     t0 = time.perf_counter()
     with split_timesteps(base, other.unet, args.boundary, args.side):
-        evaluated = run_evaluate(base, EvaluateConfig(prompts="testbed:memorized", num_seeds=10), out / "eval")
-        dori_row, records = fresh_dori_row(base, out, threshold, kinds, name="hybrid+dori")
+        robustness, records = robustness_figures(base, out, "hybrid")
     row = {"model": args.model, "other": args.other, "boundary": args.boundary, "side": args.side,
-           "seconds": round(time.perf_counter() - t0), "mr": summary_row("hybrid", evaluated.records, threshold)["mr"],
-           "mr_dori": dori_row["mr"], "mr_dori_by_kind": dori_row.get("mr_by_kind"),
-           "dori_generations": sum(len(r["scores"]) for r in records),
+           "seconds": round(time.perf_counter() - t0), **robustness,
            "dori_by_trigger": {f"{r['prompt_id']}/{r['init']}": r["mr"] for r in records if r["mr"]}}
     line = json.dumps(row)
     print(line)

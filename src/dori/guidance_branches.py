@@ -114,8 +114,10 @@ def split_timesteps(pipe, other: torch.nn.Module, boundary: int, side: str = "hi
         sample, timestep = call["sample"], call["timestep"]
         t = torch.as_tensor(timestep, device=sample.device)
         theirs = t >= boundary if side == "high" else t < boundary
-        if t.numel() == 1 or bool(theirs.all()) or not bool(theirs.any()):
-            return (other if bool(theirs.flatten()[0]) else plain)(**call)
+        if bool(theirs.all()):  # a sampling step (one timestep), or a batch wholly on one side
+            return other(**call)
+        if not bool(theirs.any()):
+            return plain(**call)
         rows = [torch.nonzero(theirs).flatten(), torch.nonzero(~theirs).flatten()]
         n = sample.shape[0]
         outputs = [model(**{k: v[index] if torch.is_tensor(v) and v.dim() and v.shape[0] == n else v
@@ -152,6 +154,7 @@ def guidance_difference(unet: torch.nn.Module, scheduler, latents: torch.Tensor,
     device, dtype = unet.device, unet.dtype
     rows = [(i, j, k) for i in range(len(latents)) for j in range(len(timesteps)) for k in range(pairs)]
     out = torch.empty((len(latents), len(timesteps), pairs, *latents.shape[1:]))
+    flat = out.view(len(rows), *latents.shape[1:])  # row r of ``rows`` is flat[r]
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         noise = torch.stack([torch.randn(tuple(latents.shape[1:]), generator=item_generator(
@@ -163,9 +166,7 @@ def guidance_difference(unet: torch.nn.Module, scheduler, latents: torch.Tensor,
                             empty.to(device, dtype).expand(len(chunk), *empty.shape[1:])])
         with torch.no_grad():
             pred = unet(torch.cat([noisy, noisy]), torch.cat([t, t]).to(device), encoder_hidden_states=states).sample
-        diff = (pred[: len(chunk)] - pred[len(chunk) :]).float().cpu()
-        for (i, j, k), d in zip(chunk, diff, strict=True):
-            out[i, j, k] = d
+        flat[start : start + len(chunk)] = (pred[: len(chunk)] - pred[len(chunk) :]).float().cpu()
     return out
 
 
