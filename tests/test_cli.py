@@ -187,11 +187,13 @@ def test_testbed_v2_build_is_a_testbed_the_verbs_run_on(tmp_path):
     demo = yaml.safe_load(shown.output)
     assert demo["finetune_prompts"] == "testbed:memorized+testbed:template"
     assert (demo["finetune_config"]["epochs"], demo["finetune_config"]["ema_decay"]) == (10, 0.9)
-    assert demo["finetune_config"]["inner"]["steps"] == 20
+    assert demo["finetune_config"]["inner"]["steps"] == 20 and demo["finetune_config"]["surrogate"] == "palette"
     shipped = yaml.safe_load(runner.invoke(app, ["demo", "--show-config"]).output)
     assert shipped["finetune_prompts"] is None and shipped["finetune_config"]["epochs"] == 5
+    assert shipped["finetune_config"]["surrogate"] == "nemo"  # the shipped v1 testbed keeps the pruned generations
     finetune = yaml.safe_load(runner.invoke(app, ["finetune", "--model", str(folder), "--show-config"]).output)
     assert finetune["prompts"] == "testbed:memorized+testbed:template" and finetune["settings"]["epochs"] == 10
+    assert finetune["settings"]["surrogate"] == "palette"
     chosen = runner.invoke(app, ["finetune", "--model", str(folder), "--prompts", "testbed:memorized", "--epochs", "3",
                                  "--show-config"])
     chosen = yaml.safe_load(chosen.output)

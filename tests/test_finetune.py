@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dori.attack.loop import AttackConfig
+from dori.descriptors import DescriptorConfig
 from dori.errors import DoriError
 from dori.finetune import FinetuneConfig, adversarial_finetune
 from dori.finetune.trainer import STAGE
@@ -309,7 +310,6 @@ def test_surrogate_that_replicates_is_refused(tmp_path):
 def test_surrogates_stay_below_the_share_of_the_threshold_they_are_given(tmp_path, surrogate_folder):
     """`surrogate_below`: a surrogate must score below that share of the threshold against every memorized
     photo, whether pruned generations (none under the bar is an error naming it) or given images."""
-    from dori.descriptors import DescriptorConfig
     from dori.finetune.surrogates import make_surrogates
     from dori.mitigations.nemo import statistics_prompts
     from dori.prompts import load_prompt_set
@@ -328,6 +328,63 @@ def test_surrogates_stay_below_the_share_of_the_threshold_they_are_given(tmp_pat
         adversarial_finetune(pipe, _memorized(), _config(surrogate_folder, surrogate_below=1e-6), tmp_path / "run")
     with pytest.raises(DoriError, match="surrogate_below"):
         FinetuneConfig(surrogate_below=0).validate()
+
+
+def test_palette_surrogates_are_the_training_images_pixels_shuffled(tmp_path):
+    """`surrogate="palette"`: each prompt's surrogate holds its training image's pixels, every colour as often, in
+    another order, and scores under the bar; a bar it cannot pass is an error naming the prompt."""
+    from dori.finetune.surrogates import palette_image
+    from dori.images import load_image
+
+    def pixels(array: np.ndarray) -> list:
+        return sorted(map(tuple, array.reshape(-1, 3).tolist()))
+
+    image = torch.rand(3, 8, 8)
+    shuffled = palette_image(image, torch.Generator().manual_seed(0))
+    assert pixels(shuffled.permute(1, 2, 0).numpy()) == pixels(image.permute(1, 2, 0).numpy())
+    assert not torch.equal(shuffled, image)
+    assert torch.equal(shuffled, palette_image(image, torch.Generator().manual_seed(0)))
+
+    prompts = _memorized()
+    config = _config(None, surrogate="palette", epochs=1, steps_per_epoch=1, save_pipeline=False)
+    result = adversarial_finetune(_fresh(), prompts, config, tmp_path / "run")
+    rows = json.loads((result.path / "surrogates.json").read_text())
+    assert [row["level"] for row in rows] == ["palette"] * LIMIT
+    for row, record in zip(rows, prompts.records, strict=True):
+        surrogate, photo = load_image(result.path / row["image"]), prompts.references[record.id]
+        assert surrogate.shape == photo.shape  # the testbed's photos are at the model's resolution
+        assert pixels(surrogate) == pixels(photo) and not np.array_equal(surrogate, photo)
+        assert row["max_score"] < 0.75 * DescriptorConfig().build(_fresh()).threshold  # the testbed setting's bar
+    with pytest.raises(DoriError, match=r"the palette surrogate of .memorized/astronaut. \(its training image, pixels "
+                                        r"shuffled; 8 permutations tried\) is too close to a memorized training image "
+                                        r".* surrogate_below 1e-06"):
+        adversarial_finetune(_fresh(), prompts, config.replace(surrogate_below=1e-6), tmp_path / "bar")
+    with pytest.raises(DoriError, match="surrogate: must be one of nemo, palette or a folder .* got 'palete'"):
+        adversarial_finetune(_fresh(), prompts, config.replace(surrogate="palete"), tmp_path / "typo")
+
+
+def test_a_palette_permutation_over_the_bar_is_replaced_by_the_next(tmp_path, monkeypatch):
+    """A permutation whose surrogate scores above the bar (here: the first of each prompt, made the photo itself) is
+    replaced by the prompt's next permutation."""
+    import dori.finetune.trainer as trainer
+    from dori.finetune.surrogates import palette_image
+    from dori.images import load_image
+
+    calls = []
+
+    def first_unshuffled(image, generator):
+        calls.append(palette_image(image, generator))
+        return image.clone() if len(calls) % 2 else calls[-1]  # each prompt's first draw: the photo, a copy
+
+    monkeypatch.setattr(trainer, "palette_image", first_unshuffled)
+    prompts = _memorized()
+    config = _config(None, surrogate="palette", epochs=1, steps_per_epoch=1, save_pipeline=False)
+    result = adversarial_finetune(_fresh(), prompts, config, tmp_path / "run")
+    rows = json.loads((result.path / "surrogates.json").read_text())
+    assert len(calls) == 2 * LIMIT  # one rejected draw per prompt, then its next permutation kept
+    for row, record in zip(rows, prompts.records, strict=True):
+        assert not np.array_equal(load_image(result.path / row["image"]), prompts.references[record.id])
+        assert row["max_score"] < 0.75 * DescriptorConfig().build(_fresh()).threshold
 
 
 def test_bad_settings_name_the_field():

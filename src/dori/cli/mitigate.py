@@ -392,7 +392,7 @@ def finetune(
     lora_rank: Annotated[int, typer.Option(help="0: all UNet weights (the paper); > 0: a LoRA of this rank instead.")] = 0,
     adv_timesteps: Annotated[str | None, typer.Option(help="The training timesteps L_Adv draws from, LOW,HIGH (the range [low, high), e.g. 500,1000); default: all of them (the paper).")] = None,
     frozen_group: Annotated[list[str] | None, typer.Option("--frozen-group", help="A UNet weight group that keeps its values: cross_kv, cross_qo, self_attn, ff or rest (dori.weight_groups); repeatable. Default: none (the paper trains every weight).")] = None,
-    surrogate: Annotated[str, typer.Option(help="'nemo' (pruned generations) or a folder of <prompt id>.png surrogate images.")] = "nemo",
+    surrogate: Annotated[str, typer.Option(help="'nemo' (pruned generations, the paper's), 'palette' (each training image with its pixels shuffled: its colours without its layout) or a folder of <prompt id>.png surrogate images.")] = "nemo",
     surrogate_mitigation: Annotated[Path | None, typer.Option(help="A saved NeMo mitigation to make the surrogates with first.")] = None,
     surrogate_below: Annotated[float | None, typer.Option(help="A surrogate must score below this share of the descriptor's threshold against every memorized image (1: anything under the threshold, the default; the testbed setting: 0.75).")] = None,
     mixed_precision: Annotated[str, typer.Option(help="no, fp16 or bf16 (accelerate).")] = "no",
