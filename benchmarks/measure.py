@@ -19,6 +19,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -116,7 +117,6 @@ def fresh_dori_row(pipe, out, threshold: float, kinds=None, name: str = "ft+dori
     1000; run folders ``<out>/attack-prompt`` and ``<out>/attack-random`` (resumable). The row (MR, and MR per
     memorization kind where ``kinds`` labels them) and the records."""
     from dataclasses import replace
-    from pathlib import Path
 
     from dori.attack.loop import AttackConfig
     from dori.attack.run import AttackRunConfig, run_attack
@@ -134,8 +134,6 @@ def robustness_figures(pipe, out, name: str = "ft") -> tuple[dict, list[dict]]:
     """MR of the testbed's memorized captions (10 seeds; run folder ``<out>/eval``) and the fresh Dori of
     :func:`fresh_dori_row` on ``pipe`` (the descriptor and the memorization kinds are the testbed's): ``({"mr",
     "mr_dori", "mr_dori_by_kind", "dori_generations"}, the attack records)``."""
-    from pathlib import Path
-
     from dori.descriptors import DescriptorConfig
     from dori.evaluate import EvaluateConfig, run_evaluate
     from dori.memorization import summary_row

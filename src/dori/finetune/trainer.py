@@ -144,10 +144,12 @@ def _at_model_size(pipe, images: list[np.ndarray]) -> torch.Tensor:
 
 def _given_surrogates(pipe, config: FinetuneConfig, records, references, gallery, descriptor):
     """The user's surrogate images, resized to the model's resolution, checked against every memorized image."""
+    from ..memorization import score_images
+
     given = load_reference_folder(config.surrogate, [r.id for r in records])
     images = _at_model_size(pipe, [given[r.id] for r in records])
-    return _checked_surrogates(config, records, images, "given", references, gallery, descriptor,
-                               "the image for {id!r}")
+    scored = score_images(descriptor, images, references, dict(enumerate(gallery)))
+    return _checked_surrogates(config, records, images, scored, "given", descriptor, "the image for {id!r}")
 
 
 def _palette_surrogates(pipe, config: FinetuneConfig, records, references, gallery, descriptor):
@@ -158,26 +160,26 @@ def _palette_surrogates(pipe, config: FinetuneConfig, records, references, galle
     against a bar of 0.39, above it for 3% of permutations)."""
     from ..memorization import score_images
 
-    known, bar = dict(enumerate(gallery)), config.surrogate_bar(descriptor.threshold)
-    images = []
-    for record, photo, reference in zip(records, _at_model_size(pipe, references), references, strict=True):
-        generator = item_generator("ft-palette", config.seed, record.id)
-        for _ in range(config.surrogate_seeds):
-            image = palette_image(photo, generator)
-            if float(score_images(descriptor, image[None], [reference], known).gallery_max[0]) <= bar:
-                break
-        images.append(image)
-    return _checked_surrogates(config, records, torch.stack(images), "palette", references, gallery, descriptor,
+    photos = _at_model_size(pipe, references)
+    generators = [item_generator("ft-palette", config.seed, r.id) for r in records]
+    images = torch.stack([palette_image(photo, g) for photo, g in zip(photos, generators, strict=True)])
+    bar = config.surrogate_bar(descriptor.threshold)
+    for attempt in range(config.surrogate_seeds):
+        scored = score_images(descriptor, images, references, dict(enumerate(gallery)))
+        over = np.nonzero(scored.gallery_max > bar)[0]
+        if not len(over) or attempt + 1 == config.surrogate_seeds:
+            break
+        for i in over:  # each prompt over the bar draws its next permutation
+            images[i] = palette_image(photos[i], generators[i])
+    return _checked_surrogates(config, records, images, scored, "palette", descriptor,
                                "the palette surrogate of {id!r} (its training image, pixels shuffled; "
                                f"{config.surrogate_seeds} permutations tried)")
 
 
-def _checked_surrogates(config: FinetuneConfig, records, images: torch.Tensor, level: str, references, gallery,
-                        descriptor, what: str):
-    """Score fixed surrogate images against every memorized image; one above the bar is an error naming it."""
-    from ..memorization import score_images
-
-    scored = score_images(descriptor, images, references, dict(enumerate(gallery)))
+def _checked_surrogates(config: FinetuneConfig, records, images: torch.Tensor, scored, level: str, descriptor,
+                        what: str):
+    """The rows of fixed surrogate images scored against every memorized image (``scored``: their
+    :func:`~dori.memorization.score_images`); one above the bar is an error naming it."""
     rows = [{"prompt_id": r.id, "prompt": r.prompt, "seed": None, "score": float(s), "level": level,
              "neurons": 0, "max_score": float(m)}
             for r, s, m in zip(records, scored.sscd_orig, scored.gallery_max, strict=True)]
