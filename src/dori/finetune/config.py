@@ -197,11 +197,9 @@ class FinetuneConfig:
     def testbed_v2(cls, **changes) -> FinetuneConfig:
         """The setting for a testbed with template photos (``dori testbed build --recipe v2``): the testbed setting
         with 10 epochs, 20 inner Dori steps, the moving average of the weights at decay 0.9 as the result
-        (docs/testbed.md, "A stronger inner attack") and palette surrogates. On the three u build seeds, attacking
-        every template caption with fine-tuning seed 0, it kept MR at 0.00 and a fresh Dori at 0 or 1 generation
-        of 160, with the shape colours kept on two builds and undecided on the third (-0.037 over 20 blocks of
-        seeds), where the NeMo-pruned surrogates lost 0.17-0.19 of them on two of the builds (docs/testbed.md,
-        "Palette surrogates"). Other fine-tuning seeds do not all hold: on u seed 0 seed 1 let a fresh Dori bring
-        the cat back in 10 of 160 generations (docs/testbed.md, "Palette surrogates in the whole demo")."""
+        (docs/testbed.md, "A stronger inner attack") and palette surrogates, which keep the shape captions' colours
+        where the NeMo-pruned ones lost them. docs/testbed.md ("Palette surrogates" and the section after it) has
+        what it keeps on each build and fine-tuning seed, and where it does not hold: one fine-tuning seed of four on
+        u seed 0 let a fresh Dori bring the cat back in 10 of 160 generations."""
         return cls.testbed(**{"epochs": 10, "ema_decay": 0.9, "inner": AttackConfig(steps=20, record_at=()),
                               "surrogate": "palette", **changes})
